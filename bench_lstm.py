@@ -1,0 +1,118 @@
+"""Time DIY_LSTM.LSTM against torch.nn.LSTM on the captioning decoder's workload.
+
+Both modules share the same weights and inputs. Each repeat times the two back to back, in
+alternating order, so that machine noise hits both alike; the table reports medians and the ratio
+of the medians (below 1.00 means DIY_LSTM is faster).
+
+    python bench_lstm.py                  # CPU, 2 threads, float32
+    python bench_lstm.py --device cuda    # on a GPU, against cuDNN
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from DIY_LSTM import LSTM
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def train_step(lstm, make_input):
+    """Forward and backward through the LSTM, as one teacher-forced training step does."""
+    def run():
+        lstm.zero_grad(set_to_none=True)
+        out, (h, c) = lstm(make_input())
+        out = out.data if hasattr(out, 'data') and not torch.is_tensor(out) else out
+        out.sum().backward()
+    return run
+
+
+def inference(lstm, make_input):
+    def run():
+        with torch.no_grad():
+            lstm(make_input())
+    return run
+
+
+def decode_step(lstm, batch, args, device):
+    """One step of greedy decoding: a single token per caption, carrying (h, c)."""
+    x = torch.randn(batch, 1, args.embed_size, device=device)
+    state = (torch.zeros(1, batch, args.hidden_size, device=device),) * 2
+
+    def run():
+        with torch.no_grad():
+            lstm(x, state)
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--embed_size', type=int, default=256)
+    parser.add_argument('--hidden_size', type=int, default=512)
+    parser.add_argument('--batch_size', type=int, default=128)
+    parser.add_argument('--repeats', type=int, default=30)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+
+    reference = nn.LSTM(args.embed_size, args.hidden_size, batch_first=True).to(device)
+    diy = LSTM(args.embed_size, args.hidden_size, batch_first=True).to(device)
+    diy.load_state_dict(reference.state_dict())
+
+    batch = args.batch_size
+    lengths = torch.randint(8, 26, (batch,)).sort(descending=True).values  # caption lengths 8-25
+    padded = torch.randn(batch, int(lengths[0]), args.embed_size, device=device, requires_grad=True)
+    fixed = torch.randn(batch, 20, args.embed_size, device=device, requires_grad=True)
+
+    def packed():
+        return pack_padded_sequence(padded, lengths, batch_first=True)
+
+    def plain():
+        return fixed
+
+    cases = [
+        ('(a) packed, lengths 8-25, fwd+bwd', lambda m: train_step(m, packed)),
+        ('(b) fixed length 20, fwd+bwd', lambda m: train_step(m, plain)),
+        ('packed, lengths 8-25, forward only', lambda m: inference(m, packed)),
+        ('fixed length 20, forward only', lambda m: inference(m, plain)),
+        ('greedy decode step, batch 1', lambda m: decode_step(m, 1, args, device)),
+        (f'greedy decode step, batch {batch}', lambda m: decode_step(m, batch, args, device)),
+    ]
+    print(f'device={device} threads={torch.get_num_threads()} input={args.embed_size} '
+          f'hidden={args.hidden_size} batch={batch} repeats={args.repeats} torch={torch.__version__}\n')
+    print('| case | nn.LSTM (ms) | DIY_LSTM (ms) | DIY / nn.LSTM |')
+    print('|---|---:|---:|---:|')
+    for name, make in cases:
+        runs = {'ref': make(reference), 'diy': make(diy)}
+        for fn in runs.values():  # warm up
+            for _ in range(3):
+                fn()
+        times = {'ref': [], 'diy': []}
+        for i in range(args.repeats):
+            order = ('ref', 'diy') if i % 2 == 0 else ('diy', 'ref')
+            for key in order:
+                times[key].append(timed(runs[key], device))
+        ref_ms, diy_ms = (1000 * statistics.median(times[k]) for k in ('ref', 'diy'))
+        print(f'| {name} | {ref_ms:.3f} | {diy_ms:.3f} | {diy_ms / ref_ms:.2f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
