@@ -1,0 +1,208 @@
+"""Build the word vocabulary from COCO captions, and save and load it.
+
+    python build_vocab.py --caption_path data/annotations/captions_train2014.json --vocab_path data/vocab.json
+
+A vocabulary is saved as JSON ({"words": [...]} in index order). load_vocab also reads the
+original tutorial's vocab.pkl, without running any code that a pickle could smuggle in.
+"""
+import argparse
+import io
+import json
+import os
+import pickle
+import sys
+from collections import Counter
+
+from nltk.tokenize import NLTKWordTokenizer
+from pycocotools.coco import COCO
+from tqdm import tqdm
+
+SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
+
+# The word tokenizer inside nltk.word_tokenize; unlike word_tokenize it needs no downloaded punkt data.
+# Without word_tokenize's sentence splitting, only the final period is split off: 'a dog. a cat.' -> 'dog.', 'cat', '.'
+_tokenizer = NLTKWordTokenizer()
+
+
+class VocabError(Exception):
+    """A vocabulary or caption file that cannot be used; the one-line message names the file."""
+
+
+def tokenize(text):
+    """Lower-cased word tokens, the same for building the vocabulary and for training."""
+    return _tokenizer.tokenize(text.lower().strip())
+
+
+class Vocabulary:
+    """Word <-> index maps. The attribute names are the tutorial's, so its vocab.pkl loads onto this class."""
+
+    def __init__(self):
+        self.word2idx = {}
+        self.idx2word = {}
+        self.idx = 0
+        for word in SPECIAL_TOKENS:
+            self.add_word(word)
+
+    def add_word(self, word):
+        if word not in self.word2idx:
+            self.word2idx[word] = self.idx
+            self.idx2word[self.idx] = word
+            self.idx += 1
+
+    def __call__(self, word):
+        return self.word2idx.get(word, self.word2idx['<unk>'])
+
+    def __len__(self):
+        return len(self.word2idx)
+
+    @classmethod
+    def from_words(cls, words):
+        """The vocabulary whose index i is words[i]; the list must start with the four special tokens."""
+        words = list(words)
+        if tuple(words[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+            raise ValueError(f'the first words must be {", ".join(SPECIAL_TOKENS)}')
+        if not all(isinstance(word, str) for word in words):
+            raise ValueError('every word must be a string')
+        vocab = cls()
+        for word in words:
+            vocab.add_word(word)
+        if len(vocab) != len(words):
+            raise ValueError('a word appears more than once')
+        return vocab
+
+
+def build_vocab(json_path, threshold):
+    """Words that occur at least `threshold` times, most frequent first, ties alphabetical, so builds repeat."""
+    try:
+        coco = COCO(json_path)
+    except FileNotFoundError:
+        raise VocabError(f'{json_path}: no such file') from None
+    except OSError as err:
+        raise VocabError(f'{json_path}: cannot read ({err.strerror})') from None
+    except (ValueError, AssertionError, KeyError, TypeError) as err:
+        raise VocabError(f'{json_path}: not a COCO captions file ({type(err).__name__}: {err})') from None
+    if 'annotations' not in coco.dataset:
+        raise VocabError(f'{json_path}: not a COCO captions file (no "annotations" list)')
+
+    counter = Counter()
+    for ann_id, annotation in tqdm(coco.anns.items(), desc='tokenizing', unit='caption'):
+        caption = annotation.get('caption')
+        if not isinstance(caption, str):
+            raise VocabError(f'{json_path}: annotation {ann_id} has no caption text (is this a captions file?)')
+        counter.update(tokenize(caption))
+
+    kept = sorted((word for word, count in counter.items() if count >= threshold), key=lambda w: (-counter[w], w))
+    vocab = Vocabulary()
+    for word in kept:
+        vocab.add_word(word)
+    return vocab
+
+
+def save_vocab(vocab, path):
+    """Write the words in index order as JSON, atomically, so a crash never leaves half a vocabulary."""
+    folder = os.path.dirname(path)
+    tmp_path = f'{path}.tmp{os.getpid()}'
+    try:
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        with open(tmp_path, 'w', encoding='utf-8') as f:
+            json.dump({'words': [vocab.idx2word[i] for i in range(len(vocab))]}, f, indent=0)
+            f.write('\n')
+        os.replace(tmp_path, path)
+    except OSError as err:
+        raise VocabError(f'{path}: cannot write ({err.strerror or err})') from None
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+class _TutorialUnpickler(pickle.Unpickler):
+    """Allows only the globals that the tutorial's vocab.pkl needs, so a malicious pickle cannot call anything."""
+
+    ALLOWED = {('copy_reg', '_reconstructor'), ('copyreg', '_reconstructor'),
+               ('__builtin__', 'object'), ('builtins', 'object'),
+               ('__main__', 'Vocabulary'), ('build_vocab', 'Vocabulary')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'refused global {module}.{name}')
+        if name == 'Vocabulary':
+            return Vocabulary
+        return super().find_class(module, name)
+
+
+def _check_unpickled(vocab):
+    """The tutorial's object must be a consistent Vocabulary; an unusual word order is kept if <unk> exists."""
+    if not isinstance(vocab, Vocabulary):
+        raise ValueError(f'holds a {type(vocab).__name__}, not a Vocabulary')
+    word2idx, idx2word = getattr(vocab, 'word2idx', None), getattr(vocab, 'idx2word', None)
+    if not isinstance(word2idx, dict) or not isinstance(idx2word, dict):
+        raise ValueError('word2idx and idx2word must be dicts')
+    if not all(type(i) is int for i in idx2word) or set(idx2word) != set(range(len(idx2word))):
+        raise ValueError('idx2word must be indexed 0..n-1')
+    if not all(isinstance(word, str) for word in idx2word.values()):
+        raise ValueError('every word must be a string')
+    if word2idx != {word: i for i, word in idx2word.items()}:
+        raise ValueError('word2idx and idx2word disagree')
+    if '<unk>' not in word2idx:
+        raise ValueError('no <unk> token')
+    vocab.idx = len(idx2word)
+    return vocab
+
+
+def load_vocab(path):
+    """Read a save_vocab JSON file or the tutorial's vocab.pkl (told apart by content, not by name)."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise VocabError(f'{path}: no such file') from None
+    except IsADirectoryError:
+        raise VocabError(f'{path}: is a directory, not a vocabulary file') from None
+    except OSError as err:
+        raise VocabError(f'{path}: cannot read ({err.strerror})') from None
+    if not data.strip():
+        raise VocabError(f'{path}: empty file')
+
+    if data.removeprefix(b'\xef\xbb\xbf').lstrip().startswith(b'{'):
+        try:
+            words = json.loads(data)['words']
+            if not isinstance(words, list):
+                raise ValueError('"words" must be a list')
+            return Vocabulary.from_words(words)
+        except KeyError:
+            raise VocabError(f'{path}: JSON has no "words" list') from None
+        except (ValueError, TypeError) as err:
+            raise VocabError(f'{path}: not a valid vocabulary ({str(err).splitlines()[0]})') from None
+
+    try:
+        # latin1 turns Python 2 byte strings into str; the tutorial's words are plain ASCII.
+        vocab = _TutorialUnpickler(io.BytesIO(data), encoding='latin1').load()
+    except Exception as err:  # a broken pickle can fail in many ways; none of them should escape as a traceback
+        raise VocabError(f'{path}: not a JSON vocabulary or a readable vocab.pkl ({type(err).__name__}: '
+                         f'{(str(err).splitlines() or [""])[0]})') from None
+    try:
+        return _check_unpickled(vocab)
+    except ValueError as err:
+        raise VocabError(f'{path}: not a valid vocabulary ({err})') from None
+
+
+def main():
+    parser = argparse.ArgumentParser(description='Build the vocabulary of a COCO captions file.')
+    parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
+                        help='COCO-format captions file')
+    parser.add_argument('--vocab_path', type=str, default='data/vocab.json', help='where to save the vocabulary')
+    parser.add_argument('--threshold', type=int, default=4, help='minimum word count to be kept')
+    args = parser.parse_args()
+    try:
+        vocab = build_vocab(args.caption_path, args.threshold)
+        save_vocab(vocab, args.vocab_path)
+    except VocabError as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(1)
+    print(f'Total vocabulary size: {len(vocab)}')
+    print(f'Saved the vocabulary to {args.vocab_path}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,89 @@
+"""COCO-format captions as batches: (images, padded word ids, lengths), longest caption first."""
+import os
+
+import torch
+import torch.utils.data as data
+from PIL import Image, ImageOps
+from pycocotools.coco import COCO
+from torchvision import transforms
+
+from build_vocab import tokenize
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageError(Exception):
+    """An image that cannot be read; the message names the file and the reason."""
+
+
+def load_image(path):
+    """Open an image upright and in RGB, whatever its mode; transparent areas become white."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
+                image = image.convert('RGBA')
+                background = Image.new('RGBA', image.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, image).convert('RGB')
+            return image.convert('RGB')
+    except FileNotFoundError:
+        raise ImageError(f'{path}: no such file') from None
+    except IsADirectoryError:
+        raise ImageError(f'{path}: is a directory, not an image') from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
+        raise ImageError(f'{path}: cannot read image ({err})') from None
+
+
+def train_transform(crop_size, flip=True):
+    """The tutorial's augmentation: random crop of the resized image, random mirror."""
+    steps = [transforms.RandomCrop(crop_size)]
+    if flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(image_size, crop_size):
+    """Resize any image the way resize.py does, then take the centre crop the model trained on."""
+    return transforms.Compose([transforms.Resize((image_size, image_size)), transforms.CenterCrop(crop_size),
+                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class CocoDataset(data.Dataset):
+    """One item per caption annotation: (image tensor, word ids from <start> to <end>)."""
+
+    def __init__(self, root, json, vocab, transform=None):
+        self.root = root
+        self.coco = COCO(json)
+        self.ids = list(self.coco.anns.keys())
+        self.vocab = vocab
+        self.transform = transform
+
+    def __getitem__(self, index):
+        annotation = self.coco.anns[self.ids[index]]
+        path = self.coco.loadImgs(annotation['image_id'])[0]['file_name']
+        image = load_image(os.path.join(self.root, path))
+        if self.transform is not None:
+            image = self.transform(image)
+        words = ['<start>'] + tokenize(annotation['caption']) + ['<end>']
+        return image, torch.tensor([self.vocab(word) for word in words])
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def collate_fn(batch):
+    """Sort by caption length, longest first, as pack_padded_sequence expects; pad with <pad>=0."""
+    batch.sort(key=lambda item: len(item[1]), reverse=True)
+    images, captions = zip(*batch)
+    lengths = [len(caption) for caption in captions]
+    targets = torch.zeros(len(captions), max(lengths), dtype=torch.long)
+    for i, caption in enumerate(captions):
+        targets[i, :lengths[i]] = caption
+    return torch.stack(images, 0), targets, lengths
+
+
+def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, sampler=None, drop_last=False):
+    dataset = CocoDataset(root=root, json=json, vocab=vocab, transform=transform)
+    return data.DataLoader(dataset=dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                           sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                           drop_last=drop_last, persistent_workers=num_workers > 0)

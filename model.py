@@ -1,0 +1,166 @@
+"""The captioning model: a CNN encoder that turns an image into one embedding, and an LSTM decoder
+that writes the caption word by word starting from that embedding (Vinyals et al., "Show and Tell",
+CVPR 2015). Parameter names match the PyTorch tutorial's model, so its checkpoints load as they are.
+"""
+import os
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from DIY_LSTM import LSTM
+
+
+class CheckpointError(Exception):
+    """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
+
+
+def save_checkpoint(path, checkpoint):
+    """Write a temporary file and rename it over the old one, so there is never half a checkpoint."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    temporary = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(temporary, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain data load, code never runs."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{path}: no such file')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f'{path}: not a readable checkpoint ({reason})') from None
+
+
+def small_cnn(width=16):
+    """A five-layer CNN that learns the synthetic shapes from scratch in minutes on a CPU."""
+    layers, channels = [], 3
+    for i, out in enumerate([width, 2 * width, 4 * width, 8 * width, 8 * width]):
+        layers += [nn.Conv2d(channels, out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                   nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        channels = out
+    layers.append(nn.AdaptiveAvgPool2d(1))
+    return nn.Sequential(*layers), channels
+
+
+def backbone_trunk(name, weights):
+    """A classification network without its final fc layer, and the size of the pooled features.
+
+    weights: 'DEFAULT' (torchvision's ImageNet weights, downloaded once), None (random), or the path
+    of a local .pth state dict such as torchvision's resnet152-394f9c45.pth, for machines offline.
+    """
+    if name == 'smallcnn':
+        return small_cnn()
+    local = weights is not None and weights != 'DEFAULT'
+    try:
+        net = torchvision.models.get_model(name, weights=None if local else weights)
+    except ValueError as err:
+        raise ValueError(f'unknown backbone {name!r}: use smallcnn or a torchvision ResNet such as resnet152') from err
+    except OSError as err:  # urllib's URLError is an OSError
+        raise CheckpointError(f'could not download the ImageNet weights of {name} ({err}); download them elsewhere '
+                           f'and pass --weights PATH, or --weights none') from err
+    if local:
+        net.load_state_dict(read_checkpoint(weights))
+    return nn.Sequential(*list(net.children())[:-1]), net.fc.in_features
+
+
+class EncoderCNN(nn.Module):
+    def __init__(self, embed_size, backbone='resnet152', weights='DEFAULT', train_backbone=False,
+                 bn_momentum=0.01):
+        super().__init__()
+        self.resnet, features = backbone_trunk(backbone, weights)
+        self.linear = nn.Linear(features, embed_size)
+        self.bn = nn.BatchNorm1d(embed_size, momentum=bn_momentum)
+        self.train_backbone = train_backbone
+        self.resnet.requires_grad_(train_backbone)
+
+    def train(self, mode=True):
+        """A frozen backbone stays in eval mode, so its BatchNorm statistics never drift."""
+        super().train(mode)
+        if not self.train_backbone:
+            self.resnet.eval()
+        return self
+
+    def forward(self, images):
+        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
+            features = self.resnet(images).flatten(1)
+        return self.bn(self.linear(features))
+
+
+class DecoderRNN(nn.Module):
+    def __init__(self, embed_size, hidden_size, vocab_size, num_layers, max_seq_length=20):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.lstm = LSTM(embed_size, hidden_size, num_layers, batch_first=True)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+        self.max_seq_length = max_seq_length
+
+    def forward(self, features, captions, lengths):
+        """Teacher forcing: step 0 sees the image, step t sees word t-1 and predicts word t.
+
+        Returns scores for the packed (non-padding) positions only, in the order of
+        pack_padded_sequence(captions, lengths, batch_first=True).data.
+        """
+        embeddings = self.embed(captions[:, :-1])
+        inputs = torch.cat((features.unsqueeze(1), embeddings), 1)
+        packed = pack_padded_sequence(inputs, lengths, batch_first=True)
+        hiddens, _ = self.lstm(packed)
+        return self.linear(hiddens.data)
+
+    @torch.no_grad()
+    def sample(self, features, end_id=2, max_len=None):
+        """Greedy decoding for a batch; stops once every caption has produced <end>."""
+        max_len = max_len or self.max_seq_length
+        inputs, states = features.unsqueeze(1), None
+        words, finished = [], torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
+        for _ in range(max_len):
+            hiddens, states = self.lstm(inputs, states)
+            predicted = self.linear(hiddens.squeeze(1)).argmax(1)
+            words.append(predicted)
+            finished |= predicted == end_id
+            if finished.all():
+                break
+            inputs = self.embed(predicted).unsqueeze(1)
+        return torch.stack(words, 1)
+
+
+def load_captioner(path, device='cpu'):
+    """Rebuild encoder, decoder and vocabulary from a train.py checkpoint, on any device."""
+    from build_vocab import Vocabulary
+    checkpoint = read_checkpoint(path)
+    try:
+        config, words = checkpoint['model_args'], checkpoint['vocab']
+        encoder = EncoderCNN(config['embed_size'], config['backbone'], weights=None, bn_momentum=config['bn_momentum'])
+        decoder = DecoderRNN(config['embed_size'], config['hidden_size'], config['vocab_size'], config['num_layers'],
+                             config['max_seq_length'])
+        encoder.load_state_dict(checkpoint['encoder'])
+        decoder.load_state_dict(checkpoint['decoder'])
+        vocab = Vocabulary.from_words(words)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f'{path}: not a train.py checkpoint ({str(err).splitlines()[0]})') from None
+    if len(vocab) != config['vocab_size']:
+        raise CheckpointError(f'{path}: holds {len(vocab)} words but its decoder expects {config["vocab_size"]}')
+    return encoder.to(device).eval(), decoder.to(device).eval(), vocab, config
+
+
+def ids_to_sentence(ids, vocab):
+    """Word ids to a plain sentence: no <start>, and nothing from <end> on."""
+    words = []
+    for index in ids:
+        word = vocab.idx2word[int(index)]
+        if word == '<end>':
+            break
+        if word != '<start>':
+            words.append(word)
+    return ' '.join(words)

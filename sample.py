@@ -1,0 +1,125 @@
+"""Caption images with a trained model.
+
+    python sample.py --image png/example.png
+    python sample.py --image photo1.jpg photo2.jpg --out captioned/
+    python sample.py --image png/example.png --encoder_path encoder-5-3000.pkl \\
+        --decoder_path decoder-5-3000.pkl --vocab_path vocab.pkl     # the tutorial's published files
+
+A train.py checkpoint carries its model sizes and vocabulary, so there is nothing to match by hand.
+"""
+import argparse
+import os
+import sys
+import textwrap
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from build_vocab import VocabError, load_vocab
+from data_loader import ImageError, eval_transform, load_image
+from model import CheckpointError, DecoderRNN, EncoderCNN, ids_to_sentence, load_captioner, read_checkpoint
+from train import pick_device
+
+
+def load_tutorial(encoder_path, decoder_path, vocab_path):
+    """The tutorial's separate encoder and decoder state dicts; sizes are read off the weights."""
+    vocab = load_vocab(vocab_path)
+    encoder_state, decoder_state = read_checkpoint(encoder_path), read_checkpoint(decoder_path)
+    try:
+        vocab_size, embed_size = decoder_state['embed.weight'].shape
+        hidden_size = decoder_state['lstm.weight_hh_l0'].shape[1]
+        num_layers = sum(1 for key in decoder_state if key.startswith('lstm.weight_ih_l'))
+        encoder_embed = encoder_state['linear.weight'].shape[0]
+    except (KeyError, AttributeError, TypeError):
+        raise CheckpointError(f'{decoder_path}, {encoder_path}: not the tutorial decoder and encoder state dicts') from None
+    if vocab_size != len(vocab):
+        raise CheckpointError(f'{decoder_path} was trained with {vocab_size} words but {vocab_path} has {len(vocab)}: '
+                              'pass the vocabulary the decoder was trained with')
+    if encoder_embed != embed_size:
+        raise CheckpointError(f'{encoder_path} makes {encoder_embed}-d features but {decoder_path} expects '
+                              f'{embed_size}: pass the encoder trained with this decoder')
+    encoder = EncoderCNN(embed_size, 'resnet152', weights=None)
+    decoder = DecoderRNN(embed_size, hidden_size, vocab_size, num_layers)
+    try:
+        encoder.load_state_dict(encoder_state)
+        decoder.load_state_dict(decoder_state)
+    except RuntimeError as err:
+        raise CheckpointError(f'{encoder_path}: does not fit the tutorial model ({str(err).splitlines()[0]})') from None
+    return encoder.eval(), decoder.eval(), vocab, dict(image_size=224, crop_size=224)
+
+
+def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None):
+    """Returns {path: caption} for readable images and {path: error} for the rest."""
+    transform = eval_transform(config['image_size'], config['crop_size'])
+    images, captions, errors = {}, {}, {}
+    for path in paths:
+        try:
+            images[path] = transform(load_image(path))
+        except ImageError as err:
+            errors[path] = str(err)
+    if images:
+        batch = torch.stack(list(images.values())).to(device)
+        with torch.no_grad():
+            ids = decoder.sample(encoder(batch), end_id=vocab('<end>'), max_len=max_len)
+        captions = {path: ids_to_sentence(row, vocab) for path, row in zip(images, ids.cpu())}
+    return captions, errors
+
+
+def captioned_picture(path, caption, min_width=320):
+    """The image with its caption written beneath, wrapped to the picture's width."""
+    image = load_image(path)
+    if image.width < min_width:
+        image = image.resize((min_width, round(image.height * min_width / image.width)), Image.Resampling.NEAREST)
+    font_size = max(16, image.width // 24)
+    font = ImageFont.load_default(size=font_size)
+    chars_per_line = max(10, int(image.width / (0.55 * font_size)))
+    lines = textwrap.wrap(caption, chars_per_line) or ['']
+    line_height = int(font_size * 1.3)
+    canvas = Image.new('RGB', (image.width, image.height + line_height * len(lines) + font_size), 'white')
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((font_size // 2, image.height + font_size // 2 + i * line_height), line, fill='black', font=font)
+    return canvas
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--image', type=str, nargs='+', required=True, help='images to caption')
+    parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt', help='checkpoint from train.py')
+    parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder state dict")
+    parser.add_argument('--decoder_path', type=str, default=None, help="the tutorial's decoder state dict")
+    parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl (with the two above)")
+    parser.add_argument('--out', type=str, default=None, help='folder for PNGs with the caption drawn beneath')
+    parser.add_argument('--max_len', type=int, default=None, help='longest caption in words')
+    parser.add_argument('--device', type=str, default=None)
+    args = parser.parse_args(argv)
+
+    device = pick_device(args.device)
+    try:
+        if args.encoder_path or args.decoder_path:
+            if not (args.encoder_path and args.decoder_path and args.vocab_path):
+                raise CheckpointError('the tutorial format needs --encoder_path, --decoder_path and --vocab_path')
+            encoder, decoder, vocab, config = load_tutorial(args.encoder_path, args.decoder_path, args.vocab_path)
+        else:
+            encoder, decoder, vocab, config = load_captioner(args.checkpoint)
+    except (CheckpointError, VocabError) as err:
+        sys.exit(f'error: {err}')
+    encoder, decoder = encoder.to(device), decoder.to(device)
+
+    captions, errors = caption_images(args.image, encoder, decoder, vocab, config, device, args.max_len)
+    for path in args.image:
+        if path in errors:
+            print(f'error: {errors[path]}', file=sys.stderr)
+            continue
+        print(captions[path] if len(args.image) == 1 else f'{path}: {captions[path]}')
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            name = os.path.splitext(os.path.basename(path))[0] + '_captioned.png'
+            captioned_picture(path, captions[path]).save(os.path.join(args.out, name))
+    if errors:
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()

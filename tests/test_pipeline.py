@@ -1,0 +1,256 @@
+"""The whole pipeline on a tiny synthetic set: vocab, loader, training, checkpoints, sample.py."""
+import json
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import synthetic
+import train as trainer
+from build_vocab import build_vocab, load_vocab, save_vocab
+from data_loader import get_loader, train_transform
+from model import CheckpointError, DecoderRNN, EncoderCNN, load_captioner, read_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp('synthetic')
+    synthetic.make_synthetic_coco(str(root), num_train=48, num_val=12, image_size=32, seed=1, progress=False)
+    train_json = root / 'annotations' / 'captions_train.json'
+    vocab = build_vocab(str(train_json), threshold=1)
+    save_vocab(vocab, str(root / 'vocab.json'))
+    return root
+
+
+def small_args(dataset, model_path, *extra):
+    return trainer.parse_args([
+        '--image_dir', str(dataset / 'train'), '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
+        '--val_image_dir', str(dataset / 'val'), '--val_caption_path', str(dataset / 'annotations' / 'captions_val.json'),
+        '--vocab_path', str(dataset / 'vocab.json'), '--model_path', str(model_path),
+        '--backbone', 'smallcnn', '--weights', 'none', '--train_backbone', '--image_size', '32', '--crop_size', '32',
+        '--no_flip', '--embed_size', '32', '--hidden_size', '48', '--batch_size', '16', '--num_workers', '0',
+        '--log_step', '1', '--learning_rate', '3e-3', *extra])
+
+
+def test_loader_batches_are_sorted_and_padded(dataset):
+    vocab = load_vocab(str(dataset / 'vocab.json'))
+    loader = get_loader(str(dataset / 'train'), str(dataset / 'annotations' / 'captions_train.json'), vocab,
+                        train_transform(32, flip=False), batch_size=10, shuffle=True, num_workers=0)
+    images, targets, lengths = next(iter(loader))
+    assert images.shape == (10, 3, 32, 32)
+    assert lengths == sorted(lengths, reverse=True)
+    assert targets.shape == (10, lengths[0])
+    for row, length in zip(targets, lengths):
+        assert row[0] == vocab('<start>') and row[length - 1] == vocab('<end>')
+        assert (row[length:] == vocab('<pad>')).all()
+        assert (row[1:length - 1] > vocab('<unk>')).all()  # every word of a caption is in the vocabulary
+
+
+def test_training_lowers_the_loss_and_saves_a_checkpoint(dataset, tmp_path, capsys):
+    encoder, decoder, vocab, history = trainer.train(small_args(dataset, tmp_path, '--num_epochs', '4'))
+    losses = [entry['loss'] for entry in history['train']]
+    assert len(losses) == 4 * 15  # 240 captions in batches of 16, one entry per step
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert len(history['val']) == 4 and history['val'][-1]['loss'] < history['val'][0]['loss']
+    assert 'validation loss' in capsys.readouterr().out
+
+    checkpoint = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    assert checkpoint['epoch'] == 4 and checkpoint['step'] == 60
+    assert checkpoint['model_args']['hidden_size'] == 48 and checkpoint['vocab'] == [
+        vocab.idx2word[i] for i in range(len(vocab))]
+    assert set(checkpoint) >= {'encoder', 'decoder', 'optimizer', 'model_args', 'vocab', 'epoch', 'step'}
+    assert json.loads((tmp_path / 'history.json').read_text())['val'] == history['val']
+    assert not [name for name in os.listdir(tmp_path) if '.tmp' in name]
+
+    encoder2, decoder2, vocab2, config = load_captioner(str(tmp_path / 'checkpoint.pt'))
+    assert vocab2.word2idx == vocab.word2idx
+    images = torch.randn(3, 3, 32, 32)
+    encoder.eval(), decoder.eval()
+    assert torch.equal(decoder.sample(encoder(images)), decoder2.sample(encoder2(images)))
+
+
+def test_sample_prints_a_caption_through_its_command_line(dataset, tmp_path):
+    trainer.train(small_args(dataset, tmp_path, '--num_epochs', '1'))
+    image = sorted((dataset / 'val').iterdir())[0]
+    result = subprocess.run([sys.executable, 'sample.py', '--image', str(image), '--checkpoint',
+                             str(tmp_path / 'checkpoint.pt'), '--out', str(tmp_path / 'out')],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    caption = result.stdout.strip()
+    vocab = load_vocab(str(dataset / 'vocab.json'))
+    assert caption and '<start>' not in caption and '<end>' not in caption
+    assert all(word in vocab.word2idx for word in caption.split())
+    from PIL import Image
+    with Image.open(tmp_path / 'out' / f'{image.stem}_captioned.png') as picture:
+        assert picture.width >= 320 and picture.height > picture.width * 1.0  # image plus caption beneath
+
+
+def test_sample_reports_bad_images_and_captions_the_rest(dataset, tmp_path):
+    trainer.train(small_args(dataset, tmp_path, '--num_epochs', '1'))
+    good = sorted((dataset / 'val').iterdir())[0]
+    bad = tmp_path / 'not_an_image.jpg'
+    bad.write_text('hello')
+    result = subprocess.run([sys.executable, 'sample.py', '--image', str(good), str(bad), str(tmp_path / 'missing.png'),
+                             '--checkpoint', str(tmp_path / 'checkpoint.pt')],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stdout.startswith(f'{good}: ')
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 2 and 'not_an_image.jpg' in errors[0] and 'missing.png' in errors[1]
+    assert 'Traceback' not in result.stderr
+
+
+def test_gpu_saved_checkpoint_loads_on_cpu(dataset, tmp_path, monkeypatch):
+    trainer.train(small_args(dataset, tmp_path, '--num_epochs', '1'))
+    checkpoint = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    # Tag every storage as CUDA, exactly as torch.save does for tensors on a GPU.
+    monkeypatch.setattr(torch.serialization, 'location_tag', lambda storage: 'cuda:0')
+    torch.save(checkpoint, tmp_path / 'gpu.pt')
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match='CUDA'):
+            torch.load(tmp_path / 'gpu.pt', weights_only=True)
+    encoder, decoder, _, _ = load_captioner(str(tmp_path / 'gpu.pt'))
+    assert next(decoder.parameters()).device.type == 'cpu'
+    torch.testing.assert_close(decoder.state_dict()['linear.weight'], checkpoint['decoder']['linear.weight'])
+
+
+def test_frozen_backbone_batchnorm_statistics_do_not_change():
+    torch.manual_seed(0)
+    encoder = EncoderCNN(16, backbone='resnet18', weights=None)
+    decoder = DecoderRNN(16, 24, vocab_size=10, num_layers=1)
+    frozen = {k: v.clone() for k, v in encoder.resnet.state_dict().items()}
+    head_mean = encoder.bn.running_mean.clone()
+    optimizer = torch.optim.Adam(list(encoder.linear.parameters()) + list(encoder.bn.parameters())
+                                 + list(decoder.parameters()))
+    encoder.train(), decoder.train()
+    assert not encoder.resnet.training and encoder.bn.training
+    captions = torch.randint(3, 10, (4, 6))
+    for _ in range(3):
+        loss, _ = trainer.caption_loss(encoder, decoder, torch.randn(4, 3, 64, 64) * 3 + 1, captions, [6, 6, 6, 6])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for key, value in encoder.resnet.state_dict().items():
+        assert torch.equal(value, frozen[key]), key
+    assert not torch.equal(encoder.bn.running_mean, head_mean)
+    assert all(not p.requires_grad for p in encoder.resnet.parameters())
+
+
+def test_trainable_backbone_does_learn():
+    encoder = EncoderCNN(8, backbone='smallcnn', weights=None, train_backbone=True)
+    encoder.train()
+    assert encoder.resnet.training
+    before = encoder.resnet[1].running_mean.clone()
+    encoder(torch.randn(4, 3, 32, 32) + 2).sum().backward()
+    assert not torch.equal(before, encoder.resnet[1].running_mean)
+    assert encoder.resnet[0].weight.grad is not None
+
+
+class TutorialEncoder(nn.Module):
+    """The tutorial's encoder layout, written out here to check names against ours."""
+
+    def __init__(self, embed_size):
+        super().__init__()
+        resnet = torchvision.models.resnet152(weights=None)
+        self.resnet = nn.Sequential(*list(resnet.children())[:-1])
+        self.linear = nn.Linear(resnet.fc.in_features, embed_size)
+        self.bn = nn.BatchNorm1d(embed_size, momentum=0.01)
+
+
+class TutorialDecoder(nn.Module):
+    def __init__(self, embed_size, hidden_size, vocab_size, num_layers):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+
+
+def test_tutorial_state_dicts_load_strictly():
+    tutorial_encoder, tutorial_decoder = TutorialEncoder(256), TutorialDecoder(256, 512, 100, 2)
+    encoder = EncoderCNN(256, backbone='resnet152', weights=None)
+    decoder = DecoderRNN(256, 512, 100, 2)
+    assert list(encoder.state_dict()) == list(tutorial_encoder.state_dict())
+    assert list(decoder.state_dict()) == list(tutorial_decoder.state_dict())
+    encoder.load_state_dict(tutorial_encoder.state_dict(), strict=True)
+    decoder.load_state_dict(tutorial_decoder.state_dict(), strict=True)
+    tutorial_decoder.load_state_dict(decoder.state_dict(), strict=True)
+
+
+def tutorial_files(tmp_path, vocab_words, embed=32, hidden=48):
+    """A tutorial-format encoder, decoder and protocol-0 vocab.pkl, as its scripts saved them."""
+    torch.manual_seed(0)
+    encoder, decoder = TutorialEncoder(embed), TutorialDecoder(embed, hidden, len(vocab_words), 1)
+    torch.save(encoder.state_dict(), tmp_path / 'encoder-5-3000.pkl')
+    torch.save(decoder.state_dict(), tmp_path / 'decoder-5-3000.pkl')
+    script = ('import pickle, sys\n'
+              'class Vocabulary(object):\n    pass\n'
+              'v = Vocabulary()\n'
+              f'words = {vocab_words!r}\n'
+              'v.word2idx = {w: i for i, w in enumerate(words)}\n'
+              'v.idx2word = {i: w for i, w in enumerate(words)}\n'
+              'v.idx = len(words)\n'
+              f'pickle.dump(v, open({str(tmp_path / "vocab.pkl")!r}, "wb"), protocol=0)\n')
+    subprocess.run([sys.executable, '-c', script], check=True)
+    return encoder, decoder
+
+
+def test_sample_loads_the_tutorial_files(tmp_path):
+    words = ['<pad>', '<start>', '<end>', '<unk>', 'a', 'giraffe', 'standing', 'in', 'grass']
+    encoder, decoder = tutorial_files(tmp_path, words)
+    image = tmp_path / 'photo.png'
+    from PIL import Image
+    Image.new('RGB', (300, 200), (120, 160, 60)).save(image)
+    command = [sys.executable, 'sample.py', '--image', str(image), '--encoder_path', str(tmp_path / 'encoder-5-3000.pkl'),
+               '--decoder_path', str(tmp_path / 'decoder-5-3000.pkl'), '--vocab_path', str(tmp_path / 'vocab.pkl')]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert all(word in words[3:] for word in result.stdout.split())
+
+    # A vocabulary of another size gets a message naming both sizes, not a state-dict traceback.
+    tutorial_files(tmp_path, words[:-1])
+    torch.save(decoder.state_dict(), tmp_path / 'decoder-5-3000.pkl')
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert '9 words' in result.stderr and 'has 8' in result.stderr and 'Traceback' not in result.stderr
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_malicious_and_broken_checkpoints_are_refused(tmp_path):
+    marker = tmp_path / 'pwned'
+    torch.save({'model_args': Exploit(marker)}, tmp_path / 'evil.pt')
+    with pytest.raises(CheckpointError, match='evil.pt'):
+        read_checkpoint(str(tmp_path / 'evil.pt'))
+    assert not marker.exists()
+
+    save_checkpoint(str(tmp_path / 'good.pt'), {'weights': torch.randn(1000)})
+    data = (tmp_path / 'good.pt').read_bytes()
+    (tmp_path / 'truncated.pt').write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match='truncated.pt'):
+        read_checkpoint(str(tmp_path / 'truncated.pt'))
+    with pytest.raises(CheckpointError, match='no such file'):
+        read_checkpoint(str(tmp_path / 'absent.pt'))
+    with pytest.raises(CheckpointError, match='not a train.py checkpoint'):
+        load_captioner(str(tmp_path / 'good.pt'))
+
+
+def test_train_reports_user_mistakes_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, 'train.py', '--vocab_path', str(tmp_path / 'nope.json')],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f'error: not found: {tmp_path / "nope.json"}'
