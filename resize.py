@@ -35,6 +35,7 @@ def resize_image(src_path, dst_path, size):
     The image goes to a temporary name first and is then renamed, so dst_path is either complete or
     absent: a killed run never leaves a half-written file that the next run would skip.
     """
+    fmt = FORMATS[os.path.splitext(dst_path)[1].lower()]
     with Image.open(src_path) as image:
         # JPEG only (a no-op otherwise): decode at 1/2, 1/4 or 1/8 scale, as long as both sides stay
         # at least twice the target, which keeps the final resize's quality while skipping most work.
@@ -43,7 +44,6 @@ def resize_image(src_path, dst_path, size):
         # LANCZOS rather than BICUBIC: it is the sharpest filter for shrinking, and the extra cost is
         # small next to decoding.
         image = to_rgb(image).resize((size, size), Image.Resampling.LANCZOS)
-    fmt = FORMATS[os.path.splitext(dst_path)[1].lower()]
     folder, name = os.path.split(dst_path)
     temp_path = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
     try:
@@ -107,7 +107,7 @@ def main():
     parser.add_argument('--image_dir', default='./data/train2014/', help='folder of images to resize (only read)')
     parser.add_argument('--output_dir', default='./data/resized2014/', help='folder for the resized images')
     parser.add_argument('--image_size', type=int, default=256, help='side of the square output images')
-    parser.add_argument('--workers', type=int, default=os.cpu_count(), help='processes to use')
+    parser.add_argument('--workers', type=int, default=os.cpu_count(), help='processes to use (default: all cores)')
     args = parser.parse_args()
     try:
         resized, skipped, failed = resize_folder(args.image_dir, args.output_dir, args.image_size, args.workers)
