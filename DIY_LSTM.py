@@ -158,7 +158,6 @@ class _Recurrence(torch.autograd.Function):
         dh_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all.contiguous().clone()
         ds_all = torch.zeros_like(s_all) if grad_s_all is None else grad_s_all.contiguous().clone()
         dz_all = torch.empty_like(gates)  # dL/dz for every row; z = z_x + W h_prev, so also dL/dz_x
-        grad_w_hh = torch.zeros_like(weight_hh)
         dh0, ds0 = torch.zeros_like(h0), torch.zeros_like(s0)
         for start, n, carried, prev_start in reversed(ctx.steps):
             rows = slice(start, start + n)
@@ -179,15 +178,17 @@ class _Recurrence(torch.autograd.Function):
             _tanh_backward(dz_a, tanh_a, out=dz_a)
             _sigmoid_backward(dz_q, q)
 
-            # z = z_x + W h_prev: W's gradient, then dL/dh_prev = dz W and dL/ds_prev = ds * f go back
-            # to the rows the previous state came from.
-            grad_w_hh.addmm_(dz.t(), _previous(h_all, h0, n, carried, prev_start))
+            # z = z_x + W h_prev: dL/dh_prev = dz W and dL/ds_prev = ds * f go back to the rows the
+            # previous state came from.
             previous = slice(prev_start, prev_start + carried)
             dh_all[previous].addmm_(dz[:carried], weight_hh)
             ds_all[previous].addcmul_(ds[:carried], f[:carried])
             if carried < n:
                 dh0[carried:n] = dz[carried:] @ weight_hh
                 ds0[carried:n] = ds[carried:] * f[carried:]
+        # W's gradient, sum over steps of dz(t)^T h(t-1), as one matrix multiply.
+        h_prev_all = torch.cat([_previous(h_all, h0, *step[1:]) for step in sorted(ctx.steps)])
+        grad_w_hh = dz_all.t() @ h_prev_all if ctx.needs_input_grad[1] else None
         return dz_all, grad_w_hh, dh0, ds0, None, None
 
 

@@ -8,6 +8,7 @@ from pycocotools.coco import COCO
 from torchvision import transforms
 
 from build_vocab import tokenize
+from resize import to_rgb
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -20,12 +21,7 @@ def load_image(path):
     """Open an image upright and in RGB, whatever its mode; transparent areas become white."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
-                image = image.convert('RGBA')
-                background = Image.new('RGBA', image.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, image).convert('RGB')
-            return image.convert('RGB')
+            return to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise ImageError(f'{path}: no such file') from None
     except IsADirectoryError:
@@ -57,6 +53,7 @@ class CocoDataset(data.Dataset):
         self.ids = list(self.coco.anns.keys())
         self.vocab = vocab
         self.transform = transform
+        self.word_ids = {}  # tokenized once, on first use: tokenizing costs as much as decoding a small image
 
     def __getitem__(self, index):
         annotation = self.coco.anns[self.ids[index]]
@@ -64,8 +61,10 @@ class CocoDataset(data.Dataset):
         image = load_image(os.path.join(self.root, path))
         if self.transform is not None:
             image = self.transform(image)
-        words = ['<start>'] + tokenize(annotation['caption']) + ['<end>']
-        return image, torch.tensor([self.vocab(word) for word in words])
+        if index not in self.word_ids:
+            words = ['<start>'] + tokenize(annotation['caption']) + ['<end>']
+            self.word_ids[index] = [self.vocab(word) for word in words]
+        return image, torch.tensor(self.word_ids[index])
 
     def __len__(self):
         return len(self.ids)

@@ -36,7 +36,7 @@ def content_accuracy(encoder, decoder, vocab, caption_path, image_dir, crop_size
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
         batch = torch.stack([transform(load_image(os.path.join(image_dir, im['file_name']))) for im in chunk])
-        ids = decoder.sample(encoder(batch.to(device)), end_id=vocab('<end>')).cpu()
+        ids = decoder.sample(encoder(batch.to(device)), end_id=vocab('<end>'), unk_id=vocab('<unk>')).cpu()
         correct += sum(synthetic.content_matches(ids_to_sentence(row, vocab), im['objects'])
                        for row, im in zip(ids, chunk))
     encoder.train(was_training), decoder.train(was_training)
@@ -47,11 +47,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--root', default='data/synthetic', help='where the synthetic set goes')
     parser.add_argument('--model_path', default='models/demo', help='where checkpoints go')
-    parser.add_argument('--num_train', type=int, default=20000, help='training images')
+    parser.add_argument('--png_dir', default='png', help='where the example and its captioned picture are')
+    parser.add_argument('--num_train', type=int, default=8000, help='training images')
     parser.add_argument('--num_val', type=int, default=500, help='held-out images')
-    parser.add_argument('--minutes', type=float, default=7.5, help='training time budget')
+    parser.add_argument('--minutes', type=float, default=8, help='training time budget')
     parser.add_argument('--max_epochs', type=int, default=100)
-    parser.add_argument('--hidden_size', type=int, default=512)
+    parser.add_argument('--hidden_size', type=int, default=256)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
     start = time.time()
@@ -73,7 +74,7 @@ def main():
         '--image_size', '64', '--crop_size', '64', '--no_flip',
         '--hidden_size', str(args.hidden_size), '--forget_bias', '1', '--grad_clip', '5',
         '--batch_size', '64', '--learning_rate', '3e-3', '--num_epochs', str(args.max_epochs),
-        '--num_workers', '1', '--log_step', '20', '--save_step', '0', '--seed', str(args.seed)])
+        '--num_workers', '0', '--log_step', '20', '--save_step', '0', '--seed', str(args.seed)])
     best_path = os.path.join(args.model_path, 'best.pt')
     best = {'accuracy': -1.0}
     train_start = time.time()
@@ -91,12 +92,11 @@ def main():
     trainer.train(train_args, on_epoch_end)
 
     encoder, decoder, vocab, config = load_captioner(best_path)
-    example = os.path.join('png', 'example.png')
+    example = os.path.join(args.png_dir, 'example.png')
     if not os.path.exists(example):
         synthetic.write_example(example)
     captions, _ = caption_images([example], encoder, decoder, vocab, config, torch.device('cpu'))
-    os.makedirs('png', exist_ok=True)
-    out = os.path.join('png', 'example_captioned.png')
+    out = os.path.join(args.png_dir, 'example_captioned.png')
     captioned_picture(example, captions[example]).save(out)
     print(f'\nbest held-out content accuracy: {best["accuracy"]:.1%}')
     print(f'{example}: {captions[example]}  ->  {out}')

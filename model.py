@@ -2,6 +2,7 @@
 that writes the caption word by word starting from that embedding (Vinyals et al., "Show and Tell",
 CVPR 2015). Parameter names match the PyTorch tutorial's model, so its checkpoints load as they are.
 """
+import math
 import os
 
 import torch
@@ -47,7 +48,7 @@ def small_cnn(width=16):
     """A five-layer CNN that learns the synthetic shapes from scratch in minutes on a CPU."""
     layers, channels = [], 3
     for i, out in enumerate([width, 2 * width, 4 * width, 8 * width, 8 * width]):
-        layers += [nn.Conv2d(channels, out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
                    nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         channels = out
     layers.append(nn.AdaptiveAvgPool2d(1))
@@ -118,22 +119,64 @@ class DecoderRNN(nn.Module):
         hiddens, _ = self.lstm(packed)
         return self.linear(hiddens.data)
 
+    def step(self, inputs, states):
+        """One decoding step: log-probabilities of the next word, and the new LSTM state."""
+        hiddens, states = self.lstm(inputs.unsqueeze(1), states)
+        return self.linear(hiddens.squeeze(1)).log_softmax(-1), states
+
     @torch.no_grad()
-    def sample(self, features, end_id=2, max_len=None):
-        """Greedy decoding for a batch; stops once every caption has produced <end>."""
-        max_len = max_len or self.max_seq_length
-        inputs, states = features.unsqueeze(1), None
+    def sample(self, features, end_id=2, unk_id=3, max_len=None):
+        """Greedy decoding for a batch, never choosing <unk>; stops once every caption has produced <end>."""
+        inputs, states = features, None
         words, finished = [], torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
-        for _ in range(max_len):
-            hiddens, states = self.lstm(inputs, states)
-            predicted = self.linear(hiddens.squeeze(1)).argmax(1)
+        for _ in range(max_len or self.max_seq_length):
+            log_probs, states = self.step(inputs, states)
+            log_probs[:, unk_id] = -math.inf
+            predicted = log_probs.argmax(1)
             words.append(predicted)
             finished |= predicted == end_id
             if finished.all():
                 break
-            inputs = self.embed(predicted).unsqueeze(1)
+            inputs = self.embed(predicted)
         return torch.stack(words, 1)
 
+    @torch.no_grad()
+    def beam_search(self, features, beam_size=3, end_id=2, unk_id=3, max_len=None, length_penalty=0.0):
+        """Batched beam search: for each image the caption of highest total log-probability among the beams.
+
+        With length_penalty alpha > 0, finished captions are ranked by log p / length^alpha, which stops
+        the search from favouring short captions. beam_size=1 gives exactly the greedy caption.
+        """
+        batch, beams = features.size(0), beam_size
+        # Every beam starts from the image; only beam 0 counts at first, so the first step picks distinct words.
+        scores = features.new_full((batch, beams), -math.inf)
+        scores[:, 0] = 0.0
+        inputs, states = features.repeat_interleave(beams, dim=0), None
+        sequences = torch.zeros(batch, beams, 0, dtype=torch.long, device=features.device)
+        finished = torch.zeros(batch, beams, dtype=torch.bool, device=features.device)
+        offsets = torch.arange(batch, device=features.device).unsqueeze(1) * beams
+        for _ in range(max_len or self.max_seq_length):
+            if finished.all():
+                break
+            log_probs, states = self.step(inputs, states)
+            log_probs = log_probs.view(batch, beams, -1)
+            log_probs[:, :, unk_id] = -math.inf
+            # A finished beam can only repeat <end>, at no cost, so its score stays as it was.
+            log_probs = log_probs.masked_fill(finished.unsqueeze(2), -math.inf)
+            log_probs[:, :, end_id] = log_probs[:, :, end_id].masked_fill(finished, 0.0)
+            vocab_size = log_probs.size(2)
+            scores, flat = (scores.unsqueeze(2) + log_probs).flatten(1).topk(beams, dim=1)
+            origin, words = flat // vocab_size, flat % vocab_size  # which beam each survivor extends, and how
+            sequences = torch.cat([sequences.gather(1, origin.unsqueeze(2).expand_as(sequences)),
+                                   words.unsqueeze(2)], dim=2)
+            finished = finished.gather(1, origin) | (words == end_id)
+            rows = (offsets + origin).flatten()
+            states = tuple(state[:, rows] for state in states)
+            inputs = self.embed(words.flatten())
+        lengths = ((sequences != end_id).cumsum(2) == torch.arange(1, sequences.size(2) + 1, device=scores.device))
+        lengths = lengths.sum(2) + finished.long()  # words up to and including <end>
+        best = (scores / lengths.float() ** length_penalty).argmax(1)
+        return sequences[torch.arange(batch), best]
 
 def load_captioner(path, device='cpu'):
     """Rebuild encoder, decoder and vocabulary from a train.py checkpoint, on any device."""
@@ -155,7 +198,7 @@ def load_captioner(path, device='cpu'):
 
 
 def ids_to_sentence(ids, vocab):
-    """Word ids to a plain sentence: no <start>, and nothing from <end> on."""
+    """Word ids to a plain sentence: no <start>, nothing from <end> on, punctuation against its word."""
     words = []
     for index in ids:
         word = vocab.idx2word[int(index)]
@@ -163,4 +206,4 @@ def ids_to_sentence(ids, vocab):
             break
         if word != '<start>':
             words.append(word)
-    return ' '.join(words)
+    return ' '.join(words).replace(' .', '.').replace(' ,', ',')

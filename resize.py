@@ -21,7 +21,7 @@ SAVE_OPTIONS = {'JPEG': {'quality': 90}, 'WEBP': {'quality': 90}}
 
 
 def to_rgb(image):
-    """RGB whatever the mode; transparent areas become white (as data_loader.load_image does), not black."""
+    """RGB whatever the mode; transparent areas become white, not black."""
     if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
         image = image.convert('RGBA')
         background = Image.new('RGBA', image.size, (255, 255, 255, 255))

@@ -48,7 +48,7 @@ def load_tutorial(encoder_path, decoder_path, vocab_path):
     return encoder.eval(), decoder.eval(), vocab, dict(image_size=224, crop_size=224)
 
 
-def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None):
+def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0):
     """Returns {path: caption} for readable images and {path: error} for the rest."""
     transform = eval_transform(config['image_size'], config['crop_size'])
     images, captions, errors = {}, {}, {}
@@ -58,9 +58,13 @@ def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None)
         except ImageError as err:
             errors[path] = str(err)
     if images:
-        batch = torch.stack(list(images.values())).to(device)
         with torch.no_grad():
-            ids = decoder.sample(encoder(batch), end_id=vocab('<end>'), max_len=max_len)
+            features = encoder(torch.stack(list(images.values())).to(device))
+        special = dict(end_id=vocab('<end>'), unk_id=vocab('<unk>'), max_len=max_len)
+        if beam_size > 1:
+            ids = decoder.beam_search(features, beam_size, length_penalty=length_penalty, **special)
+        else:
+            ids = decoder.sample(features, **special)
         captions = {path: ids_to_sentence(row, vocab) for path, row in zip(images, ids.cpu())}
     return captions, errors
 
@@ -83,6 +87,17 @@ def captioned_picture(path, caption, min_width=320):
     return canvas
 
 
+def grid(pictures, columns=4):
+    """Captioned pictures side by side, in rows of `columns`, each cell as big as the largest picture."""
+    width, height = max(p.width for p in pictures), max(p.height for p in pictures)
+    columns = min(columns, len(pictures))
+    rows = -(-len(pictures) // columns)
+    sheet = Image.new('RGB', (columns * width, rows * height), 'white')
+    for i, picture in enumerate(pictures):
+        sheet.paste(picture, ((i % columns) * width, (i // columns) * height))
+    return sheet
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--image', type=str, nargs='+', required=True, help='images to caption')
@@ -92,6 +107,9 @@ def main(argv=None):
     parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl (with the two above)")
     parser.add_argument('--out', type=str, default=None, help='folder for PNGs with the caption drawn beneath')
     parser.add_argument('--max_len', type=int, default=None, help='longest caption in words')
+    parser.add_argument('--beam_size', type=int, default=1, help='1 is greedy decoding')
+    parser.add_argument('--length_penalty', type=float, default=0.0, help='rank beams by log p / length^alpha')
+    parser.add_argument('--grid', type=str, default=None, help='also write all captioned images as one PNG grid')
     parser.add_argument('--device', type=str, default=None)
     args = parser.parse_args(argv)
 
@@ -107,16 +125,23 @@ def main(argv=None):
         sys.exit(f'error: {err}')
     encoder, decoder = encoder.to(device), decoder.to(device)
 
-    captions, errors = caption_images(args.image, encoder, decoder, vocab, config, device, args.max_len)
+    captions, errors = caption_images(args.image, encoder, decoder, vocab, config, device, args.max_len,
+                                      args.beam_size, args.length_penalty)
+    pictures = []
     for path in args.image:
         if path in errors:
             print(f'error: {errors[path]}', file=sys.stderr)
             continue
         print(captions[path] if len(args.image) == 1 else f'{path}: {captions[path]}')
+        if args.out or args.grid:
+            pictures.append(captioned_picture(path, captions[path]))
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             name = os.path.splitext(os.path.basename(path))[0] + '_captioned.png'
-            captioned_picture(path, captions[path]).save(os.path.join(args.out, name))
+            pictures[-1].save(os.path.join(args.out, name))
+    if args.grid and pictures:
+        os.makedirs(os.path.dirname(args.grid) or '.', exist_ok=True)
+        grid(pictures).save(args.grid)
     if errors:
         sys.exit(1)
 

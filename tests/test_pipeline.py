@@ -13,7 +13,7 @@ from torch import nn
 
 import synthetic
 import train as trainer
-from build_vocab import build_vocab, load_vocab, save_vocab
+from build_vocab import build_vocab, load_vocab, save_vocab, tokenize
 from data_loader import get_loader, train_transform
 from model import CheckpointError, DecoderRNN, EncoderCNN, load_captioner, read_checkpoint, save_checkpoint
 
@@ -87,7 +87,7 @@ def test_sample_prints_a_caption_through_its_command_line(dataset, tmp_path):
     caption = result.stdout.strip()
     vocab = load_vocab(str(dataset / 'vocab.json'))
     assert caption and '<start>' not in caption and '<end>' not in caption
-    assert all(word in vocab.word2idx for word in caption.split())
+    assert all(word in vocab.word2idx for word in tokenize(caption))
     from PIL import Image
     with Image.open(tmp_path / 'out' / f'{image.stem}_captioned.png') as picture:
         assert picture.width >= 320 and picture.height > picture.width * 1.0  # image plus caption beneath
@@ -254,3 +254,17 @@ def test_train_reports_user_mistakes_in_one_line(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == f'error: not found: {tmp_path / "nope.json"}'
+
+
+def test_demo_runs_end_to_end_on_a_tiny_set(tmp_path):
+    command = [sys.executable, 'demo.py', '--root', str(tmp_path / 'data'), '--model_path', str(tmp_path / 'models'),
+               '--png_dir', str(tmp_path / 'png'), '--num_train', '40', '--num_val', '10', '--max_epochs', '2',
+               '--hidden_size', '32']
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith('epoch') and 'held-out content accuracy' in line for line in lines) == 2
+    assert any(line.startswith('best held-out content accuracy:') for line in lines)
+    assert sum('validation loss' in line for line in lines) == 2
+    assert (tmp_path / 'png' / 'example.png').exists() and (tmp_path / 'png' / 'example_captioned.png').exists()
+    assert (tmp_path / 'models' / 'best.pt').exists()

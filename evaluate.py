@@ -1,0 +1,127 @@
+"""Score a model's captions the way the field does: BLEU-1..4, METEOR, ROUGE-L and CIDEr, computed by
+the COCO caption evaluation code (pycocoevalcap).
+
+    # COCO, on the Karpathy test split (dataset_coco.json from Karpathy's neuraltalk2 splits)
+    python evaluate.py --checkpoint models/checkpoint.pt --image_dir data/resized_val2014 \\
+        --caption_path data/annotations/captions_val2014.json --split_file dataset_coco.json --split test
+    # the synthetic set
+    python evaluate.py --checkpoint models/demo/best.pt --image_dir data/synthetic/val \\
+        --caption_path data/synthetic/annotations/captions_val.json --beam_size 3
+
+SPICE is not run: its scorer downloads Stanford CoreNLP when it starts. METEOR and the PTB tokenizer
+need Java; without it METEOR is skipped and captions are tokenized in Python instead.
+"""
+import argparse
+import json
+import os
+import shutil
+import string
+import sys
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocotools.coco import COCO
+from tqdm import tqdm
+
+from build_vocab import VocabError, tokenize
+from model import CheckpointError, load_captioner
+from sample import caption_images
+from train import pick_device
+
+
+def select_images(coco, split_file=None, split='test'):
+    """All image ids of the captions file, or those of one split of Karpathy's dataset_coco.json."""
+    image_ids = sorted(coco.getImgIds())
+    if split_file is None:
+        return image_ids
+    with open(split_file) as f:
+        wanted = {image['cocoid'] for image in json.load(f)['images'] if image['split'] == split}
+    selected = [image_id for image_id in image_ids if image_id in wanted]
+    if len(selected) < len(wanted):
+        print(f'note: {len(wanted) - len(selected)} {split} images of {split_file} are not in this captions file')
+    return selected
+
+
+def tokenize_for_scoring(captions):
+    """{id: [caption, ...]} -> {id: [tokenized caption, ...]}: COCO's PTB tokenizer when Java is here."""
+    if shutil.which('java'):
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        return PTBTokenizer().tokenize({k: [{'caption': c} for c in v] for k, v in captions.items()})
+    punctuation = set(string.punctuation) | {'``', "''", '-lrb-', '-rrb-'}
+    return {k: [' '.join(w for w in tokenize(c) if w not in punctuation) for c in v] for k, v in captions.items()}
+
+
+def score_captions(references, results):
+    """references {image_id: [captions]}, results {image_id: caption} -> ({metric: score}, [notes])."""
+    gts = tokenize_for_scoring(references)
+    res = tokenize_for_scoring({k: [v] for k, v in results.items()})
+    scorers = [(Bleu(4), ['BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4']), (Rouge(), ['ROUGE-L']), (Cider(), ['CIDEr'])]
+    notes = ['SPICE not computed: its scorer downloads Stanford CoreNLP at start-up']
+    if shutil.which('java'):
+        from pycocoevalcap.meteor.meteor import Meteor
+        scorers.insert(1, (Meteor(), ['METEOR']))
+    else:
+        notes.append('METEOR skipped: it needs Java, which is not installed')
+    scores = {}
+    for scorer, names in scorers:
+        value, _ = scorer.compute_score(gts, res)
+        scores.update(zip(names, value if isinstance(value, list) else [value]))
+    return scores, notes
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt', help='checkpoint from train.py')
+    parser.add_argument('--image_dir', type=str, default='data/resized_val2014', help='the images to caption')
+    parser.add_argument('--caption_path', type=str, default='data/annotations/captions_val2014.json',
+                        help='reference captions, COCO format')
+    parser.add_argument('--split_file', type=str, default=None, help="Karpathy's dataset_coco.json")
+    parser.add_argument('--split', type=str, default='test', choices=['test', 'val'])
+    parser.add_argument('--results_path', type=str, default='results.json', help='captions in COCO results format')
+    parser.add_argument('--beam_size', type=int, default=1, help='1 is greedy decoding')
+    parser.add_argument('--length_penalty', type=float, default=0.0, help='rank beams by log p / length^alpha')
+    parser.add_argument('--max_len', type=int, default=None, help='longest caption in words')
+    parser.add_argument('--batch_size', type=int, default=64)
+    parser.add_argument('--device', type=str, default=None)
+    args = parser.parse_args(argv)
+
+    device = pick_device(args.device)
+    try:
+        encoder, decoder, vocab, config = load_captioner(args.checkpoint, device)
+        if not os.path.isfile(args.caption_path):
+            raise FileNotFoundError(f'{args.caption_path}: no such file')
+        coco = COCO(args.caption_path)
+        image_ids = select_images(coco, args.split_file, args.split)
+    except (CheckpointError, VocabError, OSError, ValueError, KeyError) as err:
+        sys.exit(f'error: {err}')
+
+    results, failed = {}, 0
+    for i in tqdm(range(0, len(image_ids), args.batch_size), desc='captioning', unit='batch'):
+        chunk = image_ids[i:i + args.batch_size]
+        paths = {os.path.join(args.image_dir, coco.imgs[image_id]['file_name']): image_id for image_id in chunk}
+        captions, errors = caption_images(list(paths), encoder, decoder, vocab, config, device, args.max_len,
+                                          args.beam_size, args.length_penalty)
+        results.update({paths[path]: caption for path, caption in captions.items()})
+        for message in errors.values():
+            print(f'error: {message}', file=sys.stderr)
+        failed += len(errors)
+    if not results:
+        sys.exit('error: no image could be captioned')
+    with open(args.results_path, 'w') as f:
+        json.dump([{'image_id': image_id, 'caption': caption} for image_id, caption in results.items()], f)
+
+    references = {image_id: [ann['caption'] for ann in coco.imgToAnns[image_id]] for image_id in results}
+    scores, notes = score_captions(references, results)
+    print(f'\n{len(results)} images, beam size {args.beam_size}; captions in {args.results_path}')
+    print('| ' + ' | '.join(scores) + ' |')
+    print('|' + '---:|' * len(scores))
+    print('| ' + ' | '.join(f'{100 * value:.1f}' for value in scores.values()) + ' |')
+    for note in notes:
+        print(f'note: {note}')
+    if failed:
+        sys.exit(f'error: {failed} images could not be read')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,192 @@
+"""Beam search, the metric plumbing and evaluate.py."""
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import synthetic
+import train as trainer
+from build_vocab import build_vocab, save_vocab
+from evaluate import score_captions
+from model import DecoderRNN, ids_to_sentence, load_captioner
+from sample import caption_images
+
+REPO = Path(__file__).resolve().parents[1]
+END, UNK = 2, 3
+
+
+def tiny_decoder(seed, vocab_size=6):
+    torch.manual_seed(seed)
+    decoder = DecoderRNN(embed_size=4, hidden_size=5, vocab_size=vocab_size, num_layers=1, max_seq_length=4).eval()
+    with torch.no_grad():
+        decoder.linear.weight.mul_(8)  # peaked, varied distributions, so the search has real choices
+    return decoder
+
+
+def sequence_log_prob(decoder, feature, words):
+    """Total log-probability of a word sequence, by teacher forcing through the decoder's steps."""
+    log_probs, states = decoder.step(feature.unsqueeze(0), None)
+    total = 0.0
+    for word in words:
+        total += log_probs[0, word].item()
+        log_probs, states = decoder.step(decoder.embed(torch.tensor([word])), states)
+    return total
+
+
+def all_captions(vocab_size, max_len):
+    """Every word sequence that ends at <end> or reaches max_len, without <unk>."""
+    allowed = [w for w in range(vocab_size) if w != UNK]
+    for length in range(1, max_len + 1):
+        for words in itertools.product(allowed, repeat=length):
+            if END in words[:-1]:
+                continue
+            if words[-1] == END or length == max_len:
+                yield list(words)
+
+
+def truncate(row):
+    words = row.tolist()
+    return words[:words.index(END) + 1] if END in words else words
+
+
+@pytest.mark.parametrize('seed', range(5))
+@pytest.mark.parametrize('length_penalty', [0.0, 1.0])
+def test_exhaustive_beam_finds_the_most_probable_caption(seed, length_penalty):
+    decoder = tiny_decoder(seed)
+    features = torch.randn(2, 4)
+    with torch.no_grad():
+        # 85 captions of up to 3 words exist, so 125 beams keep every one of them: the search is exhaustive.
+        found = decoder.beam_search(features, beam_size=125, end_id=END, unk_id=UNK, max_len=3,
+                                    length_penalty=length_penalty)
+        for feature, row in zip(features, found):
+            scored = [(sequence_log_prob(decoder, feature, words) / len(words) ** length_penalty, words)
+                      for words in all_captions(6, 3)]
+            best_score, best_words = max(scored)
+            assert truncate(row) == best_words
+            assert sorted(s for s, _ in scored)[-2] < best_score - 1e-6  # a unique optimum, not a tie
+
+
+def test_beam_beats_greedy_when_greedy_is_short_sighted():
+    """Some decoder and image where greedy is not the most probable caption, and a beam of 3 finds better."""
+    for seed in range(50):
+        decoder = tiny_decoder(seed)
+        feature = torch.randn(1, 4)
+        with torch.no_grad():
+            greedy = truncate(decoder.sample(feature, end_id=END, unk_id=UNK)[0])
+            beam = truncate(decoder.beam_search(feature, beam_size=3, end_id=END, unk_id=UNK)[0])
+            if greedy != beam:
+                assert sequence_log_prob(decoder, feature[0], beam) > sequence_log_prob(decoder, feature[0], greedy)
+                return
+    pytest.fail('no case where beam search and greedy decoding differ')
+
+
+def test_beam_size_one_is_greedy():
+    decoder = tiny_decoder(7, vocab_size=12)
+    decoder.max_seq_length = 10
+    features = torch.randn(32, 4)
+    with torch.no_grad():
+        greedy = decoder.sample(features, end_id=END, unk_id=UNK)
+        beam = decoder.beam_search(features, beam_size=1, end_id=END, unk_id=UNK)
+    assert [truncate(row) for row in greedy] == [truncate(row) for row in beam]
+
+
+def test_beam_never_says_unk_and_stops_at_end():
+    decoder = tiny_decoder(3)
+    with torch.no_grad():
+        decoder.linear.bias[UNK] = 50.0  # <unk> would win every step
+        out = decoder.beam_search(torch.randn(4, 4), beam_size=3, end_id=END, unk_id=UNK)
+        assert (out != UNK).all()
+        decoder.linear.bias[END] = 100.0  # now <end> wins at once
+        out = decoder.beam_search(torch.randn(4, 4), beam_size=3, end_id=END, unk_id=UNK)
+    assert [truncate(row) for row in out] == [[END]] * 4
+    assert (out == END).all()  # after <end> a beam only repeats <end>
+
+
+def test_metrics_reward_the_right_captions():
+    references = {1: ['a small red circle to the left of a large blue square', 'a small red circle and a square'],
+                  2: ['there is a large green triangle in the picture', 'an image of a large green triangle'],
+                  3: ['a picture with a small yellow square and a large purple circle', 'two shapes on a table']}
+    perfect = {k: v[0] for k, v in references.items()}
+    wrong = {1: 'a large green triangle in the picture', 2: 'a small red circle and a square',
+             3: 'there is a large green triangle in the picture'}
+    good, notes = score_captions(references, perfect)
+    bad, _ = score_captions(references, wrong)
+    assert good['BLEU-4'] == pytest.approx(1.0, abs=1e-6)
+    assert good['BLEU-1'] == pytest.approx(1.0, abs=1e-6)
+    assert good['CIDEr'] > 1.0
+    assert good['ROUGE-L'] > 0.95
+    for metric in good:
+        assert bad[metric] < good[metric], metric
+    assert any('SPICE' in note for note in notes)
+    if shutil.which('java'):
+        assert good['METEOR'] > 0.9
+    else:
+        assert 'METEOR' not in good
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A small model trained on the synthetic set, good enough that its captions mean something."""
+    root = tmp_path_factory.mktemp('evaluate')
+    synthetic.make_synthetic_coco(str(root / 'data'), num_train=1200, num_val=60, image_size=32, seed=3, progress=False)
+    vocab = build_vocab(str(root / 'data' / 'annotations' / 'captions_train.json'), threshold=1)
+    save_vocab(vocab, str(root / 'data' / 'vocab.json'))
+    args = trainer.parse_args([
+        '--image_dir', str(root / 'data' / 'train'),
+        '--caption_path', str(root / 'data' / 'annotations' / 'captions_train.json'),
+        '--vocab_path', str(root / 'data' / 'vocab.json'), '--model_path', str(root / 'models'),
+        '--backbone', 'smallcnn', '--weights', 'none', '--train_backbone', '--image_size', '32', '--crop_size', '32',
+        '--no_flip', '--embed_size', '64', '--hidden_size', '96', '--batch_size', '64', '--num_workers', '0',
+        '--learning_rate', '3e-3', '--num_epochs', '3', '--forget_bias', '1', '--grad_clip', '5', '--bn_momentum', '0.1',
+        '--log_step', '50', '--seed', '0'])
+    trainer.train(args)
+    return root
+
+
+def test_beam_scores_at_least_as_well_as_greedy_on_held_out_images(trained):
+    encoder, decoder, vocab, config = load_captioner(str(trained / 'models' / 'checkpoint.pt'))
+    with open(trained / 'data' / 'annotations' / 'captions_val.json') as f:
+        dataset = json.load(f)
+    paths = {str(trained / 'data' / 'val' / image['file_name']): image['id'] for image in dataset['images']}
+    references = {image['id']: [] for image in dataset['images']}
+    for annotation in dataset['annotations']:
+        references[annotation['image_id']].append(annotation['caption'])
+    cider = {}
+    for beam_size in (1, 3):
+        captions, errors = caption_images(list(paths), encoder, decoder, vocab, config, 'cpu', beam_size=beam_size)
+        assert not errors
+        scores, _ = score_captions(references, {paths[p]: c for p, c in captions.items()})
+        cider[beam_size] = scores['CIDEr']
+    assert cider[1] > 0.5  # the model learned something, so the comparison means something
+    assert cider[3] >= cider[1]
+
+
+def test_evaluate_runs_through_its_command_line(trained, tmp_path):
+    results = tmp_path / 'results.json'
+    command = [sys.executable, 'evaluate.py', '--checkpoint', str(trained / 'models' / 'checkpoint.pt'),
+               '--image_dir', str(trained / 'data' / 'val'),
+               '--caption_path', str(trained / 'data' / 'annotations' / 'captions_val.json'),
+               '--results_path', str(results), '--beam_size', '2', '--batch_size', '16']
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for metric in ('BLEU-1', 'BLEU-4', 'ROUGE-L', 'CIDEr'):
+        assert metric in run.stdout
+    assert 'SPICE' in run.stdout
+    written = json.loads(results.read_text())
+    assert len(written) == 60 and set(written[0]) == {'image_id', 'caption'}
+    assert all(isinstance(item['caption'], str) and item['caption'] for item in written)
+
+    # Karpathy's split file picks the images of one split.
+    split_file = tmp_path / 'dataset_coco.json'
+    images = json.loads((trained / 'data' / 'annotations' / 'captions_val.json').read_text())['images']
+    split_file.write_text(json.dumps({'images': [{'cocoid': im['id'], 'split': 'test' if i < 10 else 'train'}
+                                                 for i, im in enumerate(images)]}))
+    run = subprocess.run(command + ['--split_file', str(split_file), '--split', 'test'], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(json.loads(results.read_text())) == 10
