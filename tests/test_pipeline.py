@@ -81,7 +81,8 @@ def test_sample_prints_a_caption_through_its_command_line(dataset, tmp_path):
     trainer.train(small_args(dataset, tmp_path, '--num_epochs', '1'))
     image = sorted((dataset / 'val').iterdir())[0]
     result = subprocess.run([sys.executable, 'sample.py', '--image', str(image), '--checkpoint',
-                             str(tmp_path / 'checkpoint.pt'), '--out', str(tmp_path / 'out')],
+                             str(tmp_path / 'checkpoint.pt'), '--out', str(tmp_path / 'out'),
+                             '--grid', str(tmp_path / 'grid.png')],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     caption = result.stdout.strip()
@@ -91,6 +92,10 @@ def test_sample_prints_a_caption_through_its_command_line(dataset, tmp_path):
     from PIL import Image
     with Image.open(tmp_path / 'out' / f'{image.stem}_captioned.png') as picture:
         assert picture.width >= 320 and picture.height > picture.width * 1.0  # image plus caption beneath
+        caption_area = picture.crop((0, picture.width, picture.width, picture.height)).convert('L')
+        assert caption_area.getextrema()[0] < 100  # dark text was drawn beneath the image
+    with Image.open(tmp_path / 'grid.png') as sheet:
+        assert sheet.size == picture.size  # one picture: a one-cell grid
 
 
 def test_sample_reports_bad_images_and_captions_the_rest(dataset, tmp_path):
@@ -268,3 +273,17 @@ def test_demo_runs_end_to_end_on_a_tiny_set(tmp_path):
     assert sum('validation loss' in line for line in lines) == 2
     assert (tmp_path / 'png' / 'example.png').exists() and (tmp_path / 'png' / 'example_captioned.png').exists()
     assert (tmp_path / 'models' / 'best.pt').exists()
+
+
+def test_plot_history_draws_the_loss_curve(dataset, tmp_path):
+    trainer.train(small_args(dataset, tmp_path, '--num_epochs', '2'))
+    out = tmp_path / 'curve.png'
+    result = subprocess.run([sys.executable, 'plot_history.py', '--history', str(tmp_path / 'history.json'),
+                             '--out', str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+    with Image.open(out) as picture:
+        assert picture.width > 400 and len(picture.convert('RGB').getcolors(1 << 16)) > 10
+    result = subprocess.run([sys.executable, 'plot_history.py', '--history', str(tmp_path / 'none.json')],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.startswith('error:') and 'Traceback' not in result.stderr
