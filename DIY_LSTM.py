@@ -282,8 +282,11 @@ class LSTM(nn.Module):
                 suffix, index = self._suffix(layer, direction), layer * self.num_directions + direction
                 bias = getattr(self, 'bias_ih' + suffix) + getattr(self, 'bias_hh' + suffix) if self.bias else None
                 z_x = F.linear(layer_input, getattr(self, 'weight_ih' + suffix), bias)  # hoisted: all steps at once
-                h_all, s_all = _Recurrence.apply(z_x, getattr(self, 'weight_hh' + suffix), h0[index], s0[index],
-                                                 batch_sizes, direction == 1)
+                weight_hh, h_init, s_init = getattr(self, 'weight_hh' + suffix), h0[index], s0[index]
+                if z_x.dtype != weight_hh.dtype:  # under autocast: the whole loop runs in its lower precision
+                    weight_hh, h_init, s_init = (t.to(z_x.dtype) for t in (weight_hh, h_init, s_init))
+                with torch.autocast(data.device.type, enabled=False):
+                    h_all, s_all = _Recurrence.apply(z_x, weight_hh, h_init, s_init, batch_sizes, direction == 1)
                 h_n.append(h_all[last_rows[direction]])
                 s_n.append(s_all[last_rows[direction]])
                 outputs.append(h_all)

@@ -1,6 +1,8 @@
 """COCO-format captions as batches: (images, padded word ids, lengths), longest caption first."""
+import json
 import os
 
+import numpy as np
 import torch
 import torch.utils.data as data
 from PIL import Image, ImageOps
@@ -56,18 +58,54 @@ class CocoDataset(data.Dataset):
         self.word_ids = {}  # tokenized once, on first use: tokenizing costs as much as decoding a small image
 
     def __getitem__(self, index):
-        annotation = self.coco.anns[self.ids[index]]
-        path = self.coco.loadImgs(annotation['image_id'])[0]['file_name']
-        image = load_image(os.path.join(self.root, path))
+        image_id = self.coco.anns[self.ids[index]]['image_id']
+        image = load_image(os.path.join(self.root, self.coco.imgs[image_id]['file_name']))
         if self.transform is not None:
             image = self.transform(image)
+        return image, self.caption(index)
+
+    def caption(self, index):
         if index not in self.word_ids:
-            words = ['<start>'] + tokenize(annotation['caption']) + ['<end>']
+            words = ['<start>'] + tokenize(self.coco.anns[self.ids[index]]['caption']) + ['<end>']
             self.word_ids[index] = [self.vocab(word) for word in words]
-        return image, torch.tensor(self.word_ids[index])
+        return torch.tensor(self.word_ids[index])
 
     def __len__(self):
         return len(self.ids)
+
+
+def open_cache(folder):
+    """(features, done, meta) of a cache from extract_features.py; the features are memory-mapped."""
+    try:
+        with open(os.path.join(folder, 'meta.json')) as f:
+            meta = json.load(f)
+        features = np.load(os.path.join(folder, 'features.npy'), mmap_mode='r')
+        done = np.load(os.path.join(folder, 'done.npy'))
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f'{folder}: not a feature cache from extract_features.py ({err})') from None
+    return features, done, meta
+
+
+class FeatureDataset(CocoDataset):
+    """CocoDataset with the cached backbone features in place of images: the centre crop, or at random
+    (with mirror=True) its mirror image."""
+
+    def __init__(self, folder, json, vocab, mirror=True):
+        super().__init__(None, json, vocab)
+        self.features, done, meta = open_cache(folder)
+        if not done.all():
+            raise ValueError(f'{folder}: only {int(done.sum())} of {len(done)} images are extracted; '
+                             'run extract_features.py again to finish')
+        self.row = {image_id: row for row, image_id in enumerate(meta['image_ids'])}
+        missing = {a['image_id'] for a in self.coco.anns.values()} - set(self.row)
+        if missing:
+            raise ValueError(f'{folder}: {len(missing)} images of {json} are not in the cache')
+        self.mirror = mirror
+
+    def __getitem__(self, index):
+        row = self.row[self.coco.anns[self.ids[index]]['image_id']]
+        view = int(torch.randint(2, ())) if self.mirror else 0
+        return torch.from_numpy(self.features[row, view].astype(np.float32)), self.caption(index)
 
 
 def collate_fn(batch):
@@ -81,8 +119,14 @@ def collate_fn(batch):
     return torch.stack(images, 0), targets, lengths
 
 
-def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, sampler=None, drop_last=False):
+def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, sampler=None):
     dataset = CocoDataset(root=root, json=json, vocab=vocab, transform=transform)
+    return batches(dataset, batch_size, shuffle, num_workers, sampler)
+
+
+def batches(dataset, batch_size, shuffle, num_workers, sampler=None):
+    """A DataLoader with collate_fn. Its own generator keeps the global RNG untouched, so a resumed
+    run draws the same random numbers as an uninterrupted one."""
     return data.DataLoader(dataset=dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                            sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                           drop_last=drop_last, persistent_workers=num_workers > 0)
+                           persistent_workers=num_workers > 0, generator=torch.Generator())

@@ -94,9 +94,15 @@ class EncoderCNN(nn.Module):
         return self
 
     def forward(self, images):
+        return self.head(self.pooled(images))
+
+    def pooled(self, images):
+        """The backbone's pooled features: what extract_features.py caches for a frozen backbone."""
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
-            features = self.resnet(images).flatten(1)
-        return self.bn(self.linear(features))
+            return self.resnet(images).flatten(1)
+
+    def head(self, pooled):
+        return self.bn(self.linear(pooled))
 
 
 class DecoderRNN(nn.Module):

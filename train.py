@@ -1,24 +1,31 @@
 """Train the captioning model.
 
-    python train.py                                  # COCO, the tutorial's defaults
-    python train.py --val_caption_path data/annotations/captions_val2014.json --val_image_dir data/resized_val2014
+    python train.py                                      # COCO, the tutorial's defaults
+    python train.py --features data/features_train2014   # from extract_features.py's cache: much faster
+    torchrun --nproc_per_node=4 train.py ...             # several GPUs (or CPU processes), one per process
+    python train.py --resume                             # continue models/checkpoint.pt where it stopped
 
-Everything sample.py needs (model sizes, vocabulary, weights) goes into one checkpoint file.
+Everything sample.py needs (model sizes, vocabulary, weights) goes into one checkpoint file. Ctrl-C or
+SIGTERM saves a checkpoint after the current step, then stops.
 """
 import argparse
 import json
 import math
 import os
+import signal
 import sys
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from build_vocab import VocabError, load_vocab
-from data_loader import ImageError, eval_transform, get_loader, train_transform
-from model import CheckpointError, DecoderRNN, EncoderCNN, save_checkpoint
+from data_loader import CocoDataset, FeatureDataset, ImageError, batches, eval_transform, open_cache, train_transform
+from model import CheckpointError, DecoderRNN, EncoderCNN, read_checkpoint, save_checkpoint
 
 
 def parse_args(argv=None):
@@ -29,6 +36,7 @@ def parse_args(argv=None):
     parser.add_argument('--vocab_path', type=str, default='data/vocab.json', help='vocabulary from build_vocab.py')
     parser.add_argument('--image_dir', type=str, default='data/resized2014', help='resized training images')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json')
+    parser.add_argument('--features', type=str, default=None, help='train from this extract_features.py cache')
     parser.add_argument('--val_image_dir', type=str, default=None, help='resized validation images')
     parser.add_argument('--val_caption_path', type=str, default=None, help='validation captions, for held-out loss')
     parser.add_argument('--log_step', type=int, default=10, help='steps between logged losses')
@@ -47,10 +55,15 @@ def parse_args(argv=None):
     parser.add_argument('--no_flip', action='store_true', help='no random mirroring (when captions say left/right)')
 
     parser.add_argument('--num_epochs', type=int, default=5)
-    parser.add_argument('--batch_size', type=int, default=128)
+    parser.add_argument('--batch_size', type=int, default=128, help='per process, so torchrun multiplies it')
     parser.add_argument('--num_workers', type=int, default=2)
     parser.add_argument('--learning_rate', type=float, default=0.001)
+    parser.add_argument('--lr_schedule', choices=['constant', 'cosine'], default='constant',
+                        help='cosine decays the learning rate to 0 over all steps')
     parser.add_argument('--grad_clip', type=float, default=None, help='clip the gradient norm to this value')
+    parser.add_argument('--amp', action='store_true', help='mixed precision: bf16 (fp16 on older GPUs) autocast')
+    parser.add_argument('--resume', type=str, nargs='?', const='latest', default=None,
+                        help='continue from a checkpoint (default: checkpoint.pt in --model_path)')
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (default: the best available)')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
@@ -69,21 +82,33 @@ def pick_device(name=None):
     return torch.device('cpu')
 
 
-def caption_loss(encoder, decoder, images, captions, lengths):
-    """Mean cross-entropy over the real (packed) words of the batch, summed-token count alongside."""
-    outputs = decoder(encoder(images), captions, lengths)
+class Captioner(nn.Module):
+    """Encoder and decoder as one module, so that DistributedDataParallel sees a single forward."""
+
+    def __init__(self, encoder, decoder, from_features=False):
+        super().__init__()
+        self.encoder, self.decoder, self.from_features = encoder, decoder, from_features
+
+    def forward(self, inputs, captions, lengths):
+        features = self.encoder.head(inputs) if self.from_features else self.encoder(inputs)
+        return self.decoder(features, captions, lengths)
+
+
+def caption_loss(model, inputs, captions, lengths):
+    """Mean cross-entropy over the real (packed) words of the batch, and how many words that was."""
+    outputs = model(inputs, captions, lengths)
     targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-    return nn.functional.cross_entropy(outputs, targets), targets.numel()
+    return nn.functional.cross_entropy(outputs.float(), targets), targets.numel()
 
 
 @torch.no_grad()
-def validation_loss(encoder, decoder, loader, device):
-    encoder.eval(), decoder.eval()
+def validation_loss(model, loader, device):
+    model.eval()
     total, count = 0.0, 0
-    for images, captions, lengths in loader:
-        loss, n = caption_loss(encoder, decoder, images.to(device), captions.to(device), lengths)
+    for inputs, captions, lengths in loader:
+        loss, n = caption_loss(model, inputs.to(device), captions.to(device), lengths)
         total, count = total + loss.item() * n, count + n
-    encoder.train(), decoder.train()
+    model.train()
     return total / max(count, 1)
 
 
@@ -96,87 +121,227 @@ def set_forget_bias(lstm, value):
                 bias[hidden:2 * hidden] = value if name.startswith('bias_ih') else 0.0
 
 
+class ResumableSampler(DistributedSampler):
+    """Each process's share of a fresh shuffle every epoch (seeded, so reproducible), able to start
+    part-way through an epoch: after the batches a resumed run has already done."""
+
+    def __init__(self, dataset, batch_size, rank, world_size, seed):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.skip = batch_size, 0
+
+    def start(self, epoch, batches_done):
+        self.set_epoch(epoch)
+        self.skip = batches_done * self.batch_size
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+class StopRequest:
+    """Ctrl-C and SIGTERM set a flag; training saves a checkpoint after the current step and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    """Training stopped on request, after saving a checkpoint."""
+
+
+def setup_distributed(args):
+    """(rank, world size, device): torchrun's environment variables choose DDP, NCCL on GPU, gloo on CPU."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size == 1:
+        return 0, 1, pick_device(args.device)
+    local_rank = int(os.environ['LOCAL_RANK'])
+    if torch.cuda.is_available() and args.device != 'cpu':
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device('cuda', local_rank), 'nccl'
+    else:
+        device, backend = torch.device('cpu'), 'gloo'
+    dist.init_process_group(backend)
+    return dist.get_rank(), world_size, device
+
+
 def check_paths(args):
-    for path in (args.vocab_path, args.caption_path, args.image_dir, args.val_caption_path, args.val_image_dir):
+    for path in (args.vocab_path, args.caption_path, args.features, args.val_caption_path, args.val_image_dir):
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f'not found: {path}')
+    if args.features is None and not os.path.exists(args.image_dir):
+        raise FileNotFoundError(f'not found: {args.image_dir}')
     if (args.val_caption_path is None) != (args.val_image_dir is None):
         raise ValueError('give both --val_caption_path and --val_image_dir, or neither')
 
 
-def train(args, on_epoch_end=None):
-    """Train, writing checkpoint.pt and history.json.
-
-    on_epoch_end(epoch, encoder, decoder, checkpoint) runs after each epoch; returning False stops training.
-    """
-    check_paths(args)
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    vocab = load_vocab(args.vocab_path)
-    loader = get_loader(args.image_dir, args.caption_path, vocab, train_transform(args.crop_size, not args.no_flip),
-                        args.batch_size, shuffle=True, num_workers=args.num_workers)
-    val_loader = None
-    if args.val_caption_path:
-        val_loader = get_loader(args.val_image_dir, args.val_caption_path, vocab,
-                                eval_transform(args.image_size, args.crop_size),
-                                args.batch_size, shuffle=False, num_workers=args.num_workers)
-
-    model_args = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, vocab_size=len(vocab),
+def build_model(args, vocab_size):
+    """(encoder, decoder, model_args); from a feature cache, the backbone is the one that made it."""
+    if args.features:
+        _, _, meta = open_cache(args.features)
+        args.backbone, args.image_size, args.crop_size = meta['backbone'], meta['image_size'], meta['crop_size']
+        encoder = EncoderCNN(args.embed_size, args.backbone, weights=None, bn_momentum=args.bn_momentum)
+        encoder.resnet.load_state_dict(read_checkpoint(os.path.join(args.features, 'backbone.pt')))
+    else:
+        encoder = EncoderCNN(args.embed_size, args.backbone, args.weights, args.train_backbone, args.bn_momentum)
+    decoder = DecoderRNN(args.embed_size, args.hidden_size, vocab_size, args.num_layers, args.max_seq_length)
+    if args.forget_bias is not None:
+        set_forget_bias(decoder.lstm, args.forget_bias)
+    model_args = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, vocab_size=vocab_size,
                       num_layers=args.num_layers, max_seq_length=args.max_seq_length, backbone=args.backbone,
                       train_backbone=args.train_backbone, bn_momentum=args.bn_momentum,
                       image_size=args.image_size, crop_size=args.crop_size)
-    encoder = EncoderCNN(args.embed_size, args.backbone, args.weights, args.train_backbone, args.bn_momentum).to(device)
-    decoder = DecoderRNN(args.embed_size, args.hidden_size, len(vocab), args.num_layers, args.max_seq_length).to(device)
-    if args.forget_bias is not None:
-        set_forget_bias(decoder.lstm, args.forget_bias)
+    return encoder, decoder, model_args
+
+
+def train(args, on_epoch_end=None, on_step=None):
+    """Train, writing checkpoint.pt and history.json; returns (encoder, decoder, vocab, history).
+
+    on_epoch_end(epoch, encoder, decoder, checkpoint) runs after each epoch; returning False stops
+    training. on_step(step) runs after each optimizer step.
+    """
+    check_paths(args)
+    rank, world_size, device = setup_distributed(args)
+    main_process = rank == 0
+    torch.manual_seed(args.seed)
+    vocab = load_vocab(args.vocab_path)
+    encoder, decoder, model_args = build_model(args, len(vocab))
+    if args.features:
+        dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip)
+    else:
+        dataset = CocoDataset(args.image_dir, args.caption_path, vocab, train_transform(args.crop_size, not args.no_flip))
+    sampler = ResumableSampler(dataset, args.batch_size, rank, world_size, args.seed)
+    loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=sampler)
+    val_loader = None
+    if args.val_caption_path and main_process:
+        val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
+                              eval_transform(args.image_size, args.crop_size))
+        val_loader = batches(val_set, args.batch_size, shuffle=False, num_workers=args.num_workers)
+
+    model = Captioner(encoder, decoder, from_features=bool(args.features)).to(device)
     trained = [encoder.linear, encoder.bn, decoder] + ([encoder.resnet] if args.train_backbone else [])
     params = [p for module in trained for p in module.parameters()]
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
+    steps_per_epoch = math.ceil(sampler.num_samples / args.batch_size)
+    total_steps = steps_per_epoch * args.num_epochs
+
+    def schedule(step):
+        """Factor on the learning rate: constant, or a cosine from 1 down to 0 at the last step."""
+        if args.lr_schedule == 'constant':
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    amp_dtype = None
+    if args.amp:
+        amp_dtype = torch.float16 if device.type == 'cuda' and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     checkpoint_path = os.path.join(args.model_path, 'checkpoint.pt')
     history = {'train': [], 'val': []}
-    step = 0
+    epoch, batches_done, step = 0, 0, 0
+    if args.resume:
+        resume_path = checkpoint_path if args.resume == 'latest' else args.resume
+        checkpoint = read_checkpoint(resume_path)
+        try:
+            encoder.load_state_dict(checkpoint['encoder'])
+            decoder.load_state_dict(checkpoint['decoder'])
+            optimizer.load_state_dict(checkpoint['optimizer'])
+            scheduler.load_state_dict(checkpoint['scheduler'])
+            scaler.load_state_dict(checkpoint['scaler'])
+            epoch, batches_done, step = checkpoint['epoch'], checkpoint['batches_done'], checkpoint['step']
+            history = checkpoint['history']
+            torch.set_rng_state(checkpoint['rng'])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f'{resume_path}: cannot resume with these settings ({str(err).splitlines()[0]})') from None
+        if main_process:
+            print(f'resuming from {resume_path}: epoch {epoch + 1}, step {step}')
 
-    def save(epoch):
+    def save(completed_epochs, batches):
         checkpoint = {'model_args': model_args, 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
                       'encoder': encoder.state_dict(), 'decoder': decoder.state_dict(),
-                      'optimizer': optimizer.state_dict(), 'epoch': epoch, 'step': step, 'args': vars(args)}
-        save_checkpoint(checkpoint_path, checkpoint)
-        with open(os.path.join(args.model_path, 'history.json'), 'w') as f:
-            json.dump(history, f)
+                      'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+                      'scaler': scaler.state_dict(), 'epoch': completed_epochs, 'batches_done': batches,
+                      'step': step, 'history': history, 'rng': torch.get_rng_state(), 'args': vars(args)}
+        if main_process:
+            save_checkpoint(checkpoint_path, checkpoint)
+            with open(os.path.join(args.model_path, 'history.json'), 'w') as f:
+                json.dump(history, f)
         return checkpoint
 
-    encoder.train(), decoder.train()
-    for epoch in range(args.num_epochs):
-        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.num_epochs}', dynamic_ncols=True)
-        for images, captions, lengths in bar:
-            loss, _ = caption_loss(encoder, decoder, images.to(device), captions.to(device), lengths)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                nn.utils.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
-            step += 1
-            if step % args.log_step == 0:
-                value = loss.item()
-                history['train'].append({'epoch': epoch, 'step': step, 'loss': value, 'perplexity': math.exp(value)})
-                bar.set_postfix(loss=f'{value:.4f}', perplexity=f'{math.exp(value):.2f}')
-            if args.save_step and step % args.save_step == 0:
-                save(epoch)
-        if val_loader is not None:
-            value = validation_loss(encoder, decoder, val_loader, device)
-            history['val'].append({'epoch': epoch, 'step': step, 'loss': value, 'perplexity': math.exp(value)})
-            print(f'epoch {epoch + 1}: validation loss {value:.4f}, perplexity {math.exp(value):.2f}', flush=True)
-        checkpoint = save(epoch + 1)
-        if on_epoch_end is not None and on_epoch_end(epoch, encoder, decoder, checkpoint) is False:
-            break
+    ddp_model = model
+    if world_size > 1:
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    stop = StopRequest()
+    try:
+        model.train()
+        while epoch < args.num_epochs:
+            sampler.start(epoch, batches_done)
+            bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
+                       initial=batches_done, total=steps_per_epoch, disable=not main_process)
+            for inputs, captions, lengths in bar:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, _ = caption_loss(ddp_model, inputs.to(device), captions.to(device), lengths)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if args.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(params, args.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step, batches_done = step + 1, batches_done + 1
+                if step % args.log_step == 0:
+                    value = loss.item()
+                    history['train'].append({'epoch': epoch, 'step': step, 'loss': value, 'perplexity': math.exp(value)})
+                    bar.set_postfix(loss=f'{value:.4f}', perplexity=f'{math.exp(value):.2f}')
+                if on_step is not None:
+                    on_step(step)
+                if stop_requested(stop, device, world_size):
+                    save(epoch, batches_done)
+                    raise Interrupted(f'stopped at epoch {epoch + 1}, step {step}; checkpoint saved to '
+                                      f'{checkpoint_path}; continue with --resume')
+                if args.save_step and step % args.save_step == 0:
+                    save(epoch, batches_done)
+            epoch, batches_done = epoch + 1, 0
+            if val_loader is not None:
+                value = validation_loss(model, val_loader, device)
+                history['val'].append({'epoch': epoch - 1, 'step': step, 'loss': value, 'perplexity': math.exp(value)})
+                print(f'epoch {epoch}: validation loss {value:.4f}, perplexity {math.exp(value):.2f}', flush=True)
+            checkpoint = save(epoch, 0)
+            if on_epoch_end is not None and on_epoch_end(epoch - 1, encoder, decoder, checkpoint) is False:
+                break
+    finally:
+        stop.restore()
+        if world_size > 1:
+            dist.destroy_process_group()
     return encoder, decoder, vocab, history
+
+
+def stop_requested(stop, device, world_size):
+    """Whether any process was asked to stop, so that all of them stop at the same step."""
+    if world_size == 1:
+        return stop.requested
+    flag = torch.tensor(float(stop.requested), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
+    except Interrupted as err:
+        print(err, file=sys.stderr)
+        sys.exit(130)
     except (VocabError, ImageError, CheckpointError, FileNotFoundError, ValueError) as err:
         sys.exit(f'error: {err}')
 

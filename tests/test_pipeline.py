@@ -140,7 +140,8 @@ def test_frozen_backbone_batchnorm_statistics_do_not_change():
     assert not encoder.resnet.training and encoder.bn.training
     captions = torch.randint(3, 10, (4, 6))
     for _ in range(3):
-        loss, _ = trainer.caption_loss(encoder, decoder, torch.randn(4, 3, 64, 64) * 3 + 1, captions, [6, 6, 6, 6])
+        loss, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder), torch.randn(4, 3, 64, 64) * 3 + 1,
+                                        captions, [6, 6, 6, 6])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

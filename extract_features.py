@@ -1,0 +1,117 @@
+"""Run the frozen backbone once over a dataset and cache its pooled features, so that training
+(`train.py --features DIR`) does not repeat a ResNet-152 forward pass for every caption of every epoch.
+
+    python extract_features.py --image_dir data/resized2014 \\
+        --caption_path data/annotations/captions_train2014.json --output data/features_train2014
+
+For each image it stores two float16 vectors: the centre crop and its mirror image, which training
+picks between at random. That keeps the tutorial's flips but not its random crops: every epoch sees
+the same centre crop. An interrupted run picks up where it stopped.
+
+The folder holds features.npy (a memory-mapped array, images x 2 x feature size), done.npy (which
+rows are finished), meta.json (image ids and settings) and backbone.pt (the backbone's weights, so
+that the checkpoint train.py writes still holds the whole encoder).
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data_loader import ImageError, eval_transform, load_image, open_cache
+from model import CheckpointError, EncoderCNN, read_checkpoint, save_checkpoint
+from train import pick_device
+
+
+class ImageFolderByIds(Dataset):
+    def __init__(self, image_dir, file_names, transform):
+        self.image_dir, self.file_names, self.transform = image_dir, file_names, transform
+
+    def __getitem__(self, index):
+        return index, self.transform(load_image(os.path.join(self.image_dir, self.file_names[index])))
+
+    def __len__(self):
+        return len(self.file_names)
+
+
+def backbone_encoder(folder, embed_size, bn_momentum=0.01):
+    """An EncoderCNN whose backbone is exactly the one the cache was made with."""
+    _, _, meta = open_cache(folder)
+    encoder = EncoderCNN(embed_size, meta['backbone'], weights=None, bn_momentum=bn_momentum)
+    encoder.resnet.load_state_dict(read_checkpoint(os.path.join(folder, 'backbone.pt')))
+    return encoder, meta
+
+
+def extract(args):
+    coco = COCO(args.caption_path)
+    image_ids = sorted(coco.getImgIds())
+    settings = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
+                    crop_size=args.crop_size, caption_path=os.path.abspath(args.caption_path))
+    os.makedirs(args.output, exist_ok=True)
+    meta_path = os.path.join(args.output, 'meta.json')
+    encoder = EncoderCNN(1, args.backbone, args.weights)  # the head is not used here
+    device = pick_device(args.device)
+    encoder.to(device).eval()
+
+    resume = os.path.exists(meta_path)
+    if resume:
+        features, done, meta = open_cache(args.output)
+        if {k: meta.get(k) for k in settings} != settings or meta['image_ids'] != image_ids:
+            raise ValueError(f'{args.output} holds features made with other settings; choose another --output')
+        encoder.resnet.load_state_dict(read_checkpoint(os.path.join(args.output, 'backbone.pt')))
+        features = np.load(os.path.join(args.output, 'features.npy'), mmap_mode='r+')
+    else:
+        feature_size = encoder.linear.in_features
+        save_checkpoint(os.path.join(args.output, 'backbone.pt'), encoder.resnet.state_dict())
+        features = np.lib.format.open_memmap(os.path.join(args.output, 'features.npy'), mode='w+',
+                                             dtype=np.float16, shape=(len(image_ids), 2, feature_size))
+        done = np.zeros(len(image_ids), dtype=bool)
+        np.save(os.path.join(args.output, 'done.npy'), done)
+        meta = dict(settings, image_ids=image_ids, feature_size=feature_size)
+        with open(meta_path, 'w') as f:
+            json.dump(meta, f)
+
+    todo = [i for i in range(len(image_ids)) if not done[i]]
+    file_names = [coco.imgs[image_id]['file_name'] for image_id in image_ids]
+    dataset = torch.utils.data.Subset(ImageFolderByIds(args.image_dir, file_names,
+                                                       eval_transform(args.image_size, args.crop_size)), todo)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    with torch.no_grad():
+        for rows, images in tqdm(loader, desc='extracting', unit='batch'):
+            images = images.to(device)
+            centre, mirror = encoder.pooled(images), encoder.pooled(images.flip(3))
+            features[rows.numpy()] = torch.stack([centre, mirror], 1).cpu().numpy().astype(np.float16)
+            features.flush()
+            done[rows.numpy()] = True
+            np.save(os.path.join(args.output, 'done.npy'), done)  # only after the features are on disk
+    print(f'{int(done.sum())} of {len(image_ids)} images cached in {args.output}')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--image_dir', type=str, default='data/resized2014')
+    parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json')
+    parser.add_argument('--output', type=str, default='data/features_train2014')
+    parser.add_argument('--backbone', type=str, default='resnet152')
+    parser.add_argument('--weights', type=str, default='DEFAULT', help='DEFAULT, none, or a local .pth file')
+    parser.add_argument('--image_size', type=int, default=256, help='size resize.py gave the images')
+    parser.add_argument('--crop_size', type=int, default=224)
+    parser.add_argument('--batch_size', type=int, default=64)
+    parser.add_argument('--num_workers', type=int, default=2)
+    parser.add_argument('--device', type=str, default=None)
+    args = parser.parse_args(argv)
+    if args.weights.lower() == 'none':
+        args.weights = None
+    try:
+        extract(args)
+    except (CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
+        sys.exit(f'error: {err}')
+
+
+if __name__ == '__main__':
+    main()
