@@ -1,0 +1,231 @@
+"""Training at scale: the feature cache, mixed precision, DistributedDataParallel, resumable runs."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import synthetic
+import train as trainer
+from build_vocab import build_vocab, load_vocab, save_vocab
+from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
+from DIY_LSTM import LSTM
+from model import load_captioner, read_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp('scale')
+    synthetic.make_synthetic_coco(str(root), num_train=48, num_val=8, image_size=32, seed=5, progress=False)
+    save_vocab(build_vocab(str(root / 'annotations' / 'captions_train.json'), threshold=1), str(root / 'vocab.json'))
+    return root
+
+
+def args_for(dataset, model_path, *extra):
+    return trainer.parse_args([
+        '--image_dir', str(dataset / 'train'), '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
+        '--vocab_path', str(dataset / 'vocab.json'), '--model_path', str(model_path),
+        '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
+        '--embed_size', '16', '--hidden_size', '24', '--batch_size', '16', '--num_workers', '0',
+        '--log_step', '1', '--learning_rate', '3e-3', *extra])
+
+
+def extract(dataset, output):
+    command = [sys.executable, 'extract_features.py', '--image_dir', str(dataset / 'train'),
+               '--caption_path', str(dataset / 'annotations' / 'captions_train.json'), '--output', str(output),
+               '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
+               '--batch_size', '10', '--num_workers', '0']
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.fixture(scope='module')
+def cache(dataset, tmp_path_factory):
+    output = tmp_path_factory.mktemp('cache') / 'features'
+    extract(dataset, output)
+    return output
+
+
+def test_feature_cache_holds_centre_and_mirror_features(cache):
+    features, done, meta = open_cache(str(cache))
+    assert features.dtype == np.float16 and features.shape == (48, 2, 128)
+    assert done.all() and meta['image_ids'] == list(range(1, 49)) and meta['backbone'] == 'smallcnn'
+    assert not np.allclose(features[:, 0], features[:, 1])  # the mirror image is a different view
+    assert np.abs(features).sum(axis=2).min() > 0
+
+
+def test_interrupted_extraction_resumes(cache, dataset, tmp_path):
+    copy = tmp_path / 'features'
+    copy.mkdir()
+    for name in os.listdir(cache):
+        (copy / name).write_bytes((cache / name).read_bytes())
+    done = np.load(copy / 'done.npy')
+    done[20:] = False  # as if killed after two batches
+    np.save(copy / 'done.npy', done)
+    features = np.load(copy / 'features.npy', mmap_mode='r+')
+    features[20:] = 0
+    features.flush()
+    del features
+    result = extract(dataset, copy)
+    assert '48 of 48 images cached' in result.stdout
+    np.testing.assert_array_equal(np.load(copy / 'features.npy'), np.load(cache / 'features.npy'))
+
+
+def test_cached_features_give_the_same_loss_as_images(cache, dataset, tmp_path):
+    """Without augmentation, training from the cache sees exactly what on-the-fly training sees."""
+    args = args_for(dataset, tmp_path, '--features', str(cache))
+    vocab = load_vocab(args.vocab_path)
+    encoder, decoder, _ = trainer.build_model(args, len(vocab))
+    cached = FeatureDataset(str(cache), args.caption_path, vocab, mirror=False)
+    transform = eval_transform(32, 32)
+    items = [cached[i] for i in range(16)]
+    image_items = []
+    for i in range(16):
+        image_id = cached.coco.anns[cached.ids[i]]['image_id']
+        image = load_image(str(dataset / 'train' / cached.coco.imgs[image_id]['file_name']))
+        image_items.append((transform(image), items[i][1]))
+    features, captions, lengths = collate_fn(items)
+    images, captions2, lengths2 = collate_fn(image_items)
+    assert torch.equal(captions, captions2) and lengths == lengths2
+    encoder.eval(), decoder.eval()
+    from_cache, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder, from_features=True), features, captions, lengths)
+    from_images, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder), images, captions, lengths)
+    assert from_cache.item() == pytest.approx(from_images.item(), rel=2e-3)  # float16 rounding of the cache
+    encoder.train(), decoder.train()
+    torch.manual_seed(0)
+    a, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder, from_features=True), features, captions, lengths)
+    torch.manual_seed(0)
+    b, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder), images, captions, lengths)
+    assert a.item() == pytest.approx(b.item(), rel=2e-3)
+
+
+def test_training_from_the_cache_keeps_the_whole_encoder(cache, dataset, tmp_path):
+    args = args_for(dataset, tmp_path, '--features', str(cache), '--num_epochs', '3')
+    _, _, _, history = trainer.train(args)
+    losses = [e['loss'] for e in history['train']]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    checkpoint = read_checkpoint(str(tmp_path / 'checkpoint.pt'))
+    backbone = read_checkpoint(str(cache / 'backbone.pt'))
+    for key, value in backbone.items():
+        assert torch.equal(checkpoint['encoder'][f'resnet.{key}'], value), key
+    encoder, decoder, vocab, config = load_captioner(str(tmp_path / 'checkpoint.pt'))
+    image = load_image(str(dataset / 'train' / '000000000001.png'))
+    features = encoder(eval_transform(config['image_size'], config['crop_size'])(image).unsqueeze(0))
+    assert decoder.sample(features).shape[0] == 1
+
+
+def test_diy_lstm_under_cpu_bf16_autocast():
+    torch.manual_seed(0)
+    reference, diy = nn.LSTM(8, 16, batch_first=True), LSTM(8, 16, batch_first=True)
+    diy.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 6, 8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, (h, c) = diy(x)
+    assert out.dtype == torch.bfloat16
+    expected = reference(x)[0]
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=0)
+    out.float().pow(2).sum().backward()
+    assert diy.weight_hh_l0.grad.dtype == torch.float32 and diy.weight_hh_l0.grad.abs().sum() > 0
+
+
+def test_amp_training_on_cpu_lowers_the_loss(dataset, tmp_path):
+    _, _, _, history = trainer.train(args_for(dataset, tmp_path, '--amp', '--num_epochs', '4', '--train_backbone'))
+    losses = [e['loss'] for e in history['train']]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank, world_size, port, dataset, model_path, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # Different seeds on purpose: DDP must still start both ranks from rank 0's weights.
+    encoder, decoder, _, history = trainer.train(args_for(dataset, model_path, '--num_epochs', '3',
+                                                          '--seed', str(rank), '--train_backbone'))
+    # Parameters, not BatchNorm running statistics: each rank updates those from its own last batch.
+    torch.save({'decoder': dict(decoder.named_parameters()), 'encoder': dict(encoder.named_parameters()),
+                'losses': [e['loss'] for e in history['train']]}, out / f'rank{rank}.pt')
+
+
+def test_two_cpu_processes_train_in_lockstep(dataset, tmp_path):
+    mp.spawn(ddp_worker, args=(2, free_port(), dataset, tmp_path / 'models', tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    for part in ('decoder', 'encoder'):
+        assert len(ranks[0][part]) > 5
+        for key, value in ranks[0][part].items():
+            assert torch.equal(value, ranks[1][part][key]), key
+    losses = ranks[0]['losses']
+    assert len(losses) == 3 * 8  # 240 captions, 120 per rank, batches of 16: 8 steps per epoch
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    assert (tmp_path / 'models' / 'checkpoint.pt').exists()  # written by rank 0 only
+
+
+def test_interrupted_run_resumes_to_the_same_weights(dataset, tmp_path):
+    extra = ['--num_epochs', '3', '--lr_schedule', 'cosine', '--grad_clip', '1', '--train_backbone', '--save_step', '0']
+    encoder, decoder, _, _ = trainer.train(args_for(dataset, tmp_path / 'whole', *extra))
+
+    def interrupt(step):
+        if step == 20:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(trainer.Interrupted, match='step 20'):
+        trainer.train(args_for(dataset, tmp_path / 'split', *extra), on_step=interrupt)
+    assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['step'] == 20
+    encoder2, decoder2, _, history = trainer.train(args_for(dataset, tmp_path / 'split', *extra, '--resume'))
+    for whole, resumed in ((encoder, encoder2), (decoder, decoder2)):
+        for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), key
+    assert [e['step'] for e in history['train']] == list(range(1, 46))
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(dataset, tmp_path):
+    command = [sys.executable, 'train.py', '--image_dir', str(dataset / 'train'),
+               '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
+               '--vocab_path', str(dataset / 'vocab.json'), '--model_path', str(tmp_path),
+               '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
+               '--embed_size', '16', '--hidden_size', '24', '--batch_size', '4', '--num_workers', '0',
+               '--num_epochs', '50', '--save_step', '0']
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / 'history.json').exists() and time.time() < deadline:  # the first epoch has ended
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert 'checkpoint saved' in stderr and 'Traceback' not in stderr
+    checkpoint = read_checkpoint(str(tmp_path / 'checkpoint.pt'))
+    assert checkpoint['step'] > 60 and checkpoint['epoch'] < 50
+    result = subprocess.run(command[:-4] + ['--num_epochs', str(checkpoint['epoch'] + 1), '--resume'], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f'step {checkpoint["step"]}' in result.stdout
+    assert read_checkpoint(str(tmp_path / 'checkpoint.pt'))['epoch'] == checkpoint['epoch'] + 1
+
+
+def test_torchrun_launches_distributed_training(dataset, tmp_path):
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+               '--image_dir', str(dataset / 'train'), '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
+               '--vocab_path', str(dataset / 'vocab.json'), '--model_path', str(tmp_path), '--backbone', 'smallcnn',
+               '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--embed_size', '16',
+               '--hidden_size', '24', '--batch_size', '16', '--num_workers', '0', '--num_epochs', '1']
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = read_checkpoint(str(tmp_path / 'checkpoint.pt'))
+    assert checkpoint['step'] == 8  # 240 captions split over 2 ranks, batches of 16
