@@ -1,0 +1,180 @@
+"""Training and captioning speed at COCO scale, measured on this machine in one run.
+
+    python bench_train.py      # on the GPU when there is one, where it also runs bench_lstm.py against cuDNN
+
+(a) the tutorial-style pipeline: decode a resized JPEG, random crop and flip, ResNet-152 forward,
+    then the decoder's forward and backward, for every caption of every epoch;
+(b) training from extract_features.py's cache: read a float16 vector, then the same decoder step;
+(c) the same as (b) under bf16 autocast (train.py --amp).
+Also the decoder step alone (vocabulary 10,000, batch 128, COCO-like caption lengths), and the
+latency and throughput of captioning with sample.py's code. Random weights are used throughout:
+speed does not depend on what the weights are. A COCO epoch is 414,113 captions (train2014).
+"""
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import bench_lstm
+import train as trainer
+from data_loader import FeatureDataset, batches, eval_transform, load_image, train_transform
+from model import DecoderRNN, EncoderCNN
+
+COCO_CAPTIONS = 414113
+
+
+class FakeVocab:
+    """Any word maps to some id below the vocabulary size; enough for timing."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, word):
+        return 4 + hash(word) % (self.size - 4)
+
+    def __len__(self):
+        return self.size
+
+
+def coco_like_lengths(batch, generator):
+    """Caption lengths with <start> and <end>, spread like COCO's (mostly 10-14 tokens, 8-25)."""
+    return sorted((torch.randn(batch, generator=generator) * 2.5 + 12.5).round().clamp(8, 25).int().tolist(),
+                  reverse=True)
+
+
+def make_jpegs(folder, count, size=256):
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
+        image.save(os.path.join(folder, f'{i}.jpg'), quality=90)
+
+
+def timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch_size', type=int, default=128, help='batch of the cache and decoder benchmarks')
+    parser.add_argument('--pipeline_batch', type=int, default=16, help='batch of the slow tutorial pipeline')
+    parser.add_argument('--vocab_size', type=int, default=10000)
+    parser.add_argument('--repeats', type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+
+    encoder = EncoderCNN(256, 'resnet152', weights=None).to(device).train()
+    decoder = DecoderRNN(256, 512, args.vocab_size, 1).to(device).train()
+    params = list(encoder.linear.parameters()) + list(encoder.bn.parameters()) + list(decoder.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+
+    def train_step(model, inputs, batch):
+        lengths = coco_like_lengths(batch, generator)
+        captions = torch.randint(4, args.vocab_size, (batch, lengths[0]), generator=generator).to(device)
+        loss, _ = trainer.caption_loss(model, inputs.to(device), captions, lengths)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        make_jpegs(folder, args.pipeline_batch)
+        transform = train_transform(224)
+        on_images = trainer.Captioner(encoder, decoder)
+
+        def tutorial_batch():
+            images = torch.stack([transform(load_image(os.path.join(folder, f'{i}.jpg')))
+                                  for i in range(args.pipeline_batch)])
+            train_step(on_images, images, args.pipeline_batch)
+
+        tutorial_batch()  # warm-up
+        seconds = timed(tutorial_batch, device, max(2, args.repeats // 2))
+        pipeline_rate = args.pipeline_batch / seconds
+        rows.append(('(a) tutorial pipeline: JPEG + crop + ResNet-152 + decoder', pipeline_rate))
+
+        cache = os.path.join(folder, 'cache')  # a cache with the layout extract_features.py writes
+        os.makedirs(cache)
+        images = 2000
+        np.save(os.path.join(cache, 'features.npy'),
+                np.random.default_rng(0).standard_normal((images, 2, 2048)).astype(np.float16))
+        np.save(os.path.join(cache, 'done.npy'), np.ones(images, dtype=bool))
+        with open(os.path.join(cache, 'meta.json'), 'w') as f:
+            f.write('{"image_ids": %s}' % list(range(1, images + 1)))
+        captions = os.path.join(folder, 'captions.json')
+        with open(captions, 'w') as f:
+            json.dump({'images': [{'id': i, 'file_name': f'{i}.jpg'} for i in range(1, images + 1)],
+                       'annotations': [{'id': 5 * i + k, 'image_id': i,  # 7 to 15 words, as most of COCO's
+                                        'caption': ' '.join(['a man riding a horse', *['word'] * (2 + 2 * k)])}
+                                       for i in range(1, images + 1) for k in range(5)]}, f)
+        dataset = FeatureDataset(cache, captions, FakeVocab(args.vocab_size))
+        loader = batches(dataset, args.batch_size, shuffle=True, num_workers=0)
+        on_features = trainer.Captioner(encoder, decoder, from_features=True)
+        iterator = iter(loader)
+
+        def cache_batch(amp):
+            features, captions, lengths = next(iterator)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss, _ = trainer.caption_loss(on_features, features.to(device), captions.to(device), lengths)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        for amp, name in ((False, '(b) from the feature cache: float16 features + decoder'),
+                          (True, '(c) the same with --amp (bf16 autocast)')):
+            cache_batch(amp)
+            rows.append((name, args.batch_size / timed(lambda: cache_batch(amp), device, args.repeats)))
+
+    features = torch.randn(args.batch_size, 2048, device=device)
+    decoder_seconds = timed(lambda: train_step(on_features, features, args.batch_size), device, args.repeats)
+
+    encoder.eval(), decoder.eval()
+    transform = eval_transform(256, 224)
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+
+    def caption(batch):
+        with torch.no_grad():
+            images = torch.stack([transform(photo)] * batch).to(device)
+            decoder.sample(encoder(images), max_len=20)
+
+    caption(1)
+    latency = timed(lambda: caption(1), device, args.repeats)
+    eval_batch = 32
+    throughput = eval_batch / timed(lambda: caption(eval_batch), device, max(2, args.repeats // 2))
+
+    print(f'device={device} threads={torch.get_num_threads()} torch={torch.__version__} '
+          f'vocab={args.vocab_size} batch={args.batch_size} (pipeline batch {args.pipeline_batch})\n')
+    print('| training | captions/s | one COCO epoch |')
+    print('|---|---:|---:|')
+    for name, rate in rows:
+        print(f'| {name} | {rate:.1f} | {COCO_CAPTIONS / rate / 3600:.1f} h |')
+    print(f'\n(b) is {rows[1][1] / pipeline_rate:.0f}x and (c) {rows[2][1] / pipeline_rate:.0f}x faster than (a).\n')
+    print('| step | time |')
+    print('|---|---:|')
+    print(f'| decoder forward+backward, batch {args.batch_size}, vocab {args.vocab_size} | {1000 * decoder_seconds:.0f} ms |')
+    print(f'| sample.py: one image (ResNet-152 + 20 greedy steps) | {1000 * latency:.0f} ms |')
+    print(f'| batched captioning, {eval_batch} images at a time | {throughput:.1f} images/s |')
+    if device.type == 'cuda':
+        print('\nDIY_LSTM against cuDNN at the decoder shape:\n')
+        bench_lstm.main(['--device', 'cuda', '--threads', str(torch.get_num_threads())])
+
+
+if __name__ == '__main__':
+    main()
