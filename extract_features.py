@@ -39,14 +39,6 @@ class ImageFolderByIds(Dataset):
         return len(self.file_names)
 
 
-def backbone_encoder(folder, embed_size, bn_momentum=0.01):
-    """An EncoderCNN whose backbone is exactly the one the cache was made with."""
-    _, _, meta = open_cache(folder)
-    encoder = EncoderCNN(embed_size, meta['backbone'], weights=None, bn_momentum=bn_momentum)
-    encoder.resnet.load_state_dict(read_checkpoint(os.path.join(folder, 'backbone.pt')))
-    return encoder, meta
-
-
 def extract(args):
     coco = COCO(args.caption_path)
     image_ids = sorted(coco.getImgIds())

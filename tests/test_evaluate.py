@@ -13,7 +13,7 @@ import synthetic
 import train as trainer
 from build_vocab import build_vocab, save_vocab
 from evaluate import score_captions
-from model import DecoderRNN, ids_to_sentence, load_captioner
+from model import DecoderRNN, load_captioner
 from sample import caption_images
 
 REPO = Path(__file__).resolve().parents[1]
