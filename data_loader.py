@@ -47,27 +47,58 @@ def eval_transform(image_size, crop_size):
 
 
 class CocoDataset(data.Dataset):
-    """One item per caption annotation: (image tensor, word ids from <start> to <end>)."""
+    """One item per caption annotation: (image tensor, word ids from <start> to <end>).
 
-    def __init__(self, root, json, vocab, transform=None):
+    Captions with no letter or digit (empty, or only punctuation) are dropped, with a count; a caption
+    longer than max_words words is cut there, keeping its <end>. With skip_unreadable, captions of
+    images missing from root are dropped (with a count), and an image that cannot be decoded comes
+    back as (None, reason) for collate_skipping to leave out; without it, both are errors.
+    """
+
+    def __init__(self, root, json, vocab, transform=None, max_words=50, skip_unreadable=False):
         self.root = root
-        self.coco = COCO(json)
-        self.ids = list(self.coco.anns.keys())
-        self.vocab = vocab
-        self.transform = transform
+        try:
+            self.coco = COCO(json)
+            captions = {ann_id: ann['caption'] for ann_id, ann in self.coco.anns.items()}
+        except (OSError, ValueError, TypeError, KeyError, AssertionError) as err:
+            raise ValueError(f'{json}: not a readable COCO captions file ({type(err).__name__}: {err})') from None
+        self.ids = [ann_id for ann_id, text in captions.items() if any(c.isalnum() for c in str(text))]
+        if len(self.ids) < len(captions):
+            print(f'note: {json}: dropped {len(captions) - len(self.ids)} captions with no words')
+        if root is not None:
+            self._check_images(json, skip_unreadable)
+        self.vocab, self.transform, self.max_words = vocab, transform, max_words
+        self.skip_unreadable = skip_unreadable
         self.word_ids = {}  # tokenized once, on first use: tokenizing costs as much as decoding a small image
+
+    def _check_images(self, json, skip_missing):
+        """Count the images the annotations name but root lacks, before any training starts."""
+        needed = {self.coco.anns[ann_id]['image_id'] for ann_id in self.ids}
+        missing = {i for i in needed if not os.path.isfile(os.path.join(self.root, self.coco.imgs[i]['file_name']))}
+        if not missing:
+            return
+        message = f'{len(missing)} of the {len(needed)} images named in {json} are missing from {self.root}'
+        if not skip_missing:
+            raise ImageError(message)
+        print(f'note: {message}; their captions are skipped')
+        self.ids = [ann_id for ann_id in self.ids if self.coco.anns[ann_id]['image_id'] not in missing]
 
     def __getitem__(self, index):
         image_id = self.coco.anns[self.ids[index]]['image_id']
-        image = load_image(os.path.join(self.root, self.coco.imgs[image_id]['file_name']))
+        try:
+            image = load_image(os.path.join(self.root, self.coco.imgs[image_id]['file_name']))
+        except ImageError as err:
+            if not self.skip_unreadable:
+                raise
+            return None, str(err)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.caption(index)
 
     def caption(self, index):
         if index not in self.word_ids:
-            words = ['<start>'] + tokenize(self.coco.anns[self.ids[index]]['caption']) + ['<end>']
-            self.word_ids[index] = [self.vocab(word) for word in words]
+            words = tokenize(self.coco.anns[self.ids[index]]['caption'])[:self.max_words]
+            self.word_ids[index] = [self.vocab(word) for word in ['<start>', *words, '<end>']]
         return torch.tensor(self.word_ids[index])
 
     def __len__(self):
@@ -119,14 +150,22 @@ def collate_fn(batch):
     return torch.stack(images, 0), targets, lengths
 
 
+def collate_skipping(batch):
+    """collate_fn for training, leaving out unreadable images: (images, targets, lengths, errors);
+    images is None when no image of the batch could be read."""
+    errors = [reason for image, reason in batch if image is None]
+    readable = [item for item in batch if item[0] is not None]
+    return (*collate_fn(readable), errors) if readable else (None, None, None, errors)
+
+
 def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, sampler=None):
     dataset = CocoDataset(root=root, json=json, vocab=vocab, transform=transform)
     return batches(dataset, batch_size, shuffle, num_workers, sampler)
 
 
-def batches(dataset, batch_size, shuffle, num_workers, sampler=None):
+def batches(dataset, batch_size, shuffle, num_workers, sampler=None, collate=collate_fn):
     """A DataLoader with collate_fn. Its own generator keeps the global RNG untouched, so a resumed
     run draws the same random numbers as an uninterrupted one."""
     return data.DataLoader(dataset=dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                           sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                           sampler=sampler, num_workers=num_workers, collate_fn=collate,
                            persistent_workers=num_workers > 0, generator=torch.Generator())

@@ -17,13 +17,14 @@ class CheckpointError(Exception):
     """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
 
 
-def save_checkpoint(path, checkpoint):
-    """Write a temporary file and rename it over the old one, so there is never half a checkpoint."""
+def atomic_write(path, write):
+    """write(file) into a temporary file beside path, then rename it over path: whatever happens, path
+    holds either the old content or the new, never half of it."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     temporary = f'{path}.tmp{os.getpid()}'
     try:
         with open(temporary, 'wb') as f:
-            torch.save(checkpoint, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -31,6 +32,14 @@ def save_checkpoint(path, checkpoint):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def save_checkpoint(path, checkpoint):
+    try:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+    except OSError as err:
+        raise CheckpointError(f'could not write {path} ({err.strerror or err}); '
+                              'the previous checkpoint, if any, is intact') from None
 
 
 def read_checkpoint(path):

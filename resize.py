@@ -12,6 +12,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -21,7 +22,12 @@ SAVE_OPTIONS = {'JPEG': {'quality': 90}, 'WEBP': {'quality': 90}}
 
 
 def to_rgb(image):
-    """RGB whatever the mode; transparent areas become white, not black."""
+    """RGB whatever the mode; transparent areas become white, not black, and 16-bit greys are scaled
+    to 8 bits rather than clipped to white."""
+    if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
+        grey = np.asarray(image, dtype=np.float32)
+        scale = 255.0 / (65535.0 if grey.max() > 255 or image.mode.startswith('I;16') else 255.0)
+        image = Image.fromarray(np.clip(grey * scale, 0, 255).astype(np.uint8), 'L')
     if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
         image = image.convert('RGBA')
         background = Image.new('RGBA', image.size, (255, 255, 255, 255))

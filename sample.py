@@ -21,8 +21,9 @@ from model import CheckpointError, DecoderRNN, EncoderCNN, ids_to_sentence, load
 from train import pick_device
 
 
-def load_tutorial(encoder_path, decoder_path, vocab_path):
-    """The tutorial's separate encoder and decoder state dicts; sizes are read off the weights."""
+def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):
+    """The tutorial's separate encoder and decoder state dicts; sizes are read off the weights, and
+    sizes given as flags ({'embed_size': 256, ...}) are only checked against them."""
     vocab = load_vocab(vocab_path)
     encoder_state, decoder_state = read_checkpoint(encoder_path), read_checkpoint(decoder_path)
     try:
@@ -32,6 +33,11 @@ def load_tutorial(encoder_path, decoder_path, vocab_path):
         encoder_embed = encoder_state['linear.weight'].shape[0]
     except (KeyError, AttributeError, TypeError):
         raise CheckpointError(f'{decoder_path}, {encoder_path}: not the tutorial decoder and encoder state dicts') from None
+    for name, actual in (('embed_size', embed_size), ('hidden_size', hidden_size), ('num_layers', num_layers)):
+        given = (sizes or {}).get(name)
+        if given is not None and given != actual:
+            raise CheckpointError(f'{decoder_path} has {name} {actual} but --{name} {given} was given: '
+                                  f'drop --{name} (sizes are read off the weights) or pass --{name} {actual}')
     if vocab_size != len(vocab):
         raise CheckpointError(f'{decoder_path} was trained with {vocab_size} words but {vocab_path} has {len(vocab)}: '
                               'pass the vocabulary the decoder was trained with')
@@ -105,6 +111,8 @@ def main(argv=None):
     parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder state dict")
     parser.add_argument('--decoder_path', type=str, default=None, help="the tutorial's decoder state dict")
     parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl (with the two above)")
+    for name in ('embed_size', 'hidden_size', 'num_layers'):
+        parser.add_argument(f'--{name}', type=int, default=None, help='optional: checked against the weights')
     parser.add_argument('--out', type=str, default=None, help='folder for PNGs with the caption drawn beneath')
     parser.add_argument('--max_len', type=int, default=None, help='longest caption in words')
     parser.add_argument('--beam_size', type=int, default=1, help='1 is greedy decoding')
@@ -118,7 +126,8 @@ def main(argv=None):
         if args.encoder_path or args.decoder_path:
             if not (args.encoder_path and args.decoder_path and args.vocab_path):
                 raise CheckpointError('the tutorial format needs --encoder_path, --decoder_path and --vocab_path')
-            encoder, decoder, vocab, config = load_tutorial(args.encoder_path, args.decoder_path, args.vocab_path)
+            sizes = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, num_layers=args.num_layers)
+            encoder, decoder, vocab, config = load_tutorial(args.encoder_path, args.decoder_path, args.vocab_path, sizes)
         else:
             encoder, decoder, vocab, config = load_captioner(args.checkpoint)
     except (CheckpointError, VocabError) as err:

@@ -24,8 +24,9 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from build_vocab import VocabError, load_vocab
-from data_loader import CocoDataset, FeatureDataset, ImageError, batches, eval_transform, open_cache, train_transform
-from model import CheckpointError, DecoderRNN, EncoderCNN, read_checkpoint, save_checkpoint
+from data_loader import (CocoDataset, FeatureDataset, ImageError, batches, collate_skipping, eval_transform,
+                         open_cache, train_transform)
+from model import CheckpointError, DecoderRNN, EncoderCNN, atomic_write, read_checkpoint, save_checkpoint
 
 
 def parse_args(argv=None):
@@ -61,6 +62,10 @@ def parse_args(argv=None):
     parser.add_argument('--lr_schedule', choices=['constant', 'cosine'], default='constant',
                         help='cosine decays the learning rate to 0 over all steps')
     parser.add_argument('--grad_clip', type=float, default=None, help='clip the gradient norm to this value')
+    parser.add_argument('--strict', action='store_true',
+                        help='stop at a missing or unreadable image instead of skipping it')
+    parser.add_argument('--skip_nonfinite', action='store_true',
+                        help='skip a batch whose loss is NaN or inf instead of stopping')
     parser.add_argument('--amp', action='store_true', help='mixed precision: bf16 (fp16 on older GPUs) autocast')
     parser.add_argument('--resume', type=str, nargs='?', const='latest', default=None,
                         help='continue from a checkpoint (default: checkpoint.pt in --model_path)')
@@ -105,7 +110,9 @@ def caption_loss(model, inputs, captions, lengths):
 def validation_loss(model, loader, device):
     model.eval()
     total, count = 0.0, 0
-    for inputs, captions, lengths in loader:
+    for inputs, captions, lengths, _ in loader:
+        if inputs is None:
+            continue
         loss, n = caption_loss(model, inputs.to(device), captions.to(device), lengths)
         total, count = total + loss.item() * n, count + n
     model.train()
@@ -159,6 +166,10 @@ class Interrupted(Exception):
     """Training stopped on request, after saving a checkpoint."""
 
 
+class NonFiniteLoss(Exception):
+    """The loss became NaN or inf; training stopped without saving, so the last checkpoint stays good."""
+
+
 def setup_distributed(args):
     """(rank, world size, device): torchrun's environment variables choose DDP, NCCL on GPU, gloo on CPU."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
@@ -175,6 +186,13 @@ def setup_distributed(args):
 
 
 def check_paths(args):
+    """Missing inputs and an unwritable --model_path fail here, before any time is spent."""
+    probe = os.path.join(args.model_path, f'.write_test{os.getpid()}')
+    try:
+        atomic_write(probe, lambda f: f.write(b'ok'))
+        os.remove(probe)
+    except OSError as err:
+        raise CheckpointError(f'cannot write checkpoints to {args.model_path} ({err.strerror or err})') from None
     for path in (args.vocab_path, args.caption_path, args.features, args.val_caption_path, args.val_image_dir):
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f'not found: {path}')
@@ -218,14 +236,17 @@ def train(args, on_epoch_end=None, on_step=None):
     if args.features:
         dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip)
     else:
-        dataset = CocoDataset(args.image_dir, args.caption_path, vocab, train_transform(args.crop_size, not args.no_flip))
+        dataset = CocoDataset(args.image_dir, args.caption_path, vocab, train_transform(args.crop_size, not args.no_flip),
+                              skip_unreadable=not args.strict)
     sampler = ResumableSampler(dataset, args.batch_size, rank, world_size, args.seed)
-    loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=sampler)
+    loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=sampler,
+                     collate=collate_skipping)
     val_loader = None
     if args.val_caption_path and main_process:
         val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
-                              eval_transform(args.image_size, args.crop_size))
-        val_loader = batches(val_set, args.batch_size, shuffle=False, num_workers=args.num_workers)
+                              eval_transform(args.image_size, args.crop_size), skip_unreadable=not args.strict)
+        val_loader = batches(val_set, args.batch_size, shuffle=False, num_workers=args.num_workers,
+                             collate=collate_skipping)
 
     model = Captioner(encoder, decoder, from_features=bool(args.features)).to(device)
     trained = [encoder.linear, encoder.bn, decoder] + ([encoder.resnet] if args.train_backbone else [])
@@ -247,10 +268,20 @@ def train(args, on_epoch_end=None, on_step=None):
 
     checkpoint_path = os.path.join(args.model_path, 'checkpoint.pt')
     history = {'train': [], 'val': []}
-    epoch, batches_done, step = 0, 0, 0
+    epoch, batches_done, step, skipped = 0, 0, 0, 0
+    unreadable, unreadable_this_epoch = set(), 0  # each unreadable image is reported once
     if args.resume:
         resume_path = checkpoint_path if args.resume == 'latest' else args.resume
         checkpoint = read_checkpoint(resume_path)
+        trained_with = checkpoint.get('model_args', {}) if isinstance(checkpoint, dict) else {}
+        if trained_with.get('vocab_size', len(vocab)) != len(vocab):
+            raise CheckpointError(f'{resume_path} was trained with a vocabulary of {trained_with["vocab_size"]} words '
+                                  f'but {args.vocab_path} has {len(vocab)}: pass the vocabulary it was trained with')
+        changed = [f'{k} {trained_with[k]} (now {v})' for k, v in model_args.items()
+                   if k in trained_with and k != 'vocab_size' and trained_with[k] != v]
+        if changed:
+            raise CheckpointError(f'{resume_path} was trained with ' + ', '.join(changed) +
+                                  ': resume with the settings it was trained with')
         try:
             encoder.load_state_dict(checkpoint['encoder'])
             decoder.load_state_dict(checkpoint['decoder'])
@@ -273,8 +304,7 @@ def train(args, on_epoch_end=None, on_step=None):
                       'step': step, 'history': history, 'rng': torch.get_rng_state(), 'args': vars(args)}
         if main_process:
             save_checkpoint(checkpoint_path, checkpoint)
-            with open(os.path.join(args.model_path, 'history.json'), 'w') as f:
-                json.dump(history, f)
+            atomic_write(os.path.join(args.model_path, 'history.json'), lambda f: f.write(json.dumps(history).encode()))
         return checkpoint
 
     ddp_model = model
@@ -287,9 +317,25 @@ def train(args, on_epoch_end=None, on_step=None):
             sampler.start(epoch, batches_done)
             bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
                        initial=batches_done, total=steps_per_epoch, disable=not main_process)
-            for inputs, captions, lengths in bar:
+            for inputs, captions, lengths, errors in bar:
+                for reason in errors:
+                    if reason not in unreadable:
+                        unreadable.add(reason)
+                        tqdm.write(f'skipped: {reason}', file=sys.stderr)
+                unreadable_this_epoch += len(errors)
+                if inputs is None:
+                    batches_done += 1
+                    continue
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, _ = caption_loss(ddp_model, inputs.to(device), captions.to(device), lengths)
+                if not torch.isfinite(loss):
+                    if not args.skip_nonfinite:
+                        raise NonFiniteLoss(f'the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; '
+                                            f'{checkpoint_path} is the last good checkpoint. Try a lower '
+                                            '--learning_rate, --grad_clip, or --skip_nonfinite')
+                    skipped += 1
+                    batches_done += 1
+                    continue
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if args.grad_clip:
@@ -312,6 +358,11 @@ def train(args, on_epoch_end=None, on_step=None):
                 if args.save_step and step % args.save_step == 0:
                     save(epoch, batches_done)
             epoch, batches_done = epoch + 1, 0
+            if skipped and main_process:
+                print(f'epoch {epoch}: skipped {skipped} batches whose loss was NaN or inf', flush=True)
+            if unreadable_this_epoch and main_process:
+                print(f'epoch {epoch}: skipped {unreadable_this_epoch} captions of unreadable images', flush=True)
+            skipped = unreadable_this_epoch = 0
             if val_loader is not None:
                 value = validation_loss(model, val_loader, device)
                 history['val'].append({'epoch': epoch - 1, 'step': step, 'loss': value, 'perplexity': math.exp(value)})
@@ -342,8 +393,11 @@ def main(argv=None):
     except Interrupted as err:
         print(err, file=sys.stderr)
         sys.exit(130)
-    except (VocabError, ImageError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (VocabError, ImageError, CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError) as err:
         sys.exit(f'error: {err}')
+    except torch.OutOfMemoryError:
+        sys.exit(f'error: out of GPU memory with --batch_size {args.batch_size}; try a smaller --batch_size '
+                 '(or --amp, or --features to leave the backbone out of training)')
 
 
 if __name__ == '__main__':
