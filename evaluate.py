@@ -93,7 +93,7 @@ def main(argv=None):
             raise FileNotFoundError(f'{args.caption_path}: no such file')
         coco = COCO(args.caption_path)
         image_ids = select_images(coco, args.split_file, args.split)
-    except (CheckpointError, VocabError, OSError, ValueError, KeyError) as err:
+    except (CheckpointError, VocabError, OSError, ValueError, KeyError, TypeError, AssertionError) as err:
         sys.exit(f'error: {err}')
 
     results, failed = {}, 0

@@ -110,7 +110,7 @@ def main(argv=None):
     parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt', help='checkpoint from train.py')
     parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder state dict")
     parser.add_argument('--decoder_path', type=str, default=None, help="the tutorial's decoder state dict")
-    parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl (with the two above)")
+    parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl (with the two above); with --checkpoint, only checked")
     for name in ('embed_size', 'hidden_size', 'num_layers'):
         parser.add_argument(f'--{name}', type=int, default=None, help='optional: checked against the weights')
     parser.add_argument('--out', type=str, default=None, help='folder for PNGs with the caption drawn beneath')
@@ -130,6 +130,10 @@ def main(argv=None):
             encoder, decoder, vocab, config = load_tutorial(args.encoder_path, args.decoder_path, args.vocab_path, sizes)
         else:
             encoder, decoder, vocab, config = load_captioner(args.checkpoint)
+            if args.vocab_path and len(load_vocab(args.vocab_path)) != len(vocab):
+                raise CheckpointError(f'{args.checkpoint} was trained with {len(vocab)} words but {args.vocab_path} '
+                                      f'has {len(load_vocab(args.vocab_path))}: leave out --vocab_path, since the '
+                                      'checkpoint carries its own vocabulary')
     except (CheckpointError, VocabError) as err:
         sys.exit(f'error: {err}')
     encoder, decoder = encoder.to(device), decoder.to(device)

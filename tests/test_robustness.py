@@ -311,3 +311,13 @@ def test_collate_sorts_and_pads_any_lengths(lengths):
     for row, image, n in zip(targets, images, got):
         assert row[:n].tolist() == list(range(1, n + 1)) and (row[n:] == 0).all()
         assert len(batch[int(image[0, 0, 0])][1]) == n  # each image stays with its own caption
+
+
+def test_a_vocabulary_that_does_not_match_the_checkpoint_is_named(trained, tmp_path):
+    words = json.loads((trained / 'vocab.json').read_text())['words']
+    (tmp_path / 'vocab.json').write_text(json.dumps({'words': words + ['zebra']}))
+    image = saved(Image.new('RGB', (32, 32), RED), tmp_path / 'photo.png')
+    result = run('sample.py', '--checkpoint', trained / 'models' / 'checkpoint.pt', '--image', image,
+                 '--vocab_path', tmp_path / 'vocab.json')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert f'trained with {len(words)} words but' in result.stderr and f'has {len(words) + 1}' in result.stderr
