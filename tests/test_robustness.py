@@ -321,3 +321,15 @@ def test_a_vocabulary_that_does_not_match_the_checkpoint_is_named(trained, tmp_p
                  '--vocab_path', tmp_path / 'vocab.json')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert f'trained with {len(words)} words but' in result.stderr and f'has {len(words) + 1}' in result.stderr
+
+
+def test_the_exercise_photos_are_captioned(trained):
+    """The original exercise's two photos, from ../shared when this checkout has it."""
+    folder = REPO.parent / 'shared' / 'data' / 'tutorial'
+    photos = [folder / 'example.png', folder / 'ext.jpg']
+    if not all(photo.exists() for photo in photos):
+        pytest.skip('the exercise photos are not in ../shared/data/tutorial')
+    assert load_image(photos[0]).size == (331, 247) and load_image(photos[1]).size == (800, 534)
+    result = run('sample.py', '--checkpoint', trained / 'models' / 'checkpoint.pt', '--image', *photos)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [line.split(': ')[0] for line in result.stdout.splitlines()] == [str(p) for p in photos]
