@@ -104,7 +104,7 @@ def main(argv=None):
                                           args.beam_size, args.length_penalty)
         results.update({paths[path]: caption for path, caption in captions.items()})
         for message in errors.values():
-            print(f'error: {message}', file=sys.stderr)
+            tqdm.write(f'error: {message}', file=sys.stderr)
         failed += len(errors)
     if not results:
         sys.exit('error: no image could be captioned')

@@ -333,3 +333,19 @@ def test_the_exercise_photos_are_captioned(trained):
     result = run('sample.py', '--checkpoint', trained / 'models' / 'checkpoint.pt', '--image', *photos)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [line.split(': ')[0] for line in result.stdout.splitlines()] == [str(p) for p in photos]
+
+
+def test_evaluate_scores_the_readable_images_and_names_the_rest(trained, tmp_path):
+    images = tmp_path / 'val'
+    images.mkdir()
+    for path in (trained / 'data' / 'val').iterdir():
+        (images / path.name).write_bytes(path.read_bytes())
+    broken = sorted(images.iterdir())[0]
+    broken.write_bytes(broken.read_bytes()[:100])  # a truncated PNG
+    result = run('evaluate.py', '--checkpoint', trained / 'models' / 'checkpoint.pt', '--image_dir', images,
+                 '--caption_path', trained / 'data' / 'annotations' / 'captions_val.json',
+                 '--results_path', tmp_path / 'results.json')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert len(json.loads((tmp_path / 'results.json').read_text())) == 3 and 'CIDEr' in result.stdout
+    errors = [line for line in result.stderr.replace('\r', '\n').splitlines() if line.startswith('error:')]
+    assert errors[0].startswith(f'error: {broken}: cannot read image') and errors[-1] == 'error: 1 images could not be read'
