@@ -221,6 +221,28 @@ def build_model(args, vocab_size):
     return encoder, decoder, model_args
 
 
+def resume(path, vocab_path, model_args, stateful):
+    """Load a checkpoint into (encoder, decoder, optimizer, scheduler, scaler) and the random-number
+    generator; returns the position (epoch, batches done in it, step) and the history."""
+    checkpoint = read_checkpoint(path)
+    trained_with = checkpoint.get('model_args', {}) if isinstance(checkpoint, dict) else {}
+    if trained_with.get('vocab_size', model_args['vocab_size']) != model_args['vocab_size']:
+        raise CheckpointError(f'{path} was trained with a vocabulary of {trained_with["vocab_size"]} words '
+                              f'but {vocab_path} has {model_args["vocab_size"]}: pass the vocabulary it was trained with')
+    changed = [f'{k} {trained_with[k]} (now {v})' for k, v in model_args.items()
+               if k in trained_with and k != 'vocab_size' and trained_with[k] != v]
+    if changed:
+        raise CheckpointError(f'{path} was trained with ' + ', '.join(changed) +
+                              ': resume with the settings it was trained with')
+    try:
+        for name, thing in zip(('encoder', 'decoder', 'optimizer', 'scheduler', 'scaler'), stateful):
+            thing.load_state_dict(checkpoint[name])
+        torch.set_rng_state(checkpoint['rng'])
+        return checkpoint['epoch'], checkpoint['batches_done'], checkpoint['step'], checkpoint['history']
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f'{path}: cannot resume with these settings ({str(err).splitlines()[0]})') from None
+
+
 def train(args, on_epoch_end=None, on_step=None):
     """Train, writing checkpoint.pt and history.json; returns (encoder, decoder, vocab, history).
 
@@ -272,27 +294,8 @@ def train(args, on_epoch_end=None, on_step=None):
     unreadable, unreadable_this_epoch = set(), 0  # each unreadable image is reported once
     if args.resume:
         resume_path = checkpoint_path if args.resume == 'latest' else args.resume
-        checkpoint = read_checkpoint(resume_path)
-        trained_with = checkpoint.get('model_args', {}) if isinstance(checkpoint, dict) else {}
-        if trained_with.get('vocab_size', len(vocab)) != len(vocab):
-            raise CheckpointError(f'{resume_path} was trained with a vocabulary of {trained_with["vocab_size"]} words '
-                                  f'but {args.vocab_path} has {len(vocab)}: pass the vocabulary it was trained with')
-        changed = [f'{k} {trained_with[k]} (now {v})' for k, v in model_args.items()
-                   if k in trained_with and k != 'vocab_size' and trained_with[k] != v]
-        if changed:
-            raise CheckpointError(f'{resume_path} was trained with ' + ', '.join(changed) +
-                                  ': resume with the settings it was trained with')
-        try:
-            encoder.load_state_dict(checkpoint['encoder'])
-            decoder.load_state_dict(checkpoint['decoder'])
-            optimizer.load_state_dict(checkpoint['optimizer'])
-            scheduler.load_state_dict(checkpoint['scheduler'])
-            scaler.load_state_dict(checkpoint['scaler'])
-            epoch, batches_done, step = checkpoint['epoch'], checkpoint['batches_done'], checkpoint['step']
-            history = checkpoint['history']
-            torch.set_rng_state(checkpoint['rng'])
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f'{resume_path}: cannot resume with these settings ({str(err).splitlines()[0]})') from None
+        epoch, batches_done, step, history = resume(resume_path, args.vocab_path, model_args,
+                                                    (encoder, decoder, optimizer, scheduler, scaler))
         if main_process:
             print(f'resuming from {resume_path}: epoch {epoch + 1}, step {step}')
 
