@@ -18,27 +18,22 @@ import torch
 import synthetic
 import train as trainer
 from build_vocab import build_vocab, save_vocab
-from data_loader import eval_transform, load_image
-from model import ids_to_sentence, load_captioner, save_checkpoint
+from model import load_captioner, save_checkpoint
 from sample import caption_images, captioned_picture
 
 
-@torch.no_grad()
-def content_accuracy(encoder, decoder, vocab, caption_path, image_dir, crop_size, batch_size=250):
+def content_accuracy(encoder, decoder, vocab, config, caption_path, image_dir, batch_size=250):
     """Share of images whose greedy caption names exactly their objects (sizes, colours, shapes)."""
     with open(caption_path) as f:
         images = json.load(f)['images']
     was_training = encoder.training
     encoder.eval(), decoder.eval()
-    transform = eval_transform(crop_size, crop_size)
     device = next(decoder.parameters()).device
     correct = 0
     for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        batch = torch.stack([transform(load_image(os.path.join(image_dir, im['file_name']))) for im in chunk])
-        ids = decoder.sample(encoder(batch.to(device)), end_id=vocab('<end>'), unk_id=vocab('<unk>')).cpu()
-        correct += sum(synthetic.content_matches(ids_to_sentence(row, vocab), im['objects'])
-                       for row, im in zip(ids, chunk))
+        objects = {os.path.join(image_dir, im['file_name']): im['objects'] for im in images[i:i + batch_size]}
+        captions, _ = caption_images(list(objects), encoder, decoder, vocab, config, device)
+        correct += sum(synthetic.content_matches(captions.get(path, ''), objects[path]) for path in objects)
     encoder.train(was_training), decoder.train(was_training)
     return correct / len(images)
 
@@ -80,7 +75,8 @@ def main():
     train_start = time.time()
 
     def on_epoch_end(epoch, encoder, decoder, checkpoint):
-        accuracy = content_accuracy(encoder, decoder, vocab, val_json, os.path.join(args.root, 'val'), 64)
+        accuracy = content_accuracy(encoder, decoder, vocab, checkpoint['model_args'], val_json,
+                                    os.path.join(args.root, 'val'))
         if accuracy > best['accuracy']:
             best['accuracy'] = accuracy
             save_checkpoint(best_path, checkpoint)
