@@ -46,13 +46,11 @@ def extract(args):
                     crop_size=args.crop_size, caption_path=os.path.abspath(args.caption_path))
     os.makedirs(args.output, exist_ok=True)
     meta_path = os.path.join(args.output, 'meta.json')
-    encoder = EncoderCNN(1, args.backbone, args.weights)  # the head is not used here
-    device = pick_device(args.device)
-    encoder.to(device).eval()
-
     resume = os.path.exists(meta_path)
+    # The head is not used here; a resumed run takes the backbone it started with, so it downloads nothing.
+    encoder = EncoderCNN(1, args.backbone, None if resume else args.weights)
     if resume:
-        features, done, meta = open_cache(args.output)
+        _, done, meta = open_cache(args.output)
         if {k: meta.get(k) for k in settings} != settings or meta['image_ids'] != image_ids:
             raise ValueError(f'{args.output} holds features made with other settings; choose another --output')
         encoder.resnet.load_state_dict(read_checkpoint(os.path.join(args.output, 'backbone.pt')))
@@ -64,9 +62,10 @@ def extract(args):
                                              dtype=np.float16, shape=(len(image_ids), 2, feature_size))
         done = np.zeros(len(image_ids), dtype=bool)
         np.save(os.path.join(args.output, 'done.npy'), done)
-        meta = dict(settings, image_ids=image_ids, feature_size=feature_size)
         with open(meta_path, 'w') as f:
-            json.dump(meta, f)
+            json.dump(dict(settings, image_ids=image_ids, feature_size=feature_size), f)
+    device = pick_device(args.device)
+    encoder.to(device).eval()
 
     todo = [i for i in range(len(image_ids)) if not done[i]]
     file_names = [coco.imgs[image_id]['file_name'] for image_id in image_ids]
