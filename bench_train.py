@@ -86,10 +86,13 @@ def main():
     params = list(encoder.linear.parameters()) + list(encoder.bn.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-3)
 
-    def train_step(model, inputs, batch):
-        lengths = coco_like_lengths(batch, generator)
-        captions = torch.randint(4, args.vocab_size, (batch, lengths[0]), generator=generator).to(device)
-        loss, _ = trainer.caption_loss(model, inputs.to(device), captions, lengths)
+    def train_step(model, inputs, captions=None, lengths=None, amp=False):
+        """One optimizer step; without captions, random ones of COCO-like lengths."""
+        if captions is None:
+            lengths = coco_like_lengths(inputs.size(0), generator)
+            captions = torch.randint(4, args.vocab_size, (inputs.size(0), lengths[0]), generator=generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = trainer.caption_loss(model, inputs.to(device), captions.to(device), lengths)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -103,7 +106,7 @@ def main():
         def tutorial_batch():
             images = torch.stack([transform(load_image(os.path.join(folder, f'{i}.jpg')))
                                   for i in range(args.pipeline_batch)])
-            train_step(on_images, images, args.pipeline_batch)
+            train_step(on_images, images)
 
         tutorial_batch()  # warm-up
         seconds = timed(tutorial_batch, device, max(2, args.repeats // 2))
@@ -130,12 +133,7 @@ def main():
         iterator = iter(loader)
 
         def cache_batch(amp):
-            features, captions, lengths = next(iterator)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, _ = trainer.caption_loss(on_features, features.to(device), captions.to(device), lengths)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            train_step(on_features, *next(iterator), amp=amp)
 
         for amp, name in ((False, '(b) from the feature cache: float16 features + decoder'),
                           (True, '(c) the same with --amp (bf16 autocast)')):
@@ -143,7 +141,7 @@ def main():
             rows.append((name, args.batch_size / timed(lambda: cache_batch(amp), device, args.repeats)))
 
     features = torch.randn(args.batch_size, 2048, device=device)
-    decoder_seconds = timed(lambda: train_step(on_features, features, args.batch_size), device, args.repeats)
+    decoder_seconds = timed(lambda: train_step(on_features, features), device, args.repeats)
 
     encoder.eval(), decoder.eval()
     transform = eval_transform(256, 224)
