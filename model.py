@@ -56,7 +56,7 @@ def read_checkpoint(path):
 def small_cnn(width=16):
     """A five-layer CNN that learns the synthetic shapes from scratch in minutes on a CPU."""
     layers, channels = [], 3
-    for i, out in enumerate([width, 2 * width, 4 * width, 8 * width, 8 * width]):
+    for out in [width, 2 * width, 4 * width, 8 * width, 8 * width]:
         layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
                    nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         channels = out

@@ -130,10 +130,11 @@ def main(argv=None):
             encoder, decoder, vocab, config = load_tutorial(args.encoder_path, args.decoder_path, args.vocab_path, sizes)
         else:
             encoder, decoder, vocab, config = load_captioner(args.checkpoint)
-            if args.vocab_path and len(load_vocab(args.vocab_path)) != len(vocab):
+            given = len(load_vocab(args.vocab_path)) if args.vocab_path else len(vocab)
+            if given != len(vocab):
                 raise CheckpointError(f'{args.checkpoint} was trained with {len(vocab)} words but {args.vocab_path} '
-                                      f'has {len(load_vocab(args.vocab_path))}: leave out --vocab_path, since the '
-                                      'checkpoint carries its own vocabulary')
+                                      f'has {given}: leave out --vocab_path, since the checkpoint carries its own '
+                                      'vocabulary')
     except (CheckpointError, VocabError) as err:
         sys.exit(f'error: {err}')
     encoder, decoder = encoder.to(device), decoder.to(device)
