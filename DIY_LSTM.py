@@ -19,7 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 
 def _init_uniform(module, hidden_size):
@@ -204,6 +204,24 @@ def _tanh_backward(grad, y, out=None):
     return torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=out)
 
 
+def _masked_steps(z_x, running, weight_hh, h, s):
+    """A few time steps of the equations on a padded batch, in plain ops for torch.compile to fuse.
+
+    z_x is (steps, B, 4H) and running is (steps, B, 1). A row that is not running (past the end of
+    its caption, or not yet started when going backward) keeps its state, so each row finishes with
+    its own last state and the padding changes no output or gradient.
+    """
+    outputs = []
+    for z_x_t, running_t in zip(z_x, running):
+        z = torch.addmm(z_x_t, h, weight_hh.t())            # U x(t) + W h(t-1) + b, all four gates
+        z_g, z_f, z_a, z_q = z.chunk(4, dim=1)
+        g, f, q = torch.sigmoid(z_g), torch.sigmoid(z_f), torch.sigmoid(z_q)
+        s = torch.where(running_t, f * s + g * torch.tanh(z_a), s)  # memory update
+        h = torch.where(running_t, q * torch.tanh(s), h)            # hidden update
+        outputs.append(h)
+    return torch.stack(outputs), h, s
+
+
 class LSTM(nn.Module):
     """Multi-layer LSTM with the arguments, parameter names, inputs and outputs of torch.nn.LSTM."""
 
@@ -223,6 +241,7 @@ class LSTM(nn.Module):
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional = bidirectional
         self.num_directions = 2 if bidirectional else 1
+        self._compiled_steps, self.steps_per_call = None, 8  # set by compile()
         factory = dict(device=device, dtype=dtype)
         for layer in range(num_layers):
             layer_input_size = input_size if layer == 0 else hidden_size * self.num_directions
@@ -252,6 +271,18 @@ class LSTM(nn.Module):
     def flatten_parameters(self):
         """Kept so that code written for nn.LSTM runs unchanged; these weights need no flattening."""
 
+    def compile(self, steps_per_call=8, **compile_kwargs):
+        """Run the time loop through torch.compile: on a GPU the plain loop is bound by kernel launches.
+
+        torch.compile cannot trace the packed loop, whose number of steps and rows are data, so the
+        compiled loop runs `steps_per_call` steps per call on a padded batch whose shapes are fixed.
+        Inductor fuses each step's gate arithmetic into one kernel, and mode='reduce-overhead' replays
+        each call as one CUDA graph. Inputs shorter than one call, such as decoding one word at a time,
+        keep the plain loop. The keyword arguments go to torch.compile.
+        """
+        self.steps_per_call = steps_per_call
+        self._compiled_steps = torch.compile(_masked_steps, **compile_kwargs)
+
     def forward(self, input, hx=None):
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -272,7 +303,9 @@ class LSTM(nn.Module):
         self._check_input(data)
         h0, s0 = self._initial_state(hx, batch, data, unbatched, sorted_indices)
 
-        last_rows = self._last_rows(batch_sizes, data.device)
+        lengths = self._lengths(batch_sizes)
+        last_rows = self._last_rows(batch_sizes, lengths, data.device)
+        compiled = self._compiled_steps is not None and len(batch_sizes) >= self.steps_per_call
         layer_input, h_n, s_n = data, [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -286,9 +319,14 @@ class LSTM(nn.Module):
                 if z_x.dtype != weight_hh.dtype:  # under autocast: the whole loop runs in its lower precision
                     weight_hh, h_init, s_init = (t.to(z_x.dtype) for t in (weight_hh, h_init, s_init))
                 with torch.autocast(data.device.type, enabled=False):
-                    h_all, s_all = _Recurrence.apply(z_x, weight_hh, h_init, s_init, batch_sizes, direction == 1)
-                h_n.append(h_all[last_rows[direction]])
-                s_n.append(s_all[last_rows[direction]])
+                    if compiled:
+                        h_all, h_last, s_last = self._compiled_loop(z_x, weight_hh, h_init, s_init, lengths,
+                                                                    batch_sizes, direction == 1)
+                    else:
+                        h_all, s_all = _Recurrence.apply(z_x, weight_hh, h_init, s_init, batch_sizes, direction == 1)
+                        h_last, s_last = h_all[last_rows[direction]], s_all[last_rows[direction]]
+                h_n.append(h_last)
+                s_n.append(s_last)
                 outputs.append(h_all)
             layer_input = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
         h_n, s_n = torch.stack(h_n), torch.stack(s_n)
@@ -337,16 +375,47 @@ class LSTM(nn.Module):
             hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
         return hx
 
+    def _compiled_loop(self, z_x, weight_hh, h0, s0, lengths, batch_sizes, reverse):
+        """The loop of compile(): pad the packed rows, run the compiled steps, and pack the outputs."""
+        steps, batch, per_call = len(batch_sizes), len(lengths), self.steps_per_call
+        fixed_length = batch_sizes[-1] == batch
+        if fixed_length:
+            z_x = z_x.view(steps, batch, -1)
+        else:
+            z_x = pad_packed_sequence(PackedSequence(z_x, torch.tensor(batch_sizes)))[0]
+        padded_steps = -(-steps // per_call) * per_call
+        time = torch.arange(padded_steps, device=z_x.device).view(-1, 1, 1)
+        if reverse:  # run backward in time by running forward over the flipped batch
+            z_x, time = z_x.flip(0), steps - 1 - time
+        running = (time >= 0) & (time < lengths.to(z_x.device).view(1, -1, 1))
+        z_x = F.pad(z_x, (0, 0, 0, 0, 0, padded_steps - steps))
+
+        h, s, outputs = h0, s0, []
+        for start in range(0, padded_steps, per_call):
+            h_steps, h, s = self._compiled_steps(z_x[start:start + per_call], running[start:start + per_call],
+                                                 weight_hh, h, s)
+            outputs.append(h_steps)
+        h_all = torch.cat(outputs)[:steps]
+        if reverse:
+            h_all = h_all.flip(0)
+        h_all = h_all.reshape(steps * batch, -1) if fixed_length else pack_padded_sequence(h_all, lengths).data
+        return h_all, h, s
+
     @staticmethod
-    def _last_rows(batch_sizes, device):
+    def _lengths(batch_sizes):
+        """Each sequence's length, longest first, from a packed batch's sizes per step."""
+        sizes = torch.tensor(batch_sizes, dtype=torch.long)
+        batch = int(sizes[0]) if len(batch_sizes) else 0
+        return (sizes.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
+
+    @staticmethod
+    def _last_rows(batch_sizes, lengths, device):
         """Rows of the packed output holding each sequence's final state, per direction.
 
         Going forward, sequence j ends at step length_j - 1; going backward it ends at step 0.
         """
         sizes = torch.tensor(batch_sizes, dtype=torch.long)
-        batch = int(sizes[0]) if len(batch_sizes) else 0
-        sequence = torch.arange(batch)
-        lengths = (sizes.unsqueeze(0) > sequence.unsqueeze(1)).sum(1)
+        sequence = torch.arange(len(lengths))
         starts = torch.cumsum(sizes, 0) - sizes
         forward = starts[lengths - 1] + sequence
         return forward.to(device), sequence.to(device)

@@ -1,11 +1,12 @@
 """Time DIY_LSTM.LSTM against torch.nn.LSTM on the captioning decoder's workload.
 
-Both modules share the same weights and inputs. Each repeat times the two back to back, in
-alternating order, so that machine noise hits both alike; the table reports medians and the ratio
-of the medians (below 1.00 means DIY_LSTM is faster).
+Three modules share the same weights and inputs: nn.LSTM, DIY_LSTM with its plain loop, and DIY_LSTM
+after LSTM.compile(). Each repeat times them back to back, in rotating order, so that machine noise
+hits all alike; the table reports medians and the ratios of the medians to nn.LSTM (below 1.00 means
+DIY_LSTM is faster).
 
     python bench_lstm.py                  # CPU, 2 threads, float32
-    python bench_lstm.py --device cuda    # on a GPU, against cuDNN
+    python bench_lstm.py --device cuda    # on a GPU, against cuDNN; compiled with CUDA graphs
 """
 import argparse
 import statistics
@@ -68,14 +69,20 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--compile_mode', default=None,
+                        help='torch.compile mode for the compiled loop (default: reduce-overhead on CUDA, else default)')
+    parser.add_argument('--steps_per_call', type=int, default=8)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    mode = args.compile_mode or ('reduce-overhead' if device.type == 'cuda' else 'default')
 
-    reference = nn.LSTM(args.embed_size, args.hidden_size, batch_first=True).to(device)
-    diy = LSTM(args.embed_size, args.hidden_size, batch_first=True).to(device)
-    diy.load_state_dict(reference.state_dict())
+    modules = {'nn.LSTM': nn.LSTM(args.embed_size, args.hidden_size, batch_first=True).to(device)}
+    for name in ('DIY_LSTM', 'compiled'):
+        modules[name] = LSTM(args.embed_size, args.hidden_size, batch_first=True).to(device)
+        modules[name].load_state_dict(modules['nn.LSTM'].state_dict())
+    modules['compiled'].compile(steps_per_call=args.steps_per_call, mode=mode)
 
     batch = args.batch_size
     lengths = torch.randint(8, 26, (batch,)).sort(descending=True).values  # caption lengths 8-25
@@ -96,22 +103,25 @@ def main(argv=None):
         ('greedy decode step, batch 1', lambda m: decode_step(m, 1, args, device)),
         (f'greedy decode step, batch {batch}', lambda m: decode_step(m, batch, args, device)),
     ]
-    print(f'device={device} threads={torch.get_num_threads()} input={args.embed_size} '
-          f'hidden={args.hidden_size} batch={batch} repeats={args.repeats} torch={torch.__version__}\n')
-    print('| case | nn.LSTM (ms) | DIY_LSTM (ms) | DIY / nn.LSTM |')
-    print('|---|---:|---:|---:|')
-    for name, make in cases:
-        runs = {'ref': make(reference), 'diy': make(diy)}
-        for fn in runs.values():  # warm up
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type
+    print(f'device={name} threads={torch.get_num_threads()} input={args.embed_size} hidden={args.hidden_size} '
+          f'batch={batch} repeats={args.repeats} compile mode={mode} steps_per_call={args.steps_per_call} '
+          f'torch={torch.__version__}\n')
+    print('| case | nn.LSTM (ms) | DIY_LSTM (ms) | compiled (ms) | DIY / nn.LSTM | compiled / nn.LSTM |')
+    print('|---|---:|---:|---:|---:|---:|')
+    for case, make in cases:
+        runs = {key: make(module) for key, module in modules.items()}
+        for fn in runs.values():  # warm up; the compiled loop compiles and records here
             for _ in range(3):
                 fn()
-        times = {'ref': [], 'diy': []}
+        times = {key: [] for key in runs}
+        keys = list(runs)
         for i in range(args.repeats):
-            order = ('ref', 'diy') if i % 2 == 0 else ('diy', 'ref')
-            for key in order:
+            for key in keys[i % 3:] + keys[:i % 3]:
                 times[key].append(timed(runs[key], device))
-        ref_ms, diy_ms = (1000 * statistics.median(times[k]) for k in ('ref', 'diy'))
-        print(f'| {name} | {ref_ms:.3f} | {diy_ms:.3f} | {diy_ms / ref_ms:.2f} |', flush=True)
+        ms = {key: 1000 * statistics.median(times[key]) for key in keys}
+        print(f'| {case} | {ms["nn.LSTM"]:.3f} | {ms["DIY_LSTM"]:.3f} | {ms["compiled"]:.3f} | '
+              f'{ms["DIY_LSTM"] / ms["nn.LSTM"]:.2f} | {ms["compiled"] / ms["nn.LSTM"]:.2f} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -67,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument('--skip_nonfinite', action='store_true',
                         help='skip a batch whose loss is NaN or inf instead of stopping')
     parser.add_argument('--amp', action='store_true', help='mixed precision: bf16 (fp16 on older GPUs) autocast')
+    parser.add_argument('--compile', nargs='?', const='default', choices=['default', 'reduce-overhead'], default=None,
+                        help="run the LSTM's time loop through torch.compile (reduce-overhead: as CUDA graphs)")
     parser.add_argument('--resume', type=str, nargs='?', const='latest', default=None,
                         help='continue from a checkpoint (default: checkpoint.pt in --model_path)')
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (default: the best available)')
@@ -271,6 +273,8 @@ def train(args, on_epoch_end=None, on_step=None):
                              collate=collate_skipping)
 
     model = Captioner(encoder, decoder, from_features=bool(args.features)).to(device)
+    if args.compile:
+        decoder.lstm.compile(mode=args.compile)
     trained = [encoder.linear, encoder.bn, decoder] + ([encoder.resnet] if args.train_backbone else [])
     params = [p for module in trained for p in module.parameters()]
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)

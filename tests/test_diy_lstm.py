@@ -126,14 +126,24 @@ def test_cell_matches_nn_lstmcell_batched_and_unbatched():
 CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], [True, False], [False, True]))
 
 
+@pytest.fixture
+def compiled_for_real(monkeypatch):
+    """Past torch.compile's recompile limit the plain loop would run instead: make that an error."""
+    monkeypatch.setattr(torch._dynamo.config, 'fail_on_recompile_limit_hit', True)
+
+
 @pytest.mark.parametrize('num_layers,batch_first,bidirectional,bias,with_hx', CONFIGS)
 @pytest.mark.parametrize('input_kind', ['tensor', 'packed_sorted', 'packed_unsorted', 'unbatched'])
-def test_lstm_matches_nn_lstm(num_layers, batch_first, bidirectional, bias, with_hx, input_kind):
+@pytest.mark.parametrize('loop', ['plain', 'compiled'])
+def test_lstm_matches_nn_lstm(num_layers, batch_first, bidirectional, bias, with_hx, input_kind, loop,
+                              compiled_for_real):
     torch.manual_seed(2)
     I, H, B, T = 5, 6, 4, 7
     kwargs = dict(num_layers=num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional)
     ref, diy = nn.LSTM(I, H, **kwargs), LSTM(I, H, **kwargs)
     diy.load_state_dict(ref.state_dict(), strict=True)
+    if loop == 'compiled':
+        diy.compile(steps_per_call=3)  # 7 steps: two whole calls and one padded
     D = 2 if bidirectional else 1
     unbatched = input_kind == 'unbatched'
 
@@ -297,6 +307,23 @@ def test_float32_matches_nn_lstm_closely():
     diy.load_state_dict(ref.state_dict())
     x = torch.randn(8, 10, 16, dtype=torch.float32)
     torch.testing.assert_close(diy(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_loop_runs_whole_calls_and_leaves_short_inputs_to_the_plain_loop(compiled_for_real):
+    torch.manual_seed(7)
+    ref, diy = nn.LSTM(4, 5, bidirectional=True), LSTM(4, 5, bidirectional=True)
+    diy.load_state_dict(ref.state_dict())
+    diy.compile(steps_per_call=4)
+    compiled, calls = diy._compiled_steps, []
+    diy._compiled_steps = lambda *args: calls.append(args[0].size(0)) or compiled(*args)
+    for steps, expected_calls in ((9, [4, 4, 4] * 2), (3, [])):
+        calls.clear()
+        packed = pack_padded_sequence(torch.randn(steps, 3, 4), torch.tensor([steps, steps - 1, 1]))
+        with torch.no_grad():
+            results = [(out.data, h_n, c_n) for out, (h_n, c_n) in (module(packed) for module in (ref, diy))]
+        for name, a, b in zip(('output', 'h_n', 'c_n'), *results):
+            assert_same(a, b, f'{name}, {steps} steps')
+        assert calls == expected_calls
 
 
 @settings(max_examples=25, deadline=None)

@@ -125,10 +125,13 @@ def test_training_from_the_cache_keeps_the_whole_encoder(cache, dataset, tmp_pat
     assert decoder.sample(features).shape[0] == 1
 
 
-def test_diy_lstm_under_cpu_bf16_autocast():
+@pytest.mark.parametrize('loop', ['plain', 'compiled'])
+def test_diy_lstm_under_cpu_bf16_autocast(loop):
     torch.manual_seed(0)
     reference, diy = nn.LSTM(8, 16, batch_first=True), LSTM(8, 16, batch_first=True)
     diy.load_state_dict(reference.state_dict())
+    if loop == 'compiled':
+        diy.compile(steps_per_call=4)
     x = torch.randn(4, 6, 8)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out, (h, c) = diy(x)
@@ -137,6 +140,16 @@ def test_diy_lstm_under_cpu_bf16_autocast():
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=0)
     out.float().pow(2).sum().backward()
     assert diy.weight_hh_l0.grad.dtype == torch.float32 and diy.weight_hh_l0.grad.abs().sum() > 0
+
+
+def test_compiled_lstm_trains_like_the_plain_loop(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, 'fail_on_recompile_limit_hit', True)
+    plain = trainer.train(args_for(dataset, tmp_path / 'plain', '--num_epochs', '2'))[3]['train']
+    compiled = trainer.train(args_for(dataset, tmp_path / 'compiled', '--num_epochs', '2', '--compile'))[3]['train']
+    assert len(plain) == len(compiled) > 10
+    for a, b in zip(plain, compiled):
+        assert b['loss'] == pytest.approx(a['loss'], rel=1e-4)
+    assert np.mean([e['loss'] for e in compiled[-3:]]) < np.mean([e['loss'] for e in compiled[:3]])
 
 
 def test_amp_training_on_cpu_lowers_the_loss(dataset, tmp_path):
