@@ -19,7 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 
 def _init_uniform(module, hidden_size):
@@ -303,9 +303,10 @@ class LSTM(nn.Module):
         self._check_input(data)
         h0, s0 = self._initial_state(hx, batch, data, unbatched, sorted_indices)
 
-        lengths = self._lengths(batch_sizes)
-        last_rows = self._last_rows(batch_sizes, lengths, data.device)
+        last_rows = self._last_rows(batch_sizes, data.device)
         compiled = self._compiled_steps is not None and len(batch_sizes) >= self.steps_per_call
+        if compiled:
+            grids = [self._grid(batch_sizes, direction == 1, data.device) for direction in range(self.num_directions)]
         layer_input, h_n, s_n = data, [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -320,8 +321,7 @@ class LSTM(nn.Module):
                     weight_hh, h_init, s_init = (t.to(z_x.dtype) for t in (weight_hh, h_init, s_init))
                 with torch.autocast(data.device.type, enabled=False):
                     if compiled:
-                        h_all, h_last, s_last = self._compiled_loop(z_x, weight_hh, h_init, s_init, lengths,
-                                                                    batch_sizes, direction == 1)
+                        h_all, h_last, s_last = self._compiled_loop(z_x, weight_hh, h_init, s_init, *grids[direction])
                     else:
                         h_all, s_all = _Recurrence.apply(z_x, weight_hh, h_init, s_init, batch_sizes, direction == 1)
                         h_last, s_last = h_all[last_rows[direction]], s_all[last_rows[direction]]
@@ -375,47 +375,44 @@ class LSTM(nn.Module):
             hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
         return hx
 
-    def _compiled_loop(self, z_x, weight_hh, h0, s0, lengths, batch_sizes, reverse):
-        """The loop of compile(): pad the packed rows, run the compiled steps, and pack the outputs."""
-        steps, batch, per_call = len(batch_sizes), len(lengths), self.steps_per_call
-        fixed_length = batch_sizes[-1] == batch
-        if fixed_length:
-            z_x = z_x.view(steps, batch, -1)
-        else:
-            z_x = pad_packed_sequence(PackedSequence(z_x, torch.tensor(batch_sizes)))[0]
-        padded_steps = -(-steps // per_call) * per_call
-        time = torch.arange(padded_steps, device=z_x.device).view(-1, 1, 1)
-        if reverse:  # run backward in time by running forward over the flipped batch
-            z_x, time = z_x.flip(0), steps - 1 - time
-        running = (time >= 0) & (time < lengths.to(z_x.device).view(1, -1, 1))
-        z_x = F.pad(z_x, (0, 0, 0, 0, 0, padded_steps - steps))
+    def _grid(self, batch_sizes, reverse, device):
+        """Where the compiled loop puts each packed row, and which cells of its grid are running.
 
+        The grid has a whole number of calls' worth of steps, times the batch. Going backward, time
+        is flipped, so that the compiled steps always run forward.
+        """
+        steps, batch = len(batch_sizes), batch_sizes[0]
+        padded_steps = -(-steps // self.steps_per_call) * self.steps_per_call
+        time, sequence = torch.arange(steps).view(-1, 1), torch.arange(batch).view(1, -1)
+        in_packed_data = sequence < torch.tensor(batch_sizes).view(-1, 1)  # row-major order is the packed order
+        grid_step = steps - 1 - time if reverse else time
+        cells = (grid_step * batch + sequence)[in_packed_data]
+        running = torch.zeros(padded_steps * batch, dtype=torch.bool)
+        running[cells] = True
+        return cells.to(device), running.view(padded_steps, batch, 1).to(device)
+
+    def _compiled_loop(self, z_x, weight_hh, h0, s0, cells, running):
+        """The loop of compile(): scatter the packed rows into the grid, run the steps, gather them back."""
+        per_call = self.steps_per_call
+        grid = z_x.new_zeros(running.numel(), z_x.size(1)).index_copy(0, cells, z_x).view(*running.shape[:2], -1)
         h, s, outputs = h0, s0, []
-        for start in range(0, padded_steps, per_call):
-            h_steps, h, s = self._compiled_steps(z_x[start:start + per_call], running[start:start + per_call],
+        for start in range(0, len(grid), per_call):
+            h_steps, h, s = self._compiled_steps(grid[start:start + per_call], running[start:start + per_call],
                                                  weight_hh, h, s)
             outputs.append(h_steps)
-        h_all = torch.cat(outputs)[:steps]
-        if reverse:
-            h_all = h_all.flip(0)
-        h_all = h_all.reshape(steps * batch, -1) if fixed_length else pack_padded_sequence(h_all, lengths).data
+        h_all = torch.cat(outputs).view(running.numel(), -1).index_select(0, cells)
         return h_all, h, s
 
     @staticmethod
-    def _lengths(batch_sizes):
-        """Each sequence's length, longest first, from a packed batch's sizes per step."""
-        sizes = torch.tensor(batch_sizes, dtype=torch.long)
-        batch = int(sizes[0]) if len(batch_sizes) else 0
-        return (sizes.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
-
-    @staticmethod
-    def _last_rows(batch_sizes, lengths, device):
+    def _last_rows(batch_sizes, device):
         """Rows of the packed output holding each sequence's final state, per direction.
 
         Going forward, sequence j ends at step length_j - 1; going backward it ends at step 0.
         """
         sizes = torch.tensor(batch_sizes, dtype=torch.long)
-        sequence = torch.arange(len(lengths))
+        batch = int(sizes[0]) if len(batch_sizes) else 0
+        sequence = torch.arange(batch)
+        lengths = (sizes.unsqueeze(0) > sequence.unsqueeze(1)).sum(1)
         starts = torch.cumsum(sizes, 0) - sizes
         forward = starts[lengths - 1] + sequence
         return forward.to(device), sequence.to(device)
