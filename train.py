@@ -330,14 +330,17 @@ def train(args, on_epoch_end=None, on_step=None):
                         unreadable.add(reason)
                         tqdm.write(f'skipped: {reason}', file=sys.stderr)
                 unreadable_this_epoch += len(errors)
-                if inputs is None:
+                # Under DDP every process must skip the same steps, or the others wait for it forever.
+                if any_process(inputs is None, device, world_size):
                     batches_done += 1
                     continue
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, _ = caption_loss(ddp_model, inputs.to(device), captions.to(device), lengths)
-                if not torch.isfinite(loss):
+                nonfinite = not torch.isfinite(loss)
+                if any_process(nonfinite, device, world_size):
                     if not args.skip_nonfinite:
-                        raise NonFiniteLoss(f'the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; '
+                        value = loss.item() if nonfinite else 'NaN or inf in another process'
+                        raise NonFiniteLoss(f'the loss became {value} at epoch {epoch + 1}, step {step + 1}; '
                                             f'{checkpoint_path} is the last good checkpoint. Try a lower '
                                             '--learning_rate, --grad_clip, or --skip_nonfinite')
                     skipped += 1
@@ -358,7 +361,7 @@ def train(args, on_epoch_end=None, on_step=None):
                     bar.set_postfix(loss=f'{value:.4f}', perplexity=f'{math.exp(value):.2f}')
                 if on_step is not None:
                     on_step(step)
-                if stop_requested(stop, device, world_size):
+                if any_process(stop.requested, device, world_size):
                     save(epoch, batches_done)
                     raise Interrupted(f'stopped at epoch {epoch + 1}, step {step}; checkpoint saved to '
                                       f'{checkpoint_path}; continue with --resume')
@@ -384,13 +387,13 @@ def train(args, on_epoch_end=None, on_step=None):
     return encoder, decoder, vocab, history
 
 
-def stop_requested(stop, device, world_size):
-    """Whether any process was asked to stop, so that all of them stop at the same step."""
+def any_process(flag, device, world_size):
+    """Whether flag is true in any process, so that all of them take the same branch at the same step."""
     if world_size == 1:
-        return stop.requested
-    flag = torch.tensor(float(stop.requested), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        return flag
+    tensor = torch.tensor(float(flag), device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def main(argv=None):

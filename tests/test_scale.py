@@ -164,20 +164,41 @@ def free_port():
         return s.getsockname()[1]
 
 
-def ddp_worker(rank, world_size, port, dataset, model_path, out):
+def ddp_worker(rank, world_size, port, dataset, model_path, out, nan_on_rank1_at=None):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    extra = []
+    if nan_on_rank1_at is not None:
+        extra = ['--skip_nonfinite']
+        real_loss, calls = trainer.caption_loss, []
+
+        def poisoned(*args):
+            loss, n = real_loss(*args)
+            calls.append(1)
+            return (loss * float('nan') if rank == 1 and len(calls) == nan_on_rank1_at else loss), n
+        trainer.caption_loss = poisoned
     # Different seeds on purpose: DDP must still start both ranks from rank 0's weights.
     encoder, decoder, _, history = trainer.train(args_for(dataset, model_path, '--num_epochs', '3',
-                                                          '--seed', str(rank), '--train_backbone'))
+                                                          '--seed', str(rank), '--train_backbone', *extra))
     # Parameters, not BatchNorm running statistics: each rank updates those from its own last batch.
     torch.save({'decoder': dict(decoder.named_parameters()), 'encoder': dict(encoder.named_parameters()),
                 'losses': [e['loss'] for e in history['train']]}, out / f'rank{rank}.pt')
 
 
+def run_two_ranks(*args, timeout=240):
+    """Run ddp_worker in 2 processes; a hang (one rank waiting for the other forever) fails the test."""
+    processes = mp.spawn(ddp_worker, args=(2, free_port(), *args), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not processes.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in processes.processes:
+                process.kill()
+            pytest.fail(f'the two ranks did not finish in {timeout} s')
+
+
 def test_two_cpu_processes_train_in_lockstep(dataset, tmp_path):
-    mp.spawn(ddp_worker, args=(2, free_port(), dataset, tmp_path / 'models', tmp_path), nprocs=2, join=True)
+    run_two_ranks(dataset, tmp_path / 'models', tmp_path)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     for part in ('decoder', 'encoder'):
         assert len(ranks[0][part]) > 5
@@ -187,6 +208,15 @@ def test_two_cpu_processes_train_in_lockstep(dataset, tmp_path):
     assert len(losses) == 3 * 8  # 240 captions, 120 per rank, batches of 16: 8 steps per epoch
     assert np.mean(losses[-2:]) < np.mean(losses[:2])
     assert (tmp_path / 'models' / 'checkpoint.pt').exists()  # written by rank 0 only
+
+
+def test_a_nan_loss_on_one_rank_is_skipped_by_both(dataset, tmp_path):
+    run_two_ranks(dataset, tmp_path / 'models', tmp_path, 3)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    for key, value in ranks[0]['decoder'].items():
+        assert torch.equal(value, ranks[1]['decoder'][key]), key
+    assert all(torch.isfinite(value).all() for value in ranks[0]['decoder'].values())
+    assert len(ranks[0]['losses']) == len(ranks[1]['losses']) == 3 * 8 - 1
 
 
 def test_interrupted_run_resumes_to_the_same_weights(dataset, tmp_path):
