@@ -389,7 +389,7 @@ class LSTM(nn.Module):
         cells = (grid_step * batch + sequence)[in_packed_data]
         running = torch.zeros(padded_steps * batch, dtype=torch.bool)
         running[cells] = True
-        return cells.to(device), running.view(padded_steps, batch, 1).to(device)
+        return cells.to(device, non_blocking=True), running.view(padded_steps, batch, 1).to(device, non_blocking=True)
 
     def _compiled_loop(self, z_x, weight_hh, h0, s0, cells, running):
         """The loop of compile(): scatter the packed rows into the grid, run the steps, gather them back."""
@@ -415,4 +415,4 @@ class LSTM(nn.Module):
         lengths = (sizes.unsqueeze(0) > sequence.unsqueeze(1)).sum(1)
         starts = torch.cumsum(sizes, 0) - sizes
         forward = starts[lengths - 1] + sequence
-        return forward.to(device), sequence.to(device)
+        return forward.to(device, non_blocking=True), sequence.to(device, non_blocking=True)  # no wait for the GPU
