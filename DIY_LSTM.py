@@ -399,6 +399,10 @@ class LSTM(nn.Module):
         for start in range(0, len(grid), per_call):
             h_steps, h, s = self._compiled_steps(grid[start:start + per_call], running[start:start + per_call],
                                                  weight_hh, h, s)
+            if not h.requires_grad:
+                # With no backward pending, a CUDA graph's next replay (mode='reduce-overhead') reuses
+                # the memory of this call's outputs, so keep copies.
+                h_steps, h, s = h_steps.clone(), h.clone(), s.clone()
             outputs.append(h_steps)
         h_all = torch.cat(outputs).view(running.numel(), -1).index_select(0, cells)
         return h_all, h, s
