@@ -241,7 +241,7 @@ class LSTM(nn.Module):
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional = bidirectional
         self.num_directions = 2 if bidirectional else 1
-        self._compiled_steps, self.steps_per_call = None, 8  # set by compile()
+        self._compiled_steps, self.steps_per_call = None, 8  # set by compile_loop()
         factory = dict(device=device, dtype=dtype)
         for layer in range(num_layers):
             layer_input_size = input_size if layer == 0 else hidden_size * self.num_directions
@@ -271,17 +271,22 @@ class LSTM(nn.Module):
     def flatten_parameters(self):
         """Kept so that code written for nn.LSTM runs unchanged; these weights need no flattening."""
 
-    def compile(self, steps_per_call=8, **compile_kwargs):
+    def compile_loop(self, steps_per_call=8, **compile_kwargs):
         """Run the time loop through torch.compile: on a GPU the plain loop is bound by kernel launches.
 
         torch.compile cannot trace the packed loop, whose number of steps and rows are data, so the
-        compiled loop runs `steps_per_call` steps per call on a padded batch whose shapes are fixed.
-        Inductor fuses each step's gate arithmetic into one kernel, and mode='reduce-overhead' replays
-        each call as one CUDA graph. Inputs shorter than one call, such as decoding one word at a time,
-        keep the plain loop. The keyword arguments go to torch.compile.
+        compiled loop runs `steps_per_call` steps per call on a padded grid, the same shape whatever
+        the captions' lengths. Inductor fuses each step's gate arithmetic into one kernel, and
+        mode='reduce-overhead' replays each call as one CUDA graph. Inputs shorter than one call, such
+        as decoding one word at a time, keep the plain loop. The keyword arguments go to torch.compile;
+        the batch size is dynamic by default, so that a smaller last batch needs no second compile.
         """
         self.steps_per_call = steps_per_call
-        self._compiled_steps = torch.compile(_masked_steps, **compile_kwargs)
+        self._compiled_steps = torch.compile(_masked_steps, **{'dynamic': True, **compile_kwargs})
+
+    def __getstate__(self):
+        """A compiled function cannot be pickled: a copy runs the plain loop until compiled again."""
+        return {**super().__getstate__(), '_compiled_steps': None}
 
     def forward(self, input, hx=None):
         if isinstance(input, PackedSequence):
@@ -303,10 +308,11 @@ class LSTM(nn.Module):
         self._check_input(data)
         h0, s0 = self._initial_state(hx, batch, data, unbatched, sorted_indices)
 
-        last_rows = self._last_rows(batch_sizes, data.device)
         compiled = self._compiled_steps is not None and len(batch_sizes) >= self.steps_per_call
         if compiled:
             grids = [self._grid(batch_sizes, direction == 1, data.device) for direction in range(self.num_directions)]
+        else:
+            last_rows = self._last_rows(batch_sizes, data.device)
         layer_input, h_n, s_n = data, [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -382,26 +388,25 @@ class LSTM(nn.Module):
         is flipped, so that the compiled steps always run forward.
         """
         steps, batch = len(batch_sizes), batch_sizes[0]
-        padded_steps = -(-steps // self.steps_per_call) * self.steps_per_call
+        padded_steps = math.ceil(steps / self.steps_per_call) * self.steps_per_call
         time, sequence = torch.arange(steps).view(-1, 1), torch.arange(batch).view(1, -1)
         in_packed_data = sequence < torch.tensor(batch_sizes).view(-1, 1)  # row-major order is the packed order
         grid_step = steps - 1 - time if reverse else time
         cells = (grid_step * batch + sequence)[in_packed_data]
         running = torch.zeros(padded_steps * batch, dtype=torch.bool)
         running[cells] = True
-        return cells.to(device, non_blocking=True), running.view(padded_steps, batch, 1).to(device, non_blocking=True)
+        return cells.to(device), running.view(padded_steps, batch, 1).to(device)
 
     def _compiled_loop(self, z_x, weight_hh, h0, s0, cells, running):
-        """The loop of compile(): scatter the packed rows into the grid, run the steps, gather them back."""
-        per_call = self.steps_per_call
-        grid = z_x.new_zeros(running.numel(), z_x.size(1)).index_copy(0, cells, z_x).view(*running.shape[:2], -1)
+        """The loop of compile_loop(): scatter the packed rows into the grid, run the steps, gather them back."""
+        grid = z_x.new_zeros(running.numel(), z_x.size(1)).index_copy(0, cells, z_x)
+        grid = grid.view(*running.shape[:2], -1)
         h, s, outputs = h0, s0, []
-        for start in range(0, len(grid), per_call):
-            h_steps, h, s = self._compiled_steps(grid[start:start + per_call], running[start:start + per_call],
-                                                 weight_hh, h, s)
+        for grid_part, running_part in zip(grid.split(self.steps_per_call), running.split(self.steps_per_call)):
+            h_steps, h, s = self._compiled_steps(grid_part, running_part, weight_hh, h, s)
             if not h.requires_grad:
-                # With no backward pending, a CUDA graph's next replay (mode='reduce-overhead') reuses
-                # the memory of this call's outputs, so keep copies.
+                # No gradient, so no backward is pending: with mode='reduce-overhead' the next call
+                # then replays the same CUDA graph into the memory of this call's outputs. Keep copies.
                 h_steps, h, s = h_steps.clone(), h.clone(), s.clone()
             outputs.append(h_steps)
         h_all = torch.cat(outputs).view(running.numel(), -1).index_select(0, cells)
@@ -419,4 +424,4 @@ class LSTM(nn.Module):
         lengths = (sizes.unsqueeze(0) > sequence.unsqueeze(1)).sum(1)
         starts = torch.cumsum(sizes, 0) - sizes
         forward = starts[lengths - 1] + sequence
-        return forward.to(device, non_blocking=True), sequence.to(device, non_blocking=True)  # no wait for the GPU
+        return forward.to(device), sequence.to(device)

@@ -1,7 +1,7 @@
 """Time DIY_LSTM.LSTM against torch.nn.LSTM on the captioning decoder's workload.
 
 Three modules share the same weights and inputs: nn.LSTM, DIY_LSTM with its plain loop, and DIY_LSTM
-after LSTM.compile(). Each repeat times them back to back, in rotating order, so that machine noise
+after LSTM.compile_loop(). Each repeat times them back to back, in rotating order, so that machine noise
 hits all alike; the table reports medians and the ratios of the medians to nn.LSTM (below 1.00 means
 DIY_LSTM is faster).
 
@@ -32,32 +32,44 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
+def output_data(out):
+    return out if torch.is_tensor(out) else out.data  # a PackedSequence's rows
+
+
 def train_step(lstm, make_input):
     """Forward and backward through the LSTM, as one teacher-forced training step does."""
     def run():
         lstm.zero_grad(set_to_none=True)
-        out, (h, c) = lstm(make_input())
-        out = out.data if hasattr(out, 'data') and not torch.is_tensor(out) else out
+        out = output_data(lstm(make_input())[0])
         out.sum().backward()
+        return out.detach(), lstm.weight_hh_l0.grad
     return run
 
 
 def inference(lstm, make_input):
     def run():
         with torch.no_grad():
-            lstm(make_input())
+            return (output_data(lstm(make_input())[0]),)
     return run
 
 
 def decode_step(lstm, batch, args, device):
     """One step of greedy decoding: a single token per caption, carrying (h, c)."""
-    x = torch.randn(batch, 1, args.embed_size, device=device)
+    x = torch.randn(batch, 1, args.embed_size, generator=torch.Generator().manual_seed(batch)).to(device)
     state = (torch.zeros(1, batch, args.hidden_size, device=device),) * 2
 
     def run():
         with torch.no_grad():
-            lstm(x, state)
+            return (lstm(x, state)[0],)
     return run
+
+
+def check_same(results, case):
+    """Timings mean something only if all three compute the same (cuDNN may round through TF32)."""
+    for key, result in results.items():
+        for value, expected in zip(result, results['nn.LSTM']):
+            if not torch.allclose(value.float(), expected.float(), rtol=1e-2, atol=1e-3):
+                raise SystemExit(f'{case}: {key} differs from nn.LSTM by up to {(value - expected).abs().max():.2e}')
 
 
 def main(argv=None):
@@ -82,7 +94,7 @@ def main(argv=None):
     for name in ('DIY_LSTM', 'compiled'):
         modules[name] = LSTM(args.embed_size, args.hidden_size, batch_first=True).to(device)
         modules[name].load_state_dict(modules['nn.LSTM'].state_dict())
-    modules['compiled'].compile(steps_per_call=args.steps_per_call, mode=mode)
+    modules['compiled'].compile_loop(steps_per_call=args.steps_per_call, mode=mode)
 
     batch = args.batch_size
     lengths = torch.randint(8, 26, (batch,)).sort(descending=True).values  # caption lengths 8-25
@@ -111,9 +123,11 @@ def main(argv=None):
     print('|---|---:|---:|---:|---:|---:|')
     for case, make in cases:
         runs = {key: make(module) for key, module in modules.items()}
-        for fn in runs.values():  # warm up; the compiled loop compiles and records here
+        results = {}
+        for key, fn in runs.items():  # warm up; the compiled loop compiles, then records CUDA graphs
             for _ in range(3):
-                fn()
+                results[key] = fn()
+        check_same(results, case)
         times = {key: [] for key in runs}
         keys = list(runs)
         for i in range(args.repeats):

@@ -1,6 +1,8 @@
 """DIY_LSTM against the equations and against torch.nn.LSTM."""
+import copy
 import itertools
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -143,7 +145,7 @@ def test_lstm_matches_nn_lstm(num_layers, batch_first, bidirectional, bias, with
     ref, diy = nn.LSTM(I, H, **kwargs), LSTM(I, H, **kwargs)
     diy.load_state_dict(ref.state_dict(), strict=True)
     if loop == 'compiled':
-        diy.compile(steps_per_call=3)  # 7 steps: two whole calls and one padded
+        diy.compile_loop(steps_per_call=3)  # 7 steps: two whole calls and one padded
     D = 2 if bidirectional else 1
     unbatched = input_kind == 'unbatched'
 
@@ -313,7 +315,7 @@ def test_compiled_loop_runs_whole_calls_and_leaves_short_inputs_to_the_plain_loo
     torch.manual_seed(7)
     ref, diy = nn.LSTM(4, 5, bidirectional=True), LSTM(4, 5, bidirectional=True)
     diy.load_state_dict(ref.state_dict())
-    diy.compile(steps_per_call=4)
+    diy.compile_loop(steps_per_call=4)
     compiled, calls = diy._compiled_steps, []
     diy._compiled_steps = lambda *args: calls.append(args[0].size(0)) or compiled(*args)
     for steps, expected_calls in ((9, [4, 4, 4] * 2), (3, [])):
@@ -324,6 +326,15 @@ def test_compiled_loop_runs_whole_calls_and_leaves_short_inputs_to_the_plain_loo
         for name, a, b in zip(('output', 'h_n', 'c_n'), *results):
             assert_same(a, b, f'{name}, {steps} steps')
         assert calls == expected_calls
+
+
+def test_a_compiled_lstm_can_be_copied_and_pickled():
+    lstm = LSTM(3, 4)
+    lstm.compile_loop()
+    x = torch.randn(9, 2, 3)
+    for copied in (copy.deepcopy(lstm), pickle.loads(pickle.dumps(lstm))):
+        assert copied._compiled_steps is None  # the copy runs the plain loop
+        assert_same(copied(x)[0], lstm(x)[0], 'copy')
 
 
 @settings(max_examples=25, deadline=None)

@@ -131,7 +131,7 @@ def test_diy_lstm_under_cpu_bf16_autocast(loop):
     reference, diy = nn.LSTM(8, 16, batch_first=True), LSTM(8, 16, batch_first=True)
     diy.load_state_dict(reference.state_dict())
     if loop == 'compiled':
-        diy.compile(steps_per_call=4)
+        diy.compile_loop(steps_per_call=4)
     x = torch.randn(4, 6, 8)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out, (h, c) = diy(x)
