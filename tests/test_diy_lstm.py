@@ -328,6 +328,32 @@ def test_compiled_loop_runs_whole_calls_and_leaves_short_inputs_to_the_plain_loo
         assert calls == expected_calls
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a CUDA GPU')
+def test_compiled_loop_with_cuda_graphs_matches_nn_lstm():
+    """Training steps of varied lengths and a smaller last batch, then evaluation, replayed as CUDA graphs."""
+    torch.manual_seed(8)
+    ref = nn.LSTM(5, 6, bidirectional=True).cuda()
+    diy = LSTM(5, 6, bidirectional=True).cuda()
+    diy.load_state_dict(ref.state_dict())
+    diy.compile_loop(steps_per_call=4, mode='reduce-overhead')
+    for steps, batch, grad in [(9, 4, True), (12, 4, True), (9, 4, True), (10, 3, True), (9, 4, False), (11, 4, False)]:
+        lengths = torch.randint(1, steps + 1, (batch,))
+        lengths[0] = steps
+        x = torch.randn(steps, batch, 5, device='cuda', requires_grad=grad)
+        results = []
+        for module in (ref, diy):
+            module.zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(grad):
+                out, (h_n, c_n) = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
+                result = [out.data, h_n, c_n]
+                if grad:
+                    (out.data.sum() + h_n.sum() + c_n.sum()).backward()
+                    result += [p.grad for p in module.parameters()]
+            results.append([t.detach().clone() for t in result])
+        for a, b in zip(*results):
+            assert_same(a, b, f'{steps} steps, batch {batch}, grad {grad}')
+
+
 def test_a_compiled_lstm_can_be_copied_and_pickled():
     lstm = LSTM(3, 4)
     lstm.compile_loop()
