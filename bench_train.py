@@ -16,7 +16,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -58,16 +57,7 @@ def make_jpegs(folder, count, size=256):
 
 
 def timed(fn, device, repeats):
-    times = []
-    for _ in range(repeats):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(bench_lstm.timed(fn, device) for _ in range(repeats))
 
 
 def main():
