@@ -129,9 +129,10 @@ CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], [True, Fa
 
 
 @pytest.fixture
-def compiled_for_real(monkeypatch):
+def compiled_for_real():
     """Past torch.compile's recompile limit the plain loop would run instead: make that an error."""
-    monkeypatch.setattr(torch._dynamo.config, 'fail_on_recompile_limit_hit', True)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
 
 
 @pytest.mark.parametrize('num_layers,batch_first,bidirectional,bias,with_hx', CONFIGS)
