@@ -13,6 +13,7 @@ PyTorch stacks the four U matrices into `weight_ih` (4H x I) and the four W matr
 `weight_hh` (4H x H). Its row blocks come in the order [g, f, a, q]; PyTorch's own documentation
 calls the same blocks [i, f, g, o]. Each bias b is `bias_ih + bias_hh`, as in nn.LSTM.
 """
+import functools
 import math
 import warnings
 
@@ -129,18 +130,17 @@ class _Recurrence(torch.autograd.Function):
         steps = _schedule(batch_sizes, reverse)
         gates = torch.empty_like(z_x)  # per row: g, f, tanh(a), q
         h_all, s_all, tanh_s_all = (z_x.new_empty(z_x.size(0), hidden) for _ in range(3))
-        w_hh_t = weight_hh.t()
+        times_w_hh = _weight_product(weight_hh, steps)
         for start, n, carried, prev_start in steps:
             rows = slice(start, start + n)
             h_prev = _previous(h_all, h0, n, carried, prev_start)
             s_prev = _previous(s_all, s0, n, carried, prev_start)
 
-            z = gates[rows]
-            torch.addmm(z_x[rows], h_prev, w_hh_t, out=z)  # U x(t) + W h(t-1) + b, all four gates
-            z[:, :2 * hidden].sigmoid_()                    # g and f
-            z[:, 2 * hidden:3 * hidden].tanh_()             # tanh(a)
-            z[:, 3 * hidden:].sigmoid_()                    # q
-            g, f, tanh_a, q = z.chunk(4, dim=1)
+            z, y = times_w_hh(h_prev, add=z_x[rows]), gates[rows]  # z = U x(t) + W h(t-1) + b, all four gates
+            torch.sigmoid(z[:, :2 * hidden], out=y[:, :2 * hidden])                       # g and f
+            torch.tanh(z[:, 2 * hidden:3 * hidden], out=y[:, 2 * hidden:3 * hidden])     # tanh(a)
+            torch.sigmoid(z[:, 3 * hidden:], out=y[:, 3 * hidden:])                       # q
+            g, f, tanh_a, q = y.chunk(4, dim=1)
 
             s = torch.mul(f, s_prev, out=s_all[rows]).addcmul_(g, tanh_a)  # s(t) = f * s(t-1) + g * tanh(a)
             tanh_s = torch.tanh(s, out=tanh_s_all[rows])
@@ -159,6 +159,7 @@ class _Recurrence(torch.autograd.Function):
         ds_all = torch.zeros_like(s_all) if grad_s_all is None else grad_s_all.contiguous().clone()
         dz_all = torch.empty_like(gates)  # dL/dz for every row; z = z_x + W h_prev, so also dL/dz_x
         dh0, ds0 = torch.zeros_like(h0), torch.zeros_like(s0)
+        times_w_hh_t = _weight_product(weight_hh.t(), ctx.steps)
         for start, n, carried, prev_start in reversed(ctx.steps):
             rows = slice(start, start + n)
             g, f, tanh_a, q = gates[rows].chunk(4, dim=1)
@@ -181,15 +182,62 @@ class _Recurrence(torch.autograd.Function):
             # z = z_x + W h_prev: dL/dh_prev = dz W and dL/ds_prev = ds * f go back to the rows the
             # previous state came from.
             previous = slice(prev_start, prev_start + carried)
-            dh_all[previous].addmm_(dz[:carried], weight_hh)
+            dh_all[previous].add_(times_w_hh_t(dz[:carried]))
             ds_all[previous].addcmul_(ds[:carried], f[:carried])
             if carried < n:
-                dh0[carried:n] = dz[carried:] @ weight_hh
+                dh0[carried:n] = times_w_hh_t(dz[carried:])
                 ds0[carried:n] = ds[carried:] * f[carried:]
         # W's gradient, sum over steps of dz(t)^T h(t-1), as one matrix multiply.
         h_prev_all = torch.cat([_previous(h_all, h0, *step[1:]) for step in sorted(ctx.steps)])
         grad_w_hh = dz_all.t() @ h_prev_all if ctx.needs_input_grad[1] else None
         return dz_all, grad_w_hh, dh0, ds0, None, None
+
+
+def _weight_product(weight, steps):
+    """x -> x W^T, or add + x W^T, for a loop that multiplies by the same W at every step.
+
+    One step's product, (batch x H) by (H x 4H), is most of the loop's time. PyTorch sends float32
+    matrix multiplies to MKL, whose sgemm takes a slower code path on some CPUs (AMD's among them)
+    than oneDNN's matmul, the library behind nn.LSTM on the CPU. oneDNN's matmul is reachable only
+    through the private operators in torch.ops.mkldnn, so they are used when _onednn_matmul() finds
+    them working; otherwise, and for other dtypes and devices, plain addmm. A loop of several steps
+    first reorders W into oneDNN's blocked layout, once: that costs about one step and saves a little
+    on every step.
+    """
+    if not _onednn_matmul(weight):
+        w_t = weight.t()
+        return lambda x, add=None: torch.mm(x, w_t) if add is None else torch.addmm(add, x, w_t)
+    if len(steps) >= 4:
+        weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), steps[0][1])
+
+    def product(x, add=None):
+        if add is None:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, 'none', [], '')
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, None, 'add')
+    return product
+
+
+def _onednn_matmul(weight):
+    """Whether _weight_product may use oneDNN for this weight; torch.backends.mkldnn.enabled = False turns it off.
+
+    The private operators have no derivative, so not while autograd records (a double backward).
+    """
+    return (weight.device.type == 'cpu' and weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.enabled and _onednn_ops_work())
+
+
+@functools.cache
+def _onednn_ops_work():
+    """Checked once: the private operators exist in this PyTorch build, take these arguments and multiply right."""
+    try:
+        x = torch.linspace(-1, 1, 15, dtype=torch.float32).view(3, 5)  # no random numbers: leave the seed alone
+        w = torch.linspace(-2, 1, 20, dtype=torch.float32).view(4, 5)
+        add, packed = x[:, :4].contiguous(), torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        y = torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, None, 'add')
+        y_t = torch.ops.mkldnn._linear_pointwise(add, w.t(), None, 'none', [], '')  # W^T unpacked, as a view
+        return torch.allclose(y, add + x @ w.t(), atol=1e-5) and torch.allclose(y_t, add @ w, atol=1e-5)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
 
 
 def _sigmoid_backward(grad, y):
