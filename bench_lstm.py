@@ -9,6 +9,8 @@ DIY_LSTM is faster).
     python bench_lstm.py --device cuda    # on a GPU, against cuDNN; compiled with CUDA graphs
 """
 import argparse
+import os
+import re
 import statistics
 import time
 
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+import DIY_LSTM
 from DIY_LSTM import LSTM
 
 
@@ -72,6 +75,25 @@ def check_same(results, case):
                 raise SystemExit(f'{case}: {key} differs from nn.LSTM by up to {(value - expected).abs().max():.2e}')
 
 
+def cpu_libraries():
+    """The CPU capability and the libraries behind the matrix multiplies, which decide the CPU figures.
+
+    The ISA settings of the environment (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) are shown too,
+    since they let one CPU imitate another.
+    """
+    config = torch.__config__.show()
+    blas = re.search(r'BLAS_INFO=(\w+)', config)
+    onednn = re.search(r'MKL-DNN (v[\d.]+)', config)
+    diy_matmul = 'onednn' if DIY_LSTM._onednn_ops_work() and torch.backends.mkldnn.enabled else 'addmm'
+    text = (f'cpu_capability={torch.backends.cpu.get_cpu_capability()} blas={blas.group(1) if blas else "unknown"} '
+            f'mkl={torch.backends.mkl.is_available()} onednn={onednn.group(1) if onednn else "none"} '
+            f'DIY_LSTM matmul={diy_matmul}')
+    for name in ('ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS', 'ATEN_CPU_CAPABILITY'):
+        if name in os.environ:
+            text += f' {name}={os.environ[name]}'
+    return text
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--embed_size', type=int, default=256)
@@ -118,7 +140,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type
     print(f'device={name} threads={torch.get_num_threads()} input={args.embed_size} hidden={args.hidden_size} '
           f'batch={batch} repeats={args.repeats} compile mode={mode} steps_per_call={args.steps_per_call} '
-          f'torch={torch.__version__}\n')
+          f'torch={torch.__version__}' + (f' {cpu_libraries()}\n' if device.type == 'cpu' else '\n'))
     print('| case | nn.LSTM (ms) | DIY_LSTM (ms) | compiled (ms) | DIY / nn.LSTM | compiled / nn.LSTM |')
     print('|---|---:|---:|---:|---:|---:|')
     for case, make in cases:
