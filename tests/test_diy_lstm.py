@@ -1,5 +1,6 @@
 """DIY_LSTM against the equations and against torch.nn.LSTM."""
 import copy
+import functools
 import itertools
 import math
 import pickle
@@ -11,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import DIY_LSTM
 from DIY_LSTM import LSTM, LSTMCell
 
 
@@ -310,6 +312,45 @@ def test_float32_matches_nn_lstm_closely():
     diy.load_state_dict(ref.state_dict())
     x = torch.randn(8, 10, 16, dtype=torch.float32)
     torch.testing.assert_close(diy(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def float32_results(module, x, lengths, grad):
+    """Outputs, final states and (with grad) every gradient, for a packed and a fixed-length float32 input."""
+    results = []
+    for packed in (True, False):
+        inputs = x.detach().requires_grad_(grad)
+        data = pack_padded_sequence(inputs, lengths, batch_first=True) if packed else inputs
+        with torch.set_grad_enabled(grad):
+            out, (h_n, c_n) = module(data)
+        out = out.data if packed else out
+        results += [out, h_n, c_n]
+        if grad:
+            loss = (out * torch.linspace(-1, 1, out.size(-1))).sum() + (c_n ** 2).sum()
+            results += torch.autograd.grad(loss, [inputs, *module.parameters()])
+    return results
+
+
+@pytest.mark.parametrize('steps', [2, 9])  # the matmul reorders W once for loops of 4 steps or more
+@pytest.mark.parametrize('grad', [True, False])
+@pytest.mark.parametrize('onednn', ['as available', 'private operators missing'])
+def test_float32_matmul_through_onednn_or_its_fallback_matches_nn_lstm(steps, grad, onednn, monkeypatch):
+    """In float32 the loop's products may go through torch.ops.mkldnn: with them and without, nn.LSTM's numbers."""
+    if onednn == 'private operators missing':
+        def missing(*args, **kwargs):  # what torch.ops does for an operator this build lacks
+            raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute")
+        monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise', missing)
+        monkeypatch.setattr(torch.ops.mkldnn, '_reorder_linear_weight', missing)
+        monkeypatch.setattr(DIY_LSTM, '_onednn_ops_work', functools.cache(DIY_LSTM._onednn_ops_work.__wrapped__))
+        assert not DIY_LSTM._onednn_ops_work()
+    torch.manual_seed(7)
+    ref = nn.LSTM(16, 32, batch_first=True, dtype=torch.float32)
+    diy = LSTM(16, 32, batch_first=True, dtype=torch.float32)
+    diy.load_state_dict(ref.state_dict())
+    x = torch.randn(6, steps, 16, dtype=torch.float32)
+    lengths = torch.tensor([steps, steps, steps - 1, 1, 1, 1])
+    for got, expected in zip(float32_results(diy, x, lengths, grad), float32_results(ref, x, lengths, grad),
+                             strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_loop_runs_whole_calls_and_leaves_short_inputs_to_the_plain_loop(compiled_for_real):
