@@ -227,10 +227,11 @@ def _input_product(x, weight, bias):
 def _onednn_matmul(weight):
     """Whether _weight_product may use oneDNN for this weight; torch.backends.mkldnn.enabled = False turns it off.
 
-    The private operators have no derivative, so not while autograd records (a double backward).
+    The private operators have no derivative, so not while autograd records (a double backward), and
+    not while torch.compile or torch.export traces, so that their graphs hold only public operators.
     """
     return (weight.device.type == 'cpu' and weight.dtype == torch.float32 and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.enabled and _onednn_ops_work())
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.enabled and _onednn_ops_work())
 
 
 @functools.cache
