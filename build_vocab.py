@@ -77,7 +77,7 @@ def usable_captions(coco, json):
     text (null, a number, a list), one with no letter or digit (empty, or only punctuation), one whose
     image_id is not in "images". A file with none left is an error, so nothing trains on nothing."""
     if not isinstance(coco.dataset.get('images'), list) or 'annotations' not in coco.dataset:
-        missing = 'an "images" list' if 'annotations' in coco.dataset else 'an "annotations" key'
+        missing = '"images" list' if 'annotations' in coco.dataset else '"annotations" key'
         raise VocabError(f'{json}: not a COCO captions file (it has no {missing}); '
                          'pass a captions_*.json from the COCO annotations')
     if not coco.anns:
