@@ -335,7 +335,7 @@ def train(args, on_epoch_end=None, on_step=None):
         model.train()
         while epoch < args.num_epochs:
             sampler.start(epoch, batches_done)
-            epoch_start_step = step
+            epoch_start_step, epoch_start_batches = step, batches_done
             bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
                        initial=batches_done, total=steps_per_epoch, disable=not main_process)
             for inputs, captions, lengths, errors in bar:
@@ -383,17 +383,19 @@ def train(args, on_epoch_end=None, on_step=None):
                                       f'{checkpoint_path}; continue with --resume')
                 if args.save_step and step % args.save_step == 0:
                     save(epoch, batches_done)
+            seen = batches_done - epoch_start_batches  # step, batches_done and skipped agree in every process
+            if seen and step == epoch_start_step and not skipped:
+                raise ImageError(f'epoch {epoch + 1}: no image could be read, so nothing was trained; check the '
+                                 f'images in {args.image_dir}')
+            if seen and step == epoch_start_step:
+                raise NonFiniteLoss(f'epoch {epoch + 1}: nothing was trained: {skipped} of its {seen} batches had a '
+                                    'NaN or inf loss (the others no readable image); try a lower --learning_rate '
+                                    'or --grad_clip')
             epoch, batches_done = epoch + 1, 0
             if skipped and main_process:
                 print(f'epoch {epoch}: skipped {skipped} batches whose loss was NaN or inf', flush=True)
             if unreadable_this_epoch and main_process:
                 print(f'epoch {epoch}: skipped {unreadable_this_epoch} captions of unreadable images', flush=True)
-            if step == epoch_start_step and unreadable_this_epoch and not skipped:
-                raise ImageError(f'epoch {epoch}: no image could be read, so nothing was trained; check the images in '
-                                 f'{args.image_dir}')
-            if step == epoch_start_step and skipped:
-                raise NonFiniteLoss(f'epoch {epoch}: every batch had a NaN or inf loss, so nothing was trained; '
-                                    'try a lower --learning_rate or --grad_clip')
             skipped = unreadable_this_epoch = 0
             if val_loader is not None:
                 value = validation_loss(model, val_loader, device)

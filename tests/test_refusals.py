@@ -126,7 +126,8 @@ def test_an_epoch_of_only_nonfinite_losses_stops_training(trained, tmp_path, mon
     real_loss = trainer.caption_loss
     monkeypatch.setattr(trainer, 'caption_loss', lambda *a: (real_loss(*a)[0] * float('nan'), 1))
     message = train_main(trained, tmp_path, '--num_epochs', '1', '--skip_nonfinite')
-    assert_one_line(message, 'epoch 1: every batch had a NaN or inf loss', '--learning_rate')
+    assert_one_line(message, 'epoch 1: nothing was trained: 15 of its 15 batches had a NaN or inf loss',
+                    '--learning_rate')
 
 
 # --- values refused while parsing the command line ---------------------------------------------
