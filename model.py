@@ -27,7 +27,9 @@ def at_least(kind, low, above=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f'{text!r} is not {"a whole number" if kind is int else "a number"}')
-        if not math.isfinite(value) or value < low or (above and value == low):
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'must be a finite number, not {text}')
+        if value < low or (above and value == low):
             raise argparse.ArgumentTypeError(f'must be {"greater than" if above else "at least"} {low}, not {text}')
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
