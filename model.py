@@ -36,8 +36,10 @@ def at_least(kind, low, above=False):
     return parse
 
 
-positive_int, count, positive_float, nonnegative_float = at_least(int, 1), at_least(int, 0), \
-    at_least(float, 0, above=True), at_least(float, 0)
+positive_int = at_least(int, 1)  # sizes, lengths, steps, epochs, beam sizes
+count = at_least(int, 0)  # --num_workers, --save_step (0: only at the end of each epoch)
+positive_float = at_least(float, 0, above=True)  # learning rates, clip values
+nonnegative_float = at_least(float, 0)
 
 
 def atomic_write(path, write):
@@ -88,6 +90,7 @@ def remove_stale_temporaries(folder):
 
 
 def process_alive(pid):
+    """Whether a process with this id exists (signal 0 checks without sending anything)."""
     if pid == os.getpid():
         return True
     try:
