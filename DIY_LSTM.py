@@ -106,6 +106,9 @@ class LSTMCell(nn.Module):
         return g, f, a, q
 
 
+_is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)  # torch >= 2.6
+
+
 def _schedule(batch_sizes, reverse):
     """The order in which to visit the time steps of a packed batch.
 
@@ -376,6 +379,7 @@ class LSTM(nn.Module):
         mode='reduce-overhead' replays each call as one CUDA graph. Inputs shorter than one call, such
         as decoding one word at a time, keep the plain loop. The keyword arguments go to torch.compile;
         the batch size is dynamic by default, so that a smaller last batch needs no second compile.
+        torch.compile's backward cannot be differentiated again: no second-order gradients here.
         """
         self.steps_per_call = steps_per_call
         self._compiled_steps = torch.compile(_masked_steps, **{'dynamic': True, **compile_kwargs})
@@ -435,7 +439,9 @@ class LSTM(nn.Module):
                     else:
                         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [z_x, *loop_args]):
                             h_all, s_all = _Recurrence.apply(z_x, *loop_args, schedules[direction])
-                        else:  # inference: no autograd.Function, so that torch.export traces the loop as it is
+                        elif _is_exporting():  # torch.export / ONNX: out-of-place ops, no Function
+                            h_all, s_all = _plain_loop(z_x, *loop_args, schedules[direction])
+                        else:  # inference: the fast loop, without the autograd.Function around it
                             _, _, h_all, s_all, _ = _forward_loop(z_x, *loop_args, schedules[direction])
                         h_last, s_last = h_all[last_rows[direction]], s_all[last_rows[direction]]
                 h_n.append(h_last)
