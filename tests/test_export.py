@@ -5,11 +5,11 @@ import sys
 
 import pytest
 import torch
+from test_pipeline import REPO, dataset, small_args  # noqa: F401  (dataset is a fixture)
 
 import train as trainer
 from export import FILES, load_onnx_captioner
 from model import load_captioner
-from test_pipeline import REPO, dataset, small_args  # noqa: F401  (dataset is a fixture)
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
@@ -44,7 +44,7 @@ def test_onnx_captions_equal_pytorch_captions_on_the_validation_images(dataset, 
 
 def test_exported_files_match_the_model_step_by_step_for_any_batch(exported):
     assert sorted(p.name for p in (exported / 'onnx').iterdir()) == sorted(FILES)  # no temporary files left
-    encoder, decoder, vocab, config = load_captioner(str(exported / 'checkpoint.pt'))
+    encoder, decoder, vocab, _ = load_captioner(str(exported / 'checkpoint.pt'))
     onnx_encoder, onnx_decoder, onnx_vocab, onnx_config = load_onnx_captioner(str(exported / 'onnx'))
     assert onnx_vocab.word2idx == vocab.word2idx and onnx_config['num_layers'] == 2
     torch.manual_seed(0)
