@@ -4,6 +4,7 @@
     python sample.py --image photo1.jpg photo2.jpg --out captioned/
     python sample.py --image png/example.png --encoder_path encoder-5-3000.pkl \\
         --decoder_path decoder-5-3000.pkl --vocab_path vocab.pkl     # the tutorial's published files
+    python sample.py --image png/example.png --onnx models/onnx      # export.py's files, with onnxruntime
 
 A train.py checkpoint carries its model sizes and vocabulary, so there is nothing to match by hand.
 """
@@ -133,11 +134,15 @@ def main(argv=None):
                         help='rank beams by log p / length^alpha')
     parser.add_argument('--grid', type=str, default=None, help='also write all captioned images as one PNG grid')
     parser.add_argument('--device', type=str, default=None)
+    parser.add_argument('--onnx', type=str, default=None, help="export.py's folder: caption with onnxruntime on the CPU")
     args = parser.parse_args(argv)
 
-    device = pick_device(args.device)
+    device = pick_device('cpu' if args.onnx else args.device)
     try:
-        if args.encoder_path or args.decoder_path:
+        if args.onnx:
+            from export import load_onnx_captioner
+            encoder, decoder, vocab, config = load_onnx_captioner(args.onnx)
+        elif args.encoder_path or args.decoder_path:
             if not (args.encoder_path and args.decoder_path and args.vocab_path):
                 raise CheckpointError('the tutorial format needs --encoder_path, --decoder_path and --vocab_path')
             sizes = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, num_layers=args.num_layers)
@@ -152,7 +157,8 @@ def main(argv=None):
             check_max_len(args.checkpoint, config, args.max_len)
     except (CheckpointError, VocabError) as err:
         sys.exit(f'error: {err}')
-    encoder, decoder = encoder.to(device), decoder.to(device)
+    if not args.onnx:
+        encoder, decoder = encoder.to(device), decoder.to(device)
 
     captions, errors = caption_images(args.image, encoder, decoder, vocab, config, device, args.max_len,
                                       args.beam_size, args.length_penalty, args.min_len)
