@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import DIY_LSTM
 from DIY_LSTM import LSTM
+from model import positive_int
 
 
 def sync(device):
@@ -96,16 +97,16 @@ def cpu_libraries():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--embed_size', type=int, default=256)
-    parser.add_argument('--hidden_size', type=int, default=512)
-    parser.add_argument('--batch_size', type=int, default=128)
-    parser.add_argument('--repeats', type=int, default=30)
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--embed_size', type=positive_int, default=256)
+    parser.add_argument('--hidden_size', type=positive_int, default=512)
+    parser.add_argument('--batch_size', type=positive_int, default=128)
+    parser.add_argument('--repeats', type=positive_int, default=30)
+    parser.add_argument('--threads', type=positive_int, default=2)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--compile_mode', default=None,
                         help='torch.compile mode for the compiled loop (default: reduce-overhead on CUDA, else default)')
-    parser.add_argument('--steps_per_call', type=int, default=8)
+    parser.add_argument('--steps_per_call', type=positive_int, default=8)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

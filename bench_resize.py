@@ -25,6 +25,7 @@ import time
 import PIL
 from PIL import Image, ImageChops, ImageStat
 
+from model import positive_int
 from resize import SAVE_OPTIONS, resize_folder
 
 
@@ -66,12 +67,12 @@ def mean_difference(dir_a, dir_b):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--num_images', type=int, default=200)
-    parser.add_argument('--width', type=int, default=640)
-    parser.add_argument('--height', type=int, default=480)
-    parser.add_argument('--image_size', type=int, default=256)
-    parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--workers', type=int, default=os.cpu_count())
+    parser.add_argument('--num_images', type=positive_int, default=200)
+    parser.add_argument('--width', type=positive_int, default=640)
+    parser.add_argument('--height', type=positive_int, default=480)
+    parser.add_argument('--image_size', type=positive_int, default=256)
+    parser.add_argument('--repeats', type=positive_int, default=3)
+    parser.add_argument('--workers', type=positive_int, default=os.cpu_count())
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
 

@@ -9,7 +9,7 @@ from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torchvision import transforms
 
-from build_vocab import tokenize
+from build_vocab import tokenize, usable_captions
 from resize import to_rgb
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -49,22 +49,19 @@ def eval_transform(image_size, crop_size):
 class CocoDataset(data.Dataset):
     """One item per caption annotation: (image tensor, word ids from <start> to <end>).
 
-    Captions with no letter or digit (empty, or only punctuation) are dropped, with a count; a caption
-    longer than max_words words is cut there, keeping its <end>. With skip_unreadable, captions of
-    images missing from root are dropped (with a count), and an image that cannot be decoded comes
-    back as (None, reason) for collate_skipping to leave out; without it, both are errors.
+    Unusable captions are dropped with a count (see usable_captions); a caption longer than max_words
+    words is cut there, keeping its <end>. With skip_unreadable, captions of images missing from root are
+    dropped (with a count), and an image that cannot be decoded comes back as (None, reason) for
+    collate_skipping to leave out; without it, both are errors.
     """
 
     def __init__(self, root, json, vocab, transform=None, max_words=50, skip_unreadable=False):
         self.root = root
         try:
             self.coco = COCO(json)
-            captions = {ann_id: ann['caption'] for ann_id, ann in self.coco.anns.items()}
         except (OSError, ValueError, TypeError, KeyError, AssertionError) as err:
             raise ValueError(f'{json}: not a readable COCO captions file ({type(err).__name__}: {err})') from None
-        self.ids = [ann_id for ann_id, text in captions.items() if any(c.isalnum() for c in str(text))]
-        if len(self.ids) < len(captions):
-            print(f'note: {json}: dropped {len(captions) - len(self.ids)} captions with no words')
+        self.ids = usable_captions(self.coco, json)
         if root is not None:
             self._check_images(json, skip_unreadable)
         self.vocab, self.transform, self.max_words = vocab, transform, max_words
@@ -78,8 +75,11 @@ class CocoDataset(data.Dataset):
         if not missing:
             return
         message = f'{len(missing)} of the {len(needed)} images named in {json} are missing from {self.root}'
+        if missing == needed:
+            raise ImageError(f'none of the {len(needed)} images named in {json} is in {self.root}: pass the folder '
+                             'that resize.py wrote for these annotations')
         if not skip_missing:
-            raise ImageError(message)
+            raise ImageError(f'{message}; leave out --strict to skip their captions')
         print(f'note: {message}; their captions are skipped')
         self.ids = [ann_id for ann_id in self.ids if self.coco.anns[ann_id]['image_id'] not in missing]
 
@@ -128,7 +128,7 @@ class FeatureDataset(CocoDataset):
             raise ValueError(f'{folder}: only {int(done.sum())} of {len(done)} images are extracted; '
                              'run extract_features.py again to finish')
         self.row = {image_id: row for row, image_id in enumerate(meta['image_ids'])}
-        missing = {a['image_id'] for a in self.coco.anns.values()} - set(self.row)
+        missing = {self.coco.anns[ann_id]['image_id'] for ann_id in self.ids} - set(self.row)
         if missing:
             raise ValueError(f'{folder}: {len(missing)} images of {json} are not in the cache')
         self.mirror = mirror

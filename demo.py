@@ -18,7 +18,7 @@ import torch
 import synthetic
 import train as trainer
 from build_vocab import build_vocab, save_vocab
-from model import load_captioner, save_checkpoint
+from model import load_captioner, positive_float, positive_int, save_checkpoint
 from sample import caption_images, captioned_picture
 
 
@@ -43,11 +43,11 @@ def main():
     parser.add_argument('--root', default='data/synthetic', help='where the synthetic set goes')
     parser.add_argument('--model_path', default='models/demo', help='where checkpoints go')
     parser.add_argument('--png_dir', default='png', help='where the example and its captioned picture are')
-    parser.add_argument('--num_train', type=int, default=8000, help='training images')
-    parser.add_argument('--num_val', type=int, default=500, help='held-out images')
-    parser.add_argument('--minutes', type=float, default=8, help='training time budget')
-    parser.add_argument('--max_epochs', type=int, default=100)
-    parser.add_argument('--hidden_size', type=int, default=256)
+    parser.add_argument('--num_train', type=positive_int, default=8000, help='training images')
+    parser.add_argument('--num_val', type=positive_int, default=500, help='held-out images')
+    parser.add_argument('--minutes', type=positive_float, default=8, help='training time budget')
+    parser.add_argument('--max_epochs', type=positive_int, default=100)
+    parser.add_argument('--hidden_size', type=positive_int, default=256)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
     start = time.time()

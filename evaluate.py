@@ -25,8 +25,8 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from build_vocab import VocabError, tokenize
-from model import CheckpointError, load_captioner
-from sample import caption_images
+from model import CheckpointError, load_captioner, nonnegative_float, positive_int
+from sample import caption_images, check_max_len
 from train import pick_device
 
 
@@ -79,16 +79,19 @@ def main(argv=None):
     parser.add_argument('--split_file', type=str, default=None, help="Karpathy's dataset_coco.json")
     parser.add_argument('--split', type=str, default='test', choices=['test', 'val'])
     parser.add_argument('--results_path', type=str, default='results.json', help='captions in COCO results format')
-    parser.add_argument('--beam_size', type=int, default=1, help='1 is greedy decoding')
-    parser.add_argument('--length_penalty', type=float, default=0.0, help='rank beams by log p / length^alpha')
-    parser.add_argument('--max_len', type=int, default=None, help='longest caption in words')
-    parser.add_argument('--batch_size', type=int, default=64)
+    parser.add_argument('--beam_size', type=positive_int, default=1, help='1 is greedy decoding')
+    parser.add_argument('--length_penalty', type=nonnegative_float, default=0.0,
+                        help='rank beams by log p / length^alpha')
+    parser.add_argument('--max_len', type=positive_int, default=None, help='longest caption in words')
+    parser.add_argument('--min_len', type=positive_int, default=1, help='fewest words before <end>')
+    parser.add_argument('--batch_size', type=positive_int, default=64)
     parser.add_argument('--device', type=str, default=None)
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
     try:
         encoder, decoder, vocab, config = load_captioner(args.checkpoint, device)
+        check_max_len(args.checkpoint, config, args.max_len)
         if not os.path.isfile(args.caption_path):
             raise FileNotFoundError(f'{args.caption_path}: no such file')
         coco = COCO(args.caption_path)
@@ -101,7 +104,7 @@ def main(argv=None):
         chunk = image_ids[i:i + args.batch_size]
         paths = {os.path.join(args.image_dir, coco.imgs[image_id]['file_name']): image_id for image_id in chunk}
         captions, errors = caption_images(list(paths), encoder, decoder, vocab, config, device, args.max_len,
-                                          args.beam_size, args.length_penalty)
+                                          args.beam_size, args.length_penalty, args.min_len)
         results.update({paths[path]: caption for path, caption in captions.items()})
         for message in errors.values():
             tqdm.write(f'error: {message}', file=sys.stderr)

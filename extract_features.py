@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data_loader import ImageError, eval_transform, load_image, open_cache
-from model import CheckpointError, EncoderCNN, read_checkpoint, save_checkpoint
+from model import CheckpointError, EncoderCNN, count, positive_int, read_checkpoint, save_checkpoint, save_file
 from train import pick_device
 
 
@@ -61,9 +61,9 @@ def extract(args):
         features = np.lib.format.open_memmap(os.path.join(args.output, 'features.npy'), mode='w+',
                                              dtype=np.float16, shape=(len(image_ids), 2, feature_size))
         done = np.zeros(len(image_ids), dtype=bool)
-        np.save(os.path.join(args.output, 'done.npy'), done)
-        with open(meta_path, 'w') as f:
-            json.dump(dict(settings, image_ids=image_ids, feature_size=feature_size), f)
+        save_file(os.path.join(args.output, 'done.npy'), lambda f: np.save(f, done))
+        meta = dict(settings, image_ids=image_ids, feature_size=feature_size)
+        save_file(meta_path, lambda f: f.write(json.dumps(meta).encode()))
     device = pick_device(args.device)
     encoder.to(device).eval()
 
@@ -79,7 +79,7 @@ def extract(args):
             features[rows.numpy()] = torch.stack([centre, mirror], 1).cpu().numpy().astype(np.float16)
             features.flush()
             done[rows.numpy()] = True
-            np.save(os.path.join(args.output, 'done.npy'), done)  # only after the features are on disk
+            save_file(os.path.join(args.output, 'done.npy'), lambda f: np.save(f, done))  # after the features
     print(f'{int(done.sum())} of {len(image_ids)} images cached in {args.output}')
 
 
@@ -90,10 +90,10 @@ def main(argv=None):
     parser.add_argument('--output', type=str, default='data/features_train2014')
     parser.add_argument('--backbone', type=str, default='resnet152')
     parser.add_argument('--weights', type=str, default='DEFAULT', help='DEFAULT, none, or a local .pth file')
-    parser.add_argument('--image_size', type=int, default=256, help='size resize.py gave the images')
-    parser.add_argument('--crop_size', type=int, default=224)
-    parser.add_argument('--batch_size', type=int, default=64)
-    parser.add_argument('--num_workers', type=int, default=2)
+    parser.add_argument('--image_size', type=positive_int, default=256, help='size resize.py gave the images')
+    parser.add_argument('--crop_size', type=positive_int, default=224)
+    parser.add_argument('--batch_size', type=positive_int, default=64)
+    parser.add_argument('--num_workers', type=count, default=2)
     parser.add_argument('--device', type=str, default=None)
     args = parser.parse_args(argv)
     if args.weights.lower() == 'none':
@@ -102,6 +102,8 @@ def main(argv=None):
         extract(args)
     except (CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
         sys.exit(f'error: {err}')
+    except OSError as err:  # features.npy is written in place, as a memory map: it cannot be renamed into place
+        sys.exit(f'error: could not write {err.filename or args.output} ({err.strerror or err}); run again to go on')
 
 
 if __name__ == '__main__':

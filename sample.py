@@ -4,6 +4,7 @@
     python sample.py --image photo1.jpg photo2.jpg --out captioned/
     python sample.py --image png/example.png --encoder_path encoder-5-3000.pkl \\
         --decoder_path decoder-5-3000.pkl --vocab_path vocab.pkl     # the tutorial's published files
+    python sample.py --image png/example.png --onnx models/onnx      # export.py's files, with onnxruntime
 
 A train.py checkpoint carries its model sizes and vocabulary, so there is nothing to match by hand.
 """
@@ -17,7 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from build_vocab import VocabError, load_vocab
 from data_loader import ImageError, eval_transform, load_image
-from model import CheckpointError, DecoderRNN, EncoderCNN, ids_to_sentence, load_captioner, read_checkpoint
+from model import (CheckpointError, DecoderRNN, EncoderCNN, ids_to_sentence, load_captioner, nonnegative_float,
+                   positive_int, read_checkpoint)
 from train import pick_device
 
 
@@ -54,8 +56,10 @@ def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):
     return encoder.eval(), decoder.eval(), vocab, dict(image_size=224, crop_size=224)
 
 
-def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0):
-    """Returns {path: caption} for readable images and {path: error} for the rest."""
+def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
+                   min_len=1):
+    """Returns {path: caption} for readable images and {path: error} for the rest. A caption has at least
+    min_len words: <end> is not allowed before, and <pad>, <start> and <unk> never, so none comes out empty."""
     transform = eval_transform(config['image_size'], config['crop_size'])
     images, captions, errors = {}, {}, {}
     for path in paths:
@@ -66,13 +70,22 @@ def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None,
     if images:
         with torch.no_grad():
             features = encoder(torch.stack(list(images.values())).to(device))
-        special = dict(end_id=vocab('<end>'), unk_id=vocab('<unk>'), max_len=max_len)
+        never = sorted({vocab('<unk>'), vocab('<pad>'), vocab('<start>')})
+        special = dict(end_id=vocab('<end>'), unk_id=never, max_len=max_len, min_len=min_len)
         if beam_size > 1:
             ids = decoder.beam_search(features, beam_size, length_penalty=length_penalty, **special)
         else:
             ids = decoder.sample(features, **special)
         captions = {path: ids_to_sentence(row, vocab) for path, row in zip(images, ids.cpu())}
     return captions, errors
+
+
+def check_max_len(checkpoint, config, max_len):
+    """A checkpoint trained with --max_seq_length 0 (before that was refused) sets no usable caption length."""
+    trained = config.get('max_seq_length', 1)
+    if max_len is None and not (isinstance(trained, int) and trained >= 1):
+        raise CheckpointError(f'{checkpoint} was trained with --max_seq_length {trained}, which allows no words; '
+                              'pass --max_len N, the longest caption in words')
 
 
 def captioned_picture(path, caption, min_width=320):
@@ -112,18 +125,24 @@ def main(argv=None):
     parser.add_argument('--decoder_path', type=str, default=None, help="the tutorial's decoder state dict")
     parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl (with the two above); with --checkpoint, only checked")
     for name in ('embed_size', 'hidden_size', 'num_layers'):
-        parser.add_argument(f'--{name}', type=int, default=None, help='optional: checked against the weights')
+        parser.add_argument(f'--{name}', type=positive_int, default=None, help='optional: checked against the weights')
     parser.add_argument('--out', type=str, default=None, help='folder for PNGs with the caption drawn beneath')
-    parser.add_argument('--max_len', type=int, default=None, help='longest caption in words')
-    parser.add_argument('--beam_size', type=int, default=1, help='1 is greedy decoding')
-    parser.add_argument('--length_penalty', type=float, default=0.0, help='rank beams by log p / length^alpha')
+    parser.add_argument('--max_len', type=positive_int, default=None, help='longest caption in words')
+    parser.add_argument('--min_len', type=positive_int, default=1, help='fewest words before <end>')
+    parser.add_argument('--beam_size', type=positive_int, default=1, help='1 is greedy decoding')
+    parser.add_argument('--length_penalty', type=nonnegative_float, default=0.0,
+                        help='rank beams by log p / length^alpha')
     parser.add_argument('--grid', type=str, default=None, help='also write all captioned images as one PNG grid')
     parser.add_argument('--device', type=str, default=None)
+    parser.add_argument('--onnx', type=str, default=None, help="export.py's folder: caption with onnxruntime on the CPU")
     args = parser.parse_args(argv)
 
-    device = pick_device(args.device)
+    device = pick_device('cpu' if args.onnx else args.device)
     try:
-        if args.encoder_path or args.decoder_path:
+        if args.onnx:
+            from export import load_onnx_captioner
+            encoder, decoder, vocab, config = load_onnx_captioner(args.onnx)
+        elif args.encoder_path or args.decoder_path:
             if not (args.encoder_path and args.decoder_path and args.vocab_path):
                 raise CheckpointError('the tutorial format needs --encoder_path, --decoder_path and --vocab_path')
             sizes = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, num_layers=args.num_layers)
@@ -135,12 +154,14 @@ def main(argv=None):
                 raise CheckpointError(f'{args.checkpoint} was trained with {len(vocab)} words but {args.vocab_path} '
                                       f'has {given}: leave out --vocab_path, since the checkpoint carries its own '
                                       'vocabulary')
+            check_max_len(args.checkpoint, config, args.max_len)
     except (CheckpointError, VocabError) as err:
         sys.exit(f'error: {err}')
-    encoder, decoder = encoder.to(device), decoder.to(device)
+    if not args.onnx:
+        encoder, decoder = encoder.to(device), decoder.to(device)
 
     captions, errors = caption_images(args.image, encoder, decoder, vocab, config, device, args.max_len,
-                                      args.beam_size, args.length_penalty)
+                                      args.beam_size, args.length_penalty, args.min_len)
     pictures = []
     for path in args.image:
         if path in errors:

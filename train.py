@@ -24,44 +24,46 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from build_vocab import VocabError, load_vocab
-from data_loader import (CocoDataset, FeatureDataset, ImageError, batches, collate_skipping, eval_transform,
-                         open_cache, train_transform)
-from model import CheckpointError, DecoderRNN, EncoderCNN, atomic_write, read_checkpoint, save_checkpoint
+from data_loader import (CocoDataset, FeatureDataset, ImageError, batches, collate_skipping,
+                         eval_transform, open_cache, train_transform)
+from model import (CheckpointError, DecoderRNN, EncoderCNN, atomic_write, count, nonnegative_float, positive_float,
+                   positive_int, read_checkpoint, remove_stale_temporaries, save_checkpoint, save_file)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model_path', type=str, default='models/', help='folder for checkpoint.pt and history.json')
-    parser.add_argument('--crop_size', type=int, default=224, help='size for randomly cropping images')
-    parser.add_argument('--image_size', type=int, default=256, help='size resize.py gave the images')
+    parser.add_argument('--crop_size', type=positive_int, default=224, help='size for randomly cropping images')
+    parser.add_argument('--image_size', type=positive_int, default=256, help='size resize.py gave the images')
     parser.add_argument('--vocab_path', type=str, default='data/vocab.json', help='vocabulary from build_vocab.py')
     parser.add_argument('--image_dir', type=str, default='data/resized2014', help='resized training images')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json')
     parser.add_argument('--features', type=str, default=None, help='train from this extract_features.py cache')
     parser.add_argument('--val_image_dir', type=str, default=None, help='resized validation images')
     parser.add_argument('--val_caption_path', type=str, default=None, help='validation captions, for held-out loss')
-    parser.add_argument('--log_step', type=int, default=10, help='steps between logged losses')
-    parser.add_argument('--save_step', type=int, default=1000, help='steps between checkpoints (also every epoch)')
+    parser.add_argument('--log_step', type=positive_int, default=10, help='steps between logged losses')
+    parser.add_argument('--save_step', type=count, default=1000, help='steps between checkpoints (also every epoch)')
 
-    parser.add_argument('--embed_size', type=int, default=256, help='dimension of word embedding vectors')
-    parser.add_argument('--hidden_size', type=int, default=512, help='dimension of lstm hidden states')
-    parser.add_argument('--num_layers', type=int, default=1, help='number of layers in lstm')
-    parser.add_argument('--max_seq_length', type=int, default=20, help='longest caption sample.py writes')
+    parser.add_argument('--embed_size', type=positive_int, default=256, help='dimension of word embedding vectors')
+    parser.add_argument('--hidden_size', type=positive_int, default=512, help='dimension of lstm hidden states')
+    parser.add_argument('--num_layers', type=positive_int, default=1, help='number of layers in lstm')
+    parser.add_argument('--max_seq_length', type=positive_int, default=20, help='longest caption sample.py writes')
     parser.add_argument('--backbone', type=str, default='resnet152', help='torchvision ResNet name, or smallcnn')
     parser.add_argument('--weights', type=str, default='DEFAULT',
                         help="backbone weights: DEFAULT (ImageNet, downloaded), none, or a local .pth file")
     parser.add_argument('--train_backbone', action='store_true', help='train the CNN too instead of freezing it')
-    parser.add_argument('--bn_momentum', type=float, default=0.01, help="momentum of the encoder head's BatchNorm")
+    parser.add_argument('--bn_momentum', type=nonnegative_float, default=0.01,
+                        help="momentum of the encoder head's BatchNorm")
     parser.add_argument('--forget_bias', type=float, default=None, help='initial forget-gate bias (default: random)')
     parser.add_argument('--no_flip', action='store_true', help='no random mirroring (when captions say left/right)')
 
-    parser.add_argument('--num_epochs', type=int, default=5)
-    parser.add_argument('--batch_size', type=int, default=128, help='per process, so torchrun multiplies it')
-    parser.add_argument('--num_workers', type=int, default=2)
-    parser.add_argument('--learning_rate', type=float, default=0.001)
+    parser.add_argument('--num_epochs', type=positive_int, default=5)
+    parser.add_argument('--batch_size', type=positive_int, default=128, help='per process, so torchrun multiplies it')
+    parser.add_argument('--num_workers', type=count, default=2)
+    parser.add_argument('--learning_rate', type=positive_float, default=0.001)
     parser.add_argument('--lr_schedule', choices=['constant', 'cosine'], default='constant',
                         help='cosine decays the learning rate to 0 over all steps')
-    parser.add_argument('--grad_clip', type=float, default=None, help='clip the gradient norm to this value')
+    parser.add_argument('--grad_clip', type=positive_float, default=None, help='clip the gradient norm to this value')
     parser.add_argument('--strict', action='store_true',
                         help='stop at a missing or unreadable image instead of skipping it')
     parser.add_argument('--skip_nonfinite', action='store_true',
@@ -195,6 +197,9 @@ def check_paths(args):
         os.remove(probe)
     except OSError as err:
         raise CheckpointError(f'cannot write checkpoints to {args.model_path} ({err.strerror or err})') from None
+    removed, freed = remove_stale_temporaries(args.model_path)
+    if removed:
+        print(f'removed {removed} temporary files ({freed / 2**20:.1f} MiB) that killed runs left in {args.model_path}')
     for path in (args.vocab_path, args.caption_path, args.features, args.val_caption_path, args.val_image_dir):
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f'not found: {path}')
@@ -202,6 +207,9 @@ def check_paths(args):
         raise FileNotFoundError(f'not found: {args.image_dir}')
     if (args.val_caption_path is None) != (args.val_image_dir is None):
         raise ValueError('give both --val_caption_path and --val_image_dir, or neither')
+    if args.features is None and args.crop_size > args.image_size:
+        raise ValueError(f'--crop_size {args.crop_size} is larger than --image_size {args.image_size}: '
+                         'give a crop no larger than the resized images')
 
 
 def build_model(args, vocab_size):
@@ -227,7 +235,12 @@ def resume(path, vocab_path, model_args, stateful):
     """Load a checkpoint into (encoder, decoder, optimizer, scheduler, scaler) and the random-number
     generator; returns the position (epoch, batches done in it, step) and the history."""
     checkpoint = read_checkpoint(path)
-    trained_with = checkpoint.get('model_args', {}) if isinstance(checkpoint, dict) else {}
+    lacking = [key for key in ('model_args', 'encoder', 'decoder', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch',
+                               'batches_done', 'step', 'history') if key not in checkpoint]
+    if lacking:
+        raise CheckpointError(f'{path}: not a checkpoint written by train.py (it has no {", ".join(lacking)}); '
+                              'resume from the checkpoint.pt in a --model_path')
+    trained_with = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
     if trained_with.get('vocab_size', model_args['vocab_size']) != model_args['vocab_size']:
         raise CheckpointError(f'{path} was trained with a vocabulary of {trained_with["vocab_size"]} words '
                               f'but {vocab_path} has {model_args["vocab_size"]}: pass the vocabulary it was trained with')
@@ -311,7 +324,7 @@ def train(args, on_epoch_end=None, on_step=None):
                       'step': step, 'history': history, 'rng': torch.get_rng_state(), 'args': vars(args)}
         if main_process:
             save_checkpoint(checkpoint_path, checkpoint)
-            atomic_write(os.path.join(args.model_path, 'history.json'), lambda f: f.write(json.dumps(history).encode()))
+            save_file(os.path.join(args.model_path, 'history.json'), lambda f: f.write(json.dumps(history).encode()))
         return checkpoint
 
     ddp_model = model
@@ -322,6 +335,7 @@ def train(args, on_epoch_end=None, on_step=None):
         model.train()
         while epoch < args.num_epochs:
             sampler.start(epoch, batches_done)
+            epoch_start_step, epoch_start_batches = step, batches_done
             bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
                        initial=batches_done, total=steps_per_epoch, disable=not main_process)
             for inputs, captions, lengths, errors in bar:
@@ -369,6 +383,14 @@ def train(args, on_epoch_end=None, on_step=None):
                                       f'{checkpoint_path}; continue with --resume')
                 if args.save_step and step % args.save_step == 0:
                     save(epoch, batches_done)
+            seen = batches_done - epoch_start_batches  # step, batches_done and skipped agree in every process
+            if seen and step == epoch_start_step and not skipped:
+                raise ImageError(f'epoch {epoch + 1}: no image could be read, so nothing was trained; check the '
+                                 f'images in {args.image_dir}')
+            if seen and step == epoch_start_step:
+                raise NonFiniteLoss(f'epoch {epoch + 1}: nothing was trained: {skipped} of its {seen} batches had a '
+                                    'NaN or inf loss (the others no readable image); try a lower --learning_rate '
+                                    'or --grad_clip')
             epoch, batches_done = epoch + 1, 0
             if skipped and main_process:
                 print(f'epoch {epoch}: skipped {skipped} batches whose loss was NaN or inf', flush=True)
