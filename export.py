@@ -83,7 +83,7 @@ class OnnxEncoder:
 class OnnxDecoder:
     """decoder_step.onnx, decoded by DecoderRNN's own greedy and beam search loops."""
 
-    sample, beam_search = DecoderRNN.sample, DecoderRNN.beam_search
+    sample, beam_search, decode_length = DecoderRNN.sample, DecoderRNN.beam_search, DecoderRNN.decode_length
 
     def __init__(self, session, config):
         self.session, self.config = session, config
