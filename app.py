@@ -16,7 +16,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 import gates  # noqa: E402
-from data_loader import ImageError  # noqa: E402
+from data_loader import ImageError, eval_transform  # noqa: E402
 from model import CheckpointError, ids_to_sentence, load_captioner  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,7 +33,7 @@ def describe(path, encoder, decoder, vocab, config, beam_size):
         name = os.path.basename(path)
         return f'error: {name} is not an image this page can read; upload a PNG or JPEG', '', '', None
     with torch.no_grad():
-        feature = encoder(gates.eval_transform(config['image_size'], config['crop_size'])(result['image'])[None])
+        feature = encoder(eval_transform(config['image_size'], config['crop_size'])(result['image'])[None])
         beams, scores = decoder.beam_search(feature, beam_size, end_id=vocab('<end>'), unk_id=vocab('<unk>'),
                                             all_beams=True)
     rows = [f'| {rank} | {ids_to_sentence(ids, vocab)} | {score:.3f} |'
