@@ -12,12 +12,12 @@ import sys
 
 os.environ['GRADIO_ANALYTICS_ENABLED'] = 'False'  # read when gradio is imported: no telemetry, no version check
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-import gradio as gr  # noqa: E402
-import torch  # noqa: E402
+import gradio as gr
+import torch
 
-import gates  # noqa: E402
-from data_loader import ImageError, eval_transform  # noqa: E402
-from model import CheckpointError, ids_to_sentence, load_captioner  # noqa: E402
+import gates
+from data_loader import ImageError, eval_transform
+from model import CheckpointError, ids_to_sentence, load_captioner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = [os.path.join(HERE, 'png', name) for name in ('example.png', 'example_single.png')]

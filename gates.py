@@ -2,22 +2,26 @@
 
     python sample.py --image png/example.png --checkpoint models/demo/best.pt --gates png/example_gates.png
     python sample.py --image png/example.png --checkpoint models/demo/best.pt --gates_json gates.json
+    python gates.py --checkpoint models/demo/best.pt     # units that track something, on the synthetic set
 
 The decoder first writes its caption exactly as sample.py does (greedy, or the best beam). `replay` then runs
 that caption's words through the LSTM once more with the cell equations of DIY_LSTM.py, in plain torch on the
 LSTM's own parameters, and keeps every value along the way. Training and ordinary decoding never run this code,
 so recording costs them nothing.
 """
+import argparse
 import io
 import json
+import os
 import textwrap
 
 import numpy as np
 import torch
 from PIL import Image
 
+import synthetic
 from data_loader import eval_transform, load_image
-from model import atomic_write, ids_to_sentence
+from model import atomic_write, ids_to_sentence, load_captioner
 
 # What each heatmap shows, in the letters of DIY_LSTM.py, its colour map and its range.
 PANELS = (('g', 'input gate g', 'viridis', 0, 1), ('f', 'forget gate f', 'viridis', 0, 1),
@@ -143,3 +147,74 @@ def save(result, png_path=None, json_path=None, top=32):
     if json_path:
         text = json.dumps(as_json(result)).encode()
         atomic_write(json_path, lambda f: f.write(text))
+
+
+def step_labels(words):
+    """Two yes/no questions for each step of a synthetic caption, None where a question does not apply:
+    'the colour word is next' (the next word is a colour), and 'a second object is coming' (asked only up to the
+    first shape word: does the caption go on to name a second object?)."""
+    colour_next = [float(later in synthetic.COLOURS) for later in words[1:]] + [0.0]
+    shapes = [i for i, word in enumerate(words) if word in synthetic.SHAPES]
+    second = [float(len(shapes) > 1) if shapes and i <= shapes[0] else None for i in range(len(words))]
+    return {'the colour word is next': colour_next, 'a second object is coming': second}
+
+
+def tracking_units(results):
+    """For each question of step_labels, every unit's correlation between its memory tanh(s) and the answer,
+    over all the steps of all the captions where the question applies: {question: (r per unit, values, answers)}."""
+    found = {}
+    for question in step_labels(['a']):
+        values, answers = [], []
+        for result in results:
+            for s, answer in zip(torch.tanh(result['layers'][-1]['s']), step_labels(result['words'])[question]):
+                if answer is not None:
+                    values.append(s)
+                    answers.append(answer)
+        values, answers = torch.stack(values), torch.tensor(answers)
+        centred, y = values - values.mean(0), answers - answers.mean()
+        r = (centred * y[:, None]).sum(0) / (centred.norm(dim=0) * y.norm() + 1e-12)
+        found[question] = (r, values, answers)
+    return found
+
+
+def units_figure(found, count):
+    """For each question, the best unit's tanh(s) at the steps where the answer is yes and where it is no."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(5 * len(found), 3.4), layout='constrained')
+    for axes, (question, (r, values, answers)) in zip(fig.subplots(1, len(found), squeeze=False)[0], found.items()):
+        unit = int(r.abs().argmax())
+        bins = torch.linspace(-1, 1, 41).numpy()
+        for answer, label in ((1, 'yes'), (0, 'no')):
+            if (answers == answer).any():
+                axes.hist(values[answers == answer, unit].numpy(), bins=bins, alpha=0.6, density=True, label=label)
+        axes.set_title(f'"{question}"\nunit {unit}: r = {float(r[unit]):+.2f}', fontsize=10)
+        axes.set_xlabel(f'tanh(s) of unit {unit} at each step ({len(answers)} steps of {count} captions)')
+        axes.legend(title='answer', fontsize=8)
+    return fig
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Find LSTM units whose memory tracks something in synthetic captions.')
+    parser.add_argument('--checkpoint', type=str, default='models/demo/best.pt')
+    parser.add_argument('--image_dir', type=str, default='data/synthetic/val')
+    parser.add_argument('--caption_path', type=str, default='data/synthetic/annotations/captions_val.json')
+    parser.add_argument('--out', type=str, default=None, help='PNG: the best unit for each question')
+    args = parser.parse_args(argv)
+    encoder, decoder, vocab, config = load_captioner(args.checkpoint)
+    with open(args.caption_path) as f:
+        paths = [os.path.join(args.image_dir, image['file_name']) for image in json.load(f)['images']]
+    results = [record(path, encoder, decoder, vocab, config, 'cpu') for path in paths]
+    found = tracking_units(results)
+    for question, (r, _, answers) in found.items():
+        best = r.abs().argsort(descending=True)[:3].tolist()
+        print(f'"{question}" ({int(answers.sum())} yes, {int((answers == 0).sum())} no): '
+              + ', '.join(f'unit {u} r = {float(r[u]):+.2f}' for u in best)
+              + f'; median |r| of all {len(r)} units {float(r.abs().median()):.2f}')
+    if args.out:
+        data = io.BytesIO()
+        units_figure(found, len(results)).savefig(data, format='png', dpi=100)
+        atomic_write(args.out, lambda f: f.write(data.getvalue()))
+
+
+if __name__ == '__main__':
+    main()

@@ -34,7 +34,7 @@ def test_replay_matches_nn_lstm_and_the_gate_equations():
     reference.load_state_dict(decoder.lstm.state_dict())
     inputs = torch.cat([feature[None], decoder.embed(ids[:-1])])[None]
     with torch.no_grad():
-        out, (h_n, s_n) = reference(inputs)
+        out, (_, s_n) = reference(inputs)
     torch.testing.assert_close(layers[1]['h'], out[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(torch.stack([layer['s'][-1] for layer in layers]), s_n[:, 0], rtol=0, atol=1e-12)
 
@@ -123,3 +123,25 @@ def test_sample_py_gates_refuses_bad_input_cleanly(dataset, checkpoint, tmp_path
     unreadable = subprocess.run(run + ['--image', str(bad)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert unreadable.returncode == 1 and unreadable.stderr.startswith('error: ') and 'bad.png' in unreadable.stderr
     assert 'Traceback' not in unreadable.stderr and not (tmp_path / 'g.png').exists()
+
+
+def test_tracking_units_finds_a_unit_that_holds_the_answer():
+    words = ['<start>', 'a', 'large', 'red', 'circle', 'and', 'a', 'small', 'blue', 'square', '.', '<end>']
+    labels = gates.step_labels(words)
+    assert labels['the colour word is next'] == [0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0]
+    assert labels['a second object is coming'] == [1] * 5 + [None] * 7
+    assert gates.step_labels(['<start>', 'a', 'red', 'circle', '.'])['a second object is coming'][:4] == [0] * 4
+
+    torch.manual_seed(0)
+    results = []
+    for caption in (words, ['<start>', 'a', 'small', 'green', 'triangle', '.', '<end>']):
+        s = torch.randn(len(caption), 8) * 0.1
+        s[:, 5] = torch.atanh(torch.tensor(labels_or_zero(gates.step_labels(caption)['a second object is coming'])))
+        results.append({'words': caption, 'layers': [{'s': s}]})
+    r, values, answers = gates.tracking_units(results)['a second object is coming']
+    assert int(r.abs().argmax()) == 5 and float(r[5]) > 0.99
+    assert len(answers) == 5 + 5  # the steps up to each caption's first shape word
+
+
+def labels_or_zero(answers):
+    return [0.9 * a if a is not None else 0.0 for a in answers]
