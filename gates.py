@@ -13,6 +13,7 @@ import argparse
 import io
 import json
 import os
+import sys
 import textwrap
 
 import numpy as np
@@ -20,8 +21,8 @@ import torch
 from PIL import Image
 
 import synthetic
-from data_loader import eval_transform, load_image
-from model import atomic_write, ids_to_sentence, load_captioner
+from data_loader import ImageError, eval_transform, load_image
+from model import CheckpointError, atomic_write, ids_to_sentence, load_captioner
 
 # What each heatmap shows, in the letters of DIY_LSTM.py, its colour map and its range.
 PANELS = (('g', 'input gate g', 'viridis', 0, 1), ('f', 'forget gate f', 'viridis', 0, 1),
@@ -200,10 +201,15 @@ def main(argv=None):
     parser.add_argument('--caption_path', type=str, default='data/synthetic/annotations/captions_val.json')
     parser.add_argument('--out', type=str, default=None, help='PNG: the best unit for each question')
     args = parser.parse_args(argv)
-    encoder, decoder, vocab, config = load_captioner(args.checkpoint)
-    with open(args.caption_path) as f:
-        paths = [os.path.join(args.image_dir, image['file_name']) for image in json.load(f)['images']]
-    results = [record(path, encoder, decoder, vocab, config, 'cpu') for path in paths]
+    try:
+        encoder, decoder, vocab, config = load_captioner(args.checkpoint)
+        with open(args.caption_path) as f:
+            paths = [os.path.join(args.image_dir, image['file_name']) for image in json.load(f)['images']]
+        results = [record(path, encoder, decoder, vocab, config, 'cpu') for path in paths]
+    except (CheckpointError, ImageError) as err:
+        sys.exit(f'error: {err}')
+    except OSError as err:
+        sys.exit(f'error: {err.filename}: {err.strerror}; python demo.py makes the synthetic set and the model')
     found = tracking_units(results)
     for question, (r, _, answers) in found.items():
         best = r.abs().argsort(descending=True)[:3].tolist()
