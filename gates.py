@@ -55,15 +55,21 @@ def replay(decoder, feature, ids):
     return layers
 
 
+def decode_options(vocab, max_len=None, min_len=1):
+    """The word ids sample.caption_images passes to greedy and beam search, so the captions are the same."""
+    never = sorted({vocab('<unk>'), vocab('<pad>'), vocab('<start>')})
+    return dict(end_id=vocab('<end>'), unk_id=never, max_len=max_len, min_len=min_len)
+
+
 @torch.no_grad()
-def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0):
+def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0, min_len=1):
     """Caption one image as sample.py does and replay its LSTM: a dict with the caption, its words and the gates.
 
     Raises data_loader.ImageError for an unreadable image.
     """
     image = load_image(path)
     feature = encoder(eval_transform(config['image_size'], config['crop_size'])(image).unsqueeze(0).to(device))
-    special = dict(end_id=vocab('<end>'), unk_id=vocab('<unk>'), max_len=max_len)
+    special = decode_options(vocab, max_len, min_len)
     if beam_size > 1:
         ids = decoder.beam_search(feature, beam_size, length_penalty=length_penalty, **special)[0]
     else:

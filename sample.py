@@ -140,6 +140,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.gates or args.gates_json) and len(args.image) != 1:
         parser.error('--gates and --gates_json take one --image')
+    if (args.gates or args.gates_json) and args.onnx:
+        parser.error('--gates and --gates_json need the PyTorch model: leave out --onnx')
 
     device = pick_device('cpu' if args.onnx else args.device)
     try:
@@ -168,7 +170,7 @@ def main(argv=None):
         import gates
         try:
             result = gates.record(args.image[0], encoder, decoder, vocab, config, device, args.max_len,
-                                  args.beam_size, args.length_penalty)
+                                  args.beam_size, args.length_penalty, args.min_len)
             print(result['caption'])
             gates.save(result, args.gates, args.gates_json)
         except ImageError as err:

@@ -59,14 +59,15 @@ def test_record_replays_the_caption_that_sample_py_writes(dataset, checkpoint): 
             assert len(result['words']) == result['layers'][0]['h'].size(0) == len(result['log_probs'])
             if beam_size == 1:  # the replayed hidden states choose the same words, step by step
                 scores = decoder.linear(result['layers'][-1]['h']).detach()
-                scores[:, vocab('<unk>')] = -float('inf')
+                scores[:, [vocab('<unk>'), vocab('<pad>'), vocab('<start>')]] = -float('inf')
+                scores[0, vocab('<end>')] = -float('inf')  # min_len 1
                 assert scores.argmax(1).tolist() == result['ids'].tolist()
 
 
 def test_all_beams_are_ranked_and_scored_by_their_log_probability(dataset, checkpoint):  # noqa: F811
     encoder, decoder, vocab, config = load_captioner(str(checkpoint))
     result = gates.record(str(sorted((dataset / 'val').iterdir())[0]), encoder, decoder, vocab, config, 'cpu')
-    special = dict(end_id=vocab('<end>'), unk_id=vocab('<unk>'))
+    special = gates.decode_options(vocab)
     with torch.no_grad():
         feature = encoder(eval_transform(config['image_size'], config['crop_size'])(result['image'])[None])
         beams, scores = decoder.beam_search(feature, 4, all_beams=True, **special)
