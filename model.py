@@ -230,12 +230,14 @@ class DecoderRNN(nn.Module):
         return torch.stack(words, 1)
 
     @torch.no_grad()
-    def beam_search(self, features, beam_size=3, end_id=2, unk_id=3, max_len=None, length_penalty=0.0, min_len=1):
+    def beam_search(self, features, beam_size=3, end_id=2, unk_id=3, max_len=None, length_penalty=0.0, min_len=1,
+                    all_beams=False):
         """Batched beam search: for each image the caption of highest total log-probability among the beams.
 
         With length_penalty alpha > 0, finished captions are ranked by log p / length^alpha, which stops
         the search from favouring short captions. A caption has at least min_len words before <end>, so
         an empty one (just <end>) never wins. beam_size=1 gives exactly the greedy caption.
+        all_beams=True returns every beam, best first, (batch, beams, steps), and their log-probabilities.
         """
         batch, beams = features.size(0), beam_size
         # Every beam starts from the image; only beam 0 counts at first, so the first step picks distinct words.
@@ -267,7 +269,11 @@ class DecoderRNN(nn.Module):
             inputs = self.embed(words.flatten())
         lengths = ((sequences != end_id).cumsum(2) == torch.arange(1, sequences.size(2) + 1, device=scores.device))
         lengths = lengths.sum(2) + finished.long()  # words up to and including <end>
-        best = (scores / lengths.float() ** length_penalty).argmax(1)
+        ranking = scores / lengths.float() ** length_penalty
+        if all_beams:  # every beam, best first, with its total log-probability
+            order = ranking.argsort(dim=1, descending=True, stable=True)
+            return sequences.gather(1, order.unsqueeze(2).expand_as(sequences)), scores.gather(1, order)
+        best = ranking.argmax(1)
         return sequences[torch.arange(batch), best]
 
 def load_captioner(path, device='cpu'):

@@ -133,9 +133,15 @@ def main(argv=None):
     parser.add_argument('--length_penalty', type=nonnegative_float, default=0.0,
                         help='rank beams by log p / length^alpha')
     parser.add_argument('--grid', type=str, default=None, help='also write all captioned images as one PNG grid')
+    parser.add_argument('--gates', type=str, default=None, help="one image: PNG of the LSTM's gates at every word")
+    parser.add_argument('--gates_json', type=str, default=None, help='one image: the gates as JSON numbers')
     parser.add_argument('--device', type=str, default=None)
     parser.add_argument('--onnx', type=str, default=None, help="export.py's folder: caption with onnxruntime on the CPU")
     args = parser.parse_args(argv)
+    if (args.gates or args.gates_json) and len(args.image) != 1:
+        parser.error('--gates and --gates_json take one --image')
+    if (args.gates or args.gates_json) and args.onnx:
+        parser.error('--gates and --gates_json need the PyTorch model: leave out --onnx')
 
     device = pick_device('cpu' if args.onnx else args.device)
     try:
@@ -159,6 +165,19 @@ def main(argv=None):
         sys.exit(f'error: {err}')
     if not args.onnx:
         encoder, decoder = encoder.to(device), decoder.to(device)
+
+    if args.gates or args.gates_json:
+        import gates
+        try:
+            result = gates.record(args.image[0], encoder, decoder, vocab, config, device, args.max_len,
+                                  args.beam_size, args.length_penalty, args.min_len)
+            print(result['caption'])
+            gates.save(result, args.gates, args.gates_json)
+        except ImageError as err:
+            sys.exit(f'error: {err}')
+        except OSError as err:
+            sys.exit(f'error: could not write {err.filename or args.gates or args.gates_json} ({err.strerror or err})')
+        return
 
     captions, errors = caption_images(args.image, encoder, decoder, vocab, config, device, args.max_len,
                                       args.beam_size, args.length_penalty, args.min_len)
