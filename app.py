@@ -17,7 +17,7 @@ import torch
 
 import gates
 from data_loader import ImageError, eval_transform
-from model import CheckpointError, ids_to_sentence, load_captioner
+from model import CheckpointError, decode_options, ids_to_sentence, load_captioner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = [os.path.join(HERE, 'png', name) for name in ('example.png', 'example_single.png')]
@@ -34,7 +34,7 @@ def describe(path, encoder, decoder, vocab, config, beam_size):
         return f'error: {name} is not an image this page can read; upload a PNG or JPEG', '', '', None
     with torch.no_grad():
         feature = encoder(eval_transform(config['image_size'], config['crop_size'])(result['image'])[None])
-        beams, scores = decoder.beam_search(feature, beam_size, all_beams=True, **gates.decode_options(vocab))
+        beams, scores = decoder.beam_search(feature, beam_size, all_beams=True, **decode_options(vocab))
     rows = [f'| {rank} | {ids_to_sentence(ids, vocab)} | {score:.3f} |'
             for rank, (ids, score) in enumerate(zip(beams[0], scores[0].tolist()), start=1) if score > -float('inf')]
     table = '\n'.join([f'| beam | caption (beam size {beam_size}) | log p |', '|---:|---|---:|', *rows])

@@ -22,7 +22,7 @@ from PIL import Image
 
 import synthetic
 from data_loader import ImageError, eval_transform, load_image
-from model import CheckpointError, atomic_write, ids_to_sentence, load_captioner
+from model import CheckpointError, atomic_write, decode_options, ids_to_sentence, load_captioner
 
 # What each heatmap shows, in the letters of DIY_LSTM.py, its colour map and its range.
 PANELS = (('g', 'input gate g', 'viridis', 0, 1), ('f', 'forget gate f', 'viridis', 0, 1),
@@ -53,12 +53,6 @@ def replay(decoder, feature, ids):
         layers.append({key: torch.stack([step[key] for step in steps]) for key in steps[0]})
         inputs = layers[-1]['h']
     return layers
-
-
-def decode_options(vocab, max_len=None, min_len=1):
-    """The word ids sample.caption_images passes to greedy and beam search, so the captions are the same."""
-    never = sorted({vocab('<unk>'), vocab('<pad>'), vocab('<start>')})
-    return dict(end_id=vocab('<end>'), unk_id=never, max_len=max_len, min_len=min_len)
 
 
 @torch.no_grad()

@@ -210,19 +210,29 @@ class DecoderRNN(nn.Module):
             raise ValueError(f'the longest caption must be at least 1 word, not {max_len}')
         return max_len
 
+    @staticmethod
+    def forbid(log_probs, step, said, end_id, unk_id, start_id, min_len):
+        """Rule words out, in place, for greedy and beam decoding alike: unk_id (an id or a list of ids)
+        always; start_id after the first step (train.py's captions begin with <start>, so a trained model
+        says it first); and <end> while fewer than min_len words other than <start> have been said, so
+        that no caption comes out empty."""
+        log_probs[..., unk_id] = -math.inf
+        if start_id is not None and step > 0:
+            log_probs[..., start_id] = -math.inf
+        log_probs[..., end_id] = log_probs[..., end_id].masked_fill(said < min_len, -math.inf)
+
     @torch.no_grad()
-    def sample(self, features, end_id=2, unk_id=3, max_len=None, min_len=1):
-        """Greedy decoding for a batch, never choosing unk_id (an id or a list of ids), nor <end> before
-        min_len words; stops once every caption has produced <end>."""
+    def sample(self, features, end_id=2, unk_id=3, max_len=None, min_len=1, start_id=None):
+        """Greedy decoding for a batch, with the rules of forbid(); stops once every caption has produced <end>."""
         inputs, states = features, None
         words, finished = [], torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
+        said = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
         for t in range(self.decode_length(max_len)):
             log_probs, states = self.step(inputs, states)
-            log_probs[:, unk_id] = -math.inf
-            if t < min_len:
-                log_probs[:, end_id] = -math.inf
+            self.forbid(log_probs, t, said, end_id, unk_id, start_id, min_len)
             predicted = log_probs.argmax(1)
             words.append(predicted)
+            said += predicted != start_id if start_id is not None else 1
             finished |= predicted == end_id
             if finished.all():
                 break
@@ -231,12 +241,12 @@ class DecoderRNN(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, features, beam_size=3, end_id=2, unk_id=3, max_len=None, length_penalty=0.0, min_len=1,
-                    all_beams=False):
+                    all_beams=False, start_id=None):
         """Batched beam search: for each image the caption of highest total log-probability among the beams.
 
         With length_penalty alpha > 0, finished captions are ranked by log p / length^alpha, which stops
-        the search from favouring short captions. A caption has at least min_len words before <end>, so
-        an empty one (just <end>) never wins. beam_size=1 gives exactly the greedy caption.
+        the search from favouring short captions. The rules of forbid() hold, so an empty caption never wins.
+        beam_size=1 gives exactly the greedy caption.
         all_beams=True returns every beam, best first, (batch, beams, steps), and their log-probabilities.
         """
         batch, beams = features.size(0), beam_size
@@ -252,9 +262,8 @@ class DecoderRNN(nn.Module):
                 break
             log_probs, states = self.step(inputs, states)
             log_probs = log_probs.view(batch, beams, -1)
-            log_probs[:, :, unk_id] = -math.inf
-            if t < min_len:  # no beam has finished yet
-                log_probs[:, :, end_id] = -math.inf
+            said = (sequences != start_id).sum(2) if start_id is not None else sequences.new_full(finished.shape, t)
+            self.forbid(log_probs, t, said, end_id, unk_id, start_id, min_len)
             # A finished beam can only repeat <end>, at no cost, so its score stays as it was.
             log_probs = log_probs.masked_fill(finished.unsqueeze(2), -math.inf)
             log_probs[:, :, end_id] = log_probs[:, :, end_id].masked_fill(finished, 0.0)
@@ -293,6 +302,12 @@ def load_captioner(path, device='cpu'):
     if len(vocab) != config['vocab_size']:
         raise CheckpointError(f'{path}: holds {len(vocab)} words but its decoder expects {config["vocab_size"]}')
     return encoder.to(device).eval(), decoder.to(device).eval(), vocab, config
+
+
+def decode_options(vocab, max_len=None, min_len=1):
+    """The special word ids for DecoderRNN.sample and beam_search, so every script decodes alike."""
+    return dict(end_id=vocab('<end>'), unk_id=sorted({vocab('<unk>'), vocab('<pad>')}), start_id=vocab('<start>'),
+                max_len=max_len, min_len=min_len)
 
 
 def ids_to_sentence(ids, vocab):

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from build_vocab import VocabError, load_vocab
 from data_loader import ImageError, eval_transform, load_image
-from model import (CheckpointError, DecoderRNN, EncoderCNN, ids_to_sentence, load_captioner, nonnegative_float,
-                   positive_int, read_checkpoint)
+from model import (CheckpointError, DecoderRNN, EncoderCNN, decode_options, ids_to_sentence, load_captioner,
+                   nonnegative_float, positive_int, read_checkpoint)
 from train import pick_device
 
 
@@ -59,7 +59,7 @@ def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):
 def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
                    min_len=1):
     """Returns {path: caption} for readable images and {path: error} for the rest. A caption has at least
-    min_len words: <end> is not allowed before, and <pad>, <start> and <unk> never, so none comes out empty."""
+    min_len words before <end>, so none comes out empty (DecoderRNN.forbid)."""
     transform = eval_transform(config['image_size'], config['crop_size'])
     images, captions, errors = {}, {}, {}
     for path in paths:
@@ -70,8 +70,7 @@ def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None,
     if images:
         with torch.no_grad():
             features = encoder(torch.stack(list(images.values())).to(device))
-        never = sorted({vocab('<unk>'), vocab('<pad>'), vocab('<start>')})
-        special = dict(end_id=vocab('<end>'), unk_id=never, max_len=max_len, min_len=min_len)
+        special = decode_options(vocab, max_len, min_len)
         if beam_size > 1:
             ids = decoder.beam_search(features, beam_size, length_penalty=length_penalty, **special)
         else:

@@ -59,8 +59,10 @@ def test_record_replays_the_caption_that_sample_py_writes(dataset, checkpoint): 
             assert len(result['words']) == result['layers'][0]['h'].size(0) == len(result['log_probs'])
             if beam_size == 1:  # the replayed hidden states choose the same words, step by step
                 scores = decoder.linear(result['layers'][-1]['h']).detach()
-                scores[:, [vocab('<unk>'), vocab('<pad>'), vocab('<start>')]] = -float('inf')
-                scores[0, vocab('<end>')] = -float('inf')  # min_len 1
+                scores[:, [vocab('<unk>'), vocab('<pad>')]] = -float('inf')
+                scores[1:, vocab('<start>')] = -float('inf')  # only the first word may be <start>
+                said = (result['ids'] != vocab('<start>')).long().cumsum(0) - (result['ids'] != vocab('<start>')).long()
+                scores[said < 1, vocab('<end>')] = -float('inf')  # min_len 1: a word other than <start> first
                 assert scores.argmax(1).tolist() == result['ids'].tolist()
 
 
