@@ -304,7 +304,7 @@ def test_val_max_images_validates_on_a_fixed_subset(trained):
 # --- --help, and the demo's stopping rule -------------------------------------------------------
 
 SCRIPTS = ['train', 'sample', 'evaluate', 'extract_features', 'build_vocab', 'resize', 'synthetic', 'plot_history',
-           'demo', 'bench_lstm', 'bench_resize', 'bench_train']
+           'demo', 'bench_lstm', 'bench_resize', 'bench_train', 'bench_sample']
 
 
 def test_every_script_shows_defaults_and_explains_every_flag(monkeypatch):
