@@ -117,7 +117,8 @@ def main():
     parser.add_argument('--image_dir', default='./data/train2014/', help='folder of images to resize (only read)')
     parser.add_argument('--output_dir', default='./data/resized2014/', help='folder for the resized images')
     parser.add_argument('--image_size', type=int, default=256, help='side of the square output images')
-    parser.add_argument('--workers', type=int, default=os.cpu_count(), help='processes to use; the default is every core here')
+    parser.add_argument('--workers', type=int, default=os.cpu_count(),
+                        help='processes to use; the default is every core here')
     args = parser.parse_args()
     try:
         resized, skipped, failed = resize_folder(args.image_dir, args.output_dir, args.image_size, args.workers)

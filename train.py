@@ -118,7 +118,8 @@ def pick_device(name=None):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f'--device {name}: not a device name; the devices here are: {", ".join(devices_here())}') from None
+        raise ValueError(f'--device {name}: not a device name; the devices here are: '
+                         f'{", ".join(devices_here())}') from None
     missing = {'cuda': device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count(),
                'mps': device.type == 'mps' and not torch.backends.mps.is_available()}
     if any(missing.values()):
@@ -178,7 +179,8 @@ def sample_captions(model, dataset, vocab, device, count=4):
         seen.add(image['id'])
         encode = model.encoder.head if model.from_features else model.encoder
         ids = model.decoder.sample(encode(inputs.unsqueeze(0).to(device)))
-        rows.append(f"| {image['file_name']} | {ids_to_sentence(ids[0], vocab)} | {ids_to_sentence(reference, vocab)} |")
+        caption, reference = ids_to_sentence(ids[0], vocab), ids_to_sentence(reference, vocab)
+        rows.append(f"| {image['file_name']} | {caption} | {reference} |")
         if len(seen) == count:
             break
     model.train()
@@ -357,8 +359,9 @@ def train(args, on_epoch_end=None, on_step=None):
     if args.features:
         dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip)
     else:
-        dataset = CocoDataset(args.image_dir, args.caption_path, vocab, train_transform(args.crop_size, not args.no_flip),
-                              skip_unreadable=not args.strict, return_errors=True)
+        dataset = CocoDataset(args.image_dir, args.caption_path, vocab,
+                              train_transform(args.crop_size, not args.no_flip), skip_unreadable=not args.strict,
+                              return_errors=True)
     sampler = ResumableSampler(dataset, args.batch_size, rank, world_size, args.seed)
     loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=sampler,
                      collate=collate_skipping)

@@ -127,7 +127,8 @@ def test_a_failed_write_never_leaves_half_a_done_file(dataset, tmp_path, monkeyp
             raise OSError(28, 'No space left on device')
         return real_save(file, array, *args, **kwargs)
 
-    argv = ['--image_dir', str(dataset / 'train'), '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
+    argv = ['--image_dir', str(dataset / 'train'),
+            '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
             '--output_dir', str(tmp_path / 'features'), '--backbone', 'smallcnn', '--weights', 'none',
             '--image_size', '32', '--crop_size', '32', '--batch_size', '10', '--num_workers', '0']
     monkeypatch.setattr(np, 'save', disk_full_on_third_save)
