@@ -114,7 +114,8 @@ def devices_here():
 def pick_device(name=None):
     """The device named, if this machine has it (else a ValueError that lists those it has), or the best one."""
     if not name:
-        return torch.device(devices_here()[0])
+        return torch.device('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available()
+                            else 'cpu')
     try:
         device = torch.device(name)
     except RuntimeError:
