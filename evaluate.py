@@ -5,7 +5,7 @@ the COCO caption evaluation code (pycocoevalcap).
     python evaluate.py --checkpoint models/checkpoint.pt --image_dir data/resized_val2014 \\
         --caption_path data/annotations/captions_val2014.json --split_file dataset_coco.json --split test
     # the synthetic set
-    python evaluate.py --checkpoint models/demo/best.pt --image_dir data/synthetic/val \\
+    python evaluate.py --checkpoint models/demo/most_accurate.pt --image_dir data/synthetic/val \\
         --caption_path data/synthetic/annotations/captions_val.json --beam_size 3
 
 SPICE is not run: its scorer downloads Stanford CoreNLP when it starts. METEOR and the PTB tokenizer
