@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from DIY_LSTM import LSTM
+from model import positive_int
 
 
 def sync(device):
@@ -78,16 +79,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--embed_size', type=int, default=256, help="the LSTM's input size")
-    parser.add_argument('--hidden_size', type=int, default=512, help="the LSTM's hidden size")
-    parser.add_argument('--batch_size', type=int, default=128, help='sequences per batch')
-    parser.add_argument('--repeats', type=int, default=30, help='timed repeats; the table reports their median')
-    parser.add_argument('--threads', type=int, default=2, help='CPU threads for torch')
+    parser.add_argument('--embed_size', type=positive_int, default=256, help="the LSTM's input size")
+    parser.add_argument('--hidden_size', type=positive_int, default=512, help="the LSTM's hidden size")
+    parser.add_argument('--batch_size', type=positive_int, default=128, help='sequences per batch')
+    parser.add_argument('--repeats', type=positive_int, default=30,
+                        help='timed repeats; the table reports their median')
+    parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads for torch')
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
     parser.add_argument('--seed', type=int, default=0, help='seed of the weights and inputs')
     parser.add_argument('--compile_mode', default=None,
                         help='torch.compile mode for the compiled loop (None: reduce-overhead on CUDA, else default)')
-    parser.add_argument('--steps_per_call', type=int, default=8, help='time steps per call of the compiled loop')
+    parser.add_argument('--steps_per_call', type=positive_int, default=8,
+                        help='time steps per call of the compiled loop')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

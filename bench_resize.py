@@ -25,6 +25,7 @@ import time
 import PIL
 from PIL import Image, ImageChops, ImageStat
 
+from model import positive_int
 from resize import SAVE_OPTIONS, HelpFormatter, resize_folder
 
 
@@ -66,12 +67,12 @@ def mean_difference(dir_a, dir_b):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--num_images', type=int, default=200, help='JPEGs to generate and resize')
-    parser.add_argument('--width', type=int, default=640, help='width of the generated photos')
-    parser.add_argument('--height', type=int, default=480, help='height of the generated photos')
-    parser.add_argument('--image_size', type=int, default=256, help='side of the square output images')
-    parser.add_argument('--repeats', type=int, default=3, help='rounds; the table reports their median')
-    parser.add_argument('--workers', type=int, default=os.cpu_count(),
+    parser.add_argument('--num_images', type=positive_int, default=200, help='JPEGs to generate and resize')
+    parser.add_argument('--width', type=positive_int, default=640, help='width of the generated photos')
+    parser.add_argument('--height', type=positive_int, default=480, help='height of the generated photos')
+    parser.add_argument('--image_size', type=positive_int, default=256, help='side of the square output images')
+    parser.add_argument('--repeats', type=positive_int, default=3, help='rounds; the table reports their median')
+    parser.add_argument('--workers', type=positive_int, default=os.cpu_count(),
                         help="resize.py's processes in the last row; the default is every core here")
     parser.add_argument('--seed', type=int, default=0, help='seed of the generated photos')
     args = parser.parse_args()

@@ -18,7 +18,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from model import DecoderRNN, EncoderCNN, save_checkpoint
+from model import DecoderRNN, EncoderCNN, positive_int, save_checkpoint
 from train import HelpFormatter
 
 
@@ -44,8 +44,8 @@ def peak_memory(command):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--counts', type=int, nargs='+', default=[50, 500], help='folder sizes to caption')
-    parser.add_argument('--batch_size', type=int, default=32, help="sample.py's --batch_size")
+    parser.add_argument('--counts', type=positive_int, nargs='+', default=[50, 500], help='folder sizes to caption')
+    parser.add_argument('--batch_size', type=positive_int, default=32, help="sample.py's --batch_size")
     parser.add_argument('--backbone', default='resnet152', help='torchvision ResNet of the model')
     args = parser.parse_args()
     rng = np.random.default_rng(0)

@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import pickle
 import sys
 from collections import Counter
@@ -17,6 +16,8 @@ from collections import Counter
 from nltk.tokenize import NLTKWordTokenizer
 from pycocotools.coco import COCO
 from tqdm import tqdm
+
+from model import CheckpointError, positive_int, save_file
 
 SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
 
@@ -72,6 +73,37 @@ class Vocabulary:
         return vocab
 
 
+def usable_captions(coco, json):
+    """Ids of the annotations worth training on, with a count of each kind dropped: a caption that is not
+    text (null, a number, a list), one with no letter or digit (empty, or only punctuation), one whose
+    image_id is not in "images". A file with none left is an error, so nothing trains on nothing."""
+    if not isinstance(coco.dataset.get('images'), list) or 'annotations' not in coco.dataset:
+        missing = '"images" list' if 'annotations' in coco.dataset else '"annotations" key'
+        raise VocabError(f'{json}: not a COCO captions file (it has no {missing}); '
+                         'pass a captions_*.json from the COCO annotations')
+    if not coco.anns:
+        raise VocabError(f'{json}: has no annotations, so there is nothing to train on')
+    kept, dropped = [], {'that are not text': 0, 'with no words': 0, 'whose image_id is not in "images"': 0}
+    for ann_id, annotation in coco.anns.items():
+        caption = annotation.get('caption')
+        if not isinstance(caption, str):
+            dropped['that are not text'] += 1
+        elif not any(c.isalnum() for c in caption):
+            dropped['with no words'] += 1
+        elif annotation.get('image_id') not in coco.imgs:
+            dropped['whose image_id is not in "images"'] += 1
+        else:
+            kept.append(ann_id)
+    for reason, number in dropped.items():
+        if number:
+            print(f'note: {json}: dropped {number} captions {reason}')
+    if not kept:
+        reasons = ', '.join(f'{number} {reason}' for reason, number in dropped.items() if number)
+        raise VocabError(f'{json}: none of its {len(coco.anns)} captions is usable ({reasons}); '
+                         'pass a COCO captions file')
+    return kept
+
+
 def build_vocab(json_path, threshold):
     """Words that occur at least `threshold` times, most frequent first, ties alphabetical, so builds repeat."""
     try:
@@ -83,15 +115,9 @@ def build_vocab(json_path, threshold):
         raise VocabError(f'{json_path}: cannot read ({err.strerror})') from None
     except (ValueError, AssertionError, KeyError, TypeError) as err:
         raise VocabError(f'{json_path}: not a COCO captions file ({type(err).__name__}: {err})') from None
-    if 'annotations' not in coco.dataset:
-        raise VocabError(f'{json_path}: not a COCO captions file (no "annotations" list)')
-
     counter = Counter()
-    for ann_id, annotation in tqdm(coco.anns.items(), desc='tokenizing', unit='caption'):
-        caption = annotation.get('caption')
-        if not isinstance(caption, str):
-            raise VocabError(f'{json_path}: annotation {ann_id} has no caption text (is this a captions file?)')
-        counter.update(tokenize(caption))
+    for ann_id in tqdm(usable_captions(coco, json_path), desc='tokenizing', unit='caption'):
+        counter.update(tokenize(coco.anns[ann_id]['caption']))
 
     kept = sorted((word for word, count in counter.items() if count >= threshold), key=lambda w: (-counter[w], w))
     vocab = Vocabulary()
@@ -102,20 +128,8 @@ def build_vocab(json_path, threshold):
 
 def save_vocab(vocab, path):
     """Write the words in index order as JSON, atomically, so a crash never leaves half a vocabulary."""
-    folder = os.path.dirname(path)
-    tmp_path = f'{path}.tmp{os.getpid()}'
-    try:
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        with open(tmp_path, 'w', encoding='utf-8') as f:
-            json.dump({'words': [vocab.idx2word[i] for i in range(len(vocab))]}, f, indent=0)
-            f.write('\n')
-        os.replace(tmp_path, path)
-    except OSError as err:
-        raise VocabError(f'{path}: cannot write ({err.strerror or err})') from None
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    text = json.dumps({'words': [vocab.idx2word[i] for i in range(len(vocab))]}, indent=0) + '\n'
+    save_file(path, lambda f: f.write(text.encode('utf-8')))
 
 
 class _TutorialUnpickler(pickle.Unpickler):
@@ -195,12 +209,12 @@ def main():
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
                         help='COCO-format captions file')
     parser.add_argument('--vocab_path', type=str, default='data/vocab.json', help='where to save the vocabulary')
-    parser.add_argument('--threshold', type=int, default=4, help='minimum word count to be kept')
+    parser.add_argument('--threshold', type=positive_int, default=4, help='minimum word count to be kept')
     args = parser.parse_args()
     try:
         vocab = build_vocab(args.caption_path, args.threshold)
         save_vocab(vocab, args.vocab_path)
-    except VocabError as err:
+    except (VocabError, CheckpointError) as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(1)
     print(f'Total vocabulary size: {len(vocab)}')

@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torchvision import transforms
 
-from build_vocab import tokenize
+from build_vocab import tokenize, usable_captions
 from resize import to_rgb
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -36,12 +36,10 @@ def load_image(path):
 
 def read_coco(path):
     """A COCO-format captions file, without pycocotools' "loading annotations into memory..." chatter;
-    a file that cannot be read, or has no captions, is a ValueError naming it."""
+    a file that cannot be read is a ValueError naming it. Which captions are usable is usable_captions'."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             coco = COCO(path)
-        for annotation in coco.anns.values():
-            annotation['caption']
     except (OSError, ValueError, TypeError, KeyError, AssertionError) as err:
         raise ValueError(f'{path}: not a readable COCO captions file ({type(err).__name__}: {err})') from None
     return coco
@@ -64,21 +62,18 @@ def eval_transform(image_size, crop_size):
 class CocoDataset(data.Dataset):
     """One item per caption annotation: (image tensor, word ids from <start> to <end>).
 
-    Captions with no letter or digit (empty, or only punctuation) are dropped, with a count; a caption
-    longer than max_words words is cut there, keeping its <end>. With skip_unreadable, captions of
-    images missing from root are dropped (with a count); without it, they are an error. An image that
-    cannot be decoded raises ImageError, or with skip_unreadable or return_errors comes back as
-    (None, reason) for collate_skipping: raised in a DataLoader worker, the error would reach the user
-    wrapped in the worker's traceback, so training takes the reason back and decides in its own process.
+    Unusable captions are dropped with a count (see usable_captions); a caption longer than max_words
+    words is cut there, keeping its <end>. With skip_unreadable, captions of images missing from root are
+    dropped (with a count); without it, they are an error. An image that cannot be decoded raises
+    ImageError, or with skip_unreadable or return_errors comes back as (None, reason) for collate_skipping:
+    raised in a DataLoader worker, the error would reach the user wrapped in the worker's traceback, so
+    training takes the reason back and decides in its own process.
     """
 
     def __init__(self, root, json, vocab, transform=None, max_words=50, skip_unreadable=False, return_errors=False):
         self.root = root
         self.coco = read_coco(json)
-        captions = {ann_id: ann['caption'] for ann_id, ann in self.coco.anns.items()}
-        self.ids = [ann_id for ann_id, text in captions.items() if any(c.isalnum() for c in str(text))]
-        if len(self.ids) < len(captions):
-            print(f'note: {json}: dropped {len(captions) - len(self.ids)} captions with no words')
+        self.ids = usable_captions(self.coco, json)
         if root is not None:
             self._check_images(json, skip_unreadable)
         self.vocab, self.transform, self.max_words = vocab, transform, max_words
@@ -92,8 +87,11 @@ class CocoDataset(data.Dataset):
         if not missing:
             return
         message = f'{len(missing)} of the {len(needed)} images named in {json} are missing from {self.root}'
+        if missing == needed:
+            raise ImageError(f'none of the {len(needed)} images named in {json} is in {self.root}: pass the folder '
+                             'that resize.py wrote for these annotations')
         if not skip_missing:
-            raise ImageError(message)
+            raise ImageError(f'{message}; leave out --strict to skip their captions')
         print(f'note: {message}; their captions are skipped')
         self.ids = [ann_id for ann_id in self.ids if self.coco.anns[ann_id]['image_id'] not in missing]
 
@@ -153,6 +151,9 @@ class FeatureDataset(CocoDataset):
             kept = [ann_id for ann_id in self.ids if self.coco.anns[ann_id]['image_id'] not in unreadable]
             print(f'note: {folder}: {len(unreadable)} images could not be read when it was made; '
                   f'their {len(self.ids) - len(kept)} captions are skipped')
+            if not kept:
+                raise ValueError(f'{folder}: none of the images of {json} could be read when it was made, '
+                                 'so there is nothing to train on; check the images in --image_dir')
             self.ids = kept
         missing = {self.coco.anns[ann_id]['image_id'] for ann_id in self.ids} - set(self.row)
         if missing:

@@ -19,7 +19,7 @@ import torch
 import synthetic
 import train as trainer
 from build_vocab import build_vocab, save_vocab
-from model import load_captioner, save_checkpoint
+from model import count, load_captioner, positive_float, positive_int, save_checkpoint
 from sample import caption_images, captioned_picture
 from train import HelpFormatter
 
@@ -52,15 +52,15 @@ def main():
     parser.add_argument('--root', default='data/synthetic', help='where the synthetic set goes')
     parser.add_argument('--model_path', default='models/demo', help='where checkpoints go')
     parser.add_argument('--png_dir', default='png', help='where the example and its captioned picture are')
-    parser.add_argument('--num_train', type=int, default=8000, help='training images')
-    parser.add_argument('--num_val', type=int, default=500, help='held-out images')
-    parser.add_argument('--minutes', type=float, default=8, help='training time budget, the most it takes')
-    parser.add_argument('--target', type=float, default=0.95,
+    parser.add_argument('--num_train', type=positive_int, default=8000, help='training images')
+    parser.add_argument('--num_val', type=positive_int, default=500, help='held-out images')
+    parser.add_argument('--minutes', type=positive_float, default=8, help='training time budget, the most it takes')
+    parser.add_argument('--target', type=positive_float, default=0.95,
                         help='held-out content accuracy after which training stops once it stops improving')
-    parser.add_argument('--patience', type=int, default=2,
+    parser.add_argument('--patience', type=count, default=2,
                         help='epochs without a better accuracy, after passing --target, before training stops')
-    parser.add_argument('--max_epochs', type=int, default=100, help='the most epochs it trains')
-    parser.add_argument('--hidden_size', type=int, default=256, help="the decoder LSTM's hidden size")
+    parser.add_argument('--max_epochs', type=positive_int, default=100, help='the most epochs it trains')
+    parser.add_argument('--hidden_size', type=positive_int, default=256, help="the decoder LSTM's hidden size")
     parser.add_argument('--seed', type=int, default=0, help='seed of the synthetic set and of training')
     args = parser.parse_args()
     start = time.time()

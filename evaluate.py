@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from build_vocab import VocabError, tokenize
 from data_loader import read_coco
-from model import CheckpointError, atomic_write, load_captioner
-from sample import caption_images
+from model import CheckpointError, atomic_write, load_captioner, nonnegative_float, positive_int
+from sample import caption_images, check_max_len
 from train import HelpFormatter, pick_device
 
 
@@ -84,11 +84,13 @@ def main(argv=None):
     parser.add_argument('--split', type=str, default='test', choices=['test', 'val'], help='the split to score')
     parser.add_argument('--results_path', type=str, default='results.json',
                         help='file for the captions, in COCO results format')
-    parser.add_argument('--beam_size', type=int, default=1, help='1 is greedy decoding')
-    parser.add_argument('--length_penalty', type=float, default=0.0, help='rank beams by log p / length^alpha')
-    parser.add_argument('--max_seq_length', '--max_len', type=int, default=None,
+    parser.add_argument('--beam_size', type=positive_int, default=1, help='1 is greedy decoding')
+    parser.add_argument('--length_penalty', type=nonnegative_float, default=0.0,
+                        help='rank beams by log p / length^alpha')
+    parser.add_argument('--max_seq_length', '--max_len', type=positive_int, default=None,
                         help="longest caption in words (None: the model's own, 20 unless trained otherwise)")
-    parser.add_argument('--batch_size', type=int, default=64, help='images captioned at a time')
+    parser.add_argument('--min_len', type=positive_int, default=1, help='fewest words before <end>')
+    parser.add_argument('--batch_size', type=positive_int, default=64, help='images captioned at a time')
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (None: the best available)')
     args = parser.parse_args(argv)
 
@@ -98,6 +100,7 @@ def main(argv=None):
             raise CheckpointError(f'{args.checkpoint}: no such file; train a model first (python train.py), '
                                   'or pass --checkpoint PATH')
         encoder, decoder, vocab, config = load_captioner(args.checkpoint, device)
+        check_max_len(args.checkpoint, config, args.max_seq_length)
         if not os.path.isfile(args.caption_path):
             raise FileNotFoundError(f'{args.caption_path}: no such file')
         coco = read_coco(args.caption_path)
@@ -110,7 +113,7 @@ def main(argv=None):
         chunk = image_ids[i:i + args.batch_size]
         paths = {os.path.join(args.image_dir, coco.imgs[image_id]['file_name']): image_id for image_id in chunk}
         captions, errors = caption_images(list(paths), encoder, decoder, vocab, config, device, args.max_seq_length,
-                                          args.beam_size, args.length_penalty, args.batch_size)
+                                          args.beam_size, args.length_penalty, args.batch_size, args.min_len)
         results.update({paths[path]: caption for path, caption in captions.items()})
         for message in errors.values():
             tqdm.write(f'error: {message}', file=sys.stderr)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data_loader import ImageError, eval_transform, load_image, open_cache, read_coco
-from model import CheckpointError, EncoderCNN, atomic_write, read_checkpoint, save_checkpoint
+from model import CheckpointError, EncoderCNN, count, positive_int, read_checkpoint, save_checkpoint, save_file
 from train import HelpFormatter, pick_device
 
 
@@ -56,7 +56,7 @@ def collate_readable(batch):
 
 
 def save_json(path, value):
-    atomic_write(path, lambda f: f.write(json.dumps(value).encode()))
+    save_file(path, lambda f: f.write(json.dumps(value).encode()))
 
 
 def extract(args):
@@ -83,7 +83,7 @@ def extract(args):
         features = np.lib.format.open_memmap(os.path.join(args.output_dir, 'features.npy'), mode='w+',
                                              dtype=np.float16, shape=(len(image_ids), 2, feature_size))
         done, unreadable = np.zeros(len(image_ids), dtype=bool), {}
-        atomic_write(os.path.join(args.output_dir, 'done.npy'), lambda f: np.save(f, done))
+        save_file(os.path.join(args.output_dir, 'done.npy'), lambda f: np.save(f, done))
         save_json(meta_path, dict(settings, image_ids=image_ids, feature_size=feature_size))
     encoder.to(device).eval()
 
@@ -108,7 +108,7 @@ def extract(args):
                 for row in rows.tolist():
                     unreadable.pop(str(image_ids[row]), None)  # read this time
             # Both only after the features are on disk, and each written whole or not at all.
-            atomic_write(os.path.join(args.output_dir, 'done.npy'), lambda f: np.save(f, done))
+            save_file(os.path.join(args.output_dir, 'done.npy'), lambda f: np.save(f, done))
             save_json(os.path.join(args.output_dir, 'unreadable.json'), unreadable)
     print(f'{int(done.sum())} of {len(image_ids)} images cached in {args.output_dir}')
     if unreadable:
@@ -126,10 +126,10 @@ def main(argv=None):
     parser.add_argument('--backbone', type=str, default='resnet152', help='torchvision ResNet name, or smallcnn')
     parser.add_argument('--weights', type=str, default='DEFAULT',
                         help='backbone weights: DEFAULT (ImageNet, downloaded), none, or a local .pth file')
-    parser.add_argument('--image_size', type=int, default=256, help='size resize.py gave the images')
-    parser.add_argument('--crop_size', type=int, default=224, help='side of the centre crop the backbone sees')
-    parser.add_argument('--batch_size', type=int, default=64, help='images per forward pass')
-    parser.add_argument('--num_workers', type=int, default=2, help='processes that read and decode images')
+    parser.add_argument('--image_size', type=positive_int, default=256, help='size resize.py gave the images')
+    parser.add_argument('--crop_size', type=positive_int, default=224, help='side of the centre crop the backbone sees')
+    parser.add_argument('--batch_size', type=positive_int, default=64, help='images per forward pass')
+    parser.add_argument('--num_workers', type=count, default=2, help='processes that read and decode images')
     parser.add_argument('--strict', action='store_true', help='stop at an unreadable image instead of skipping it')
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (default: the best available)')
     args = parser.parse_args(argv)
@@ -139,6 +139,9 @@ def main(argv=None):
         extract(args)
     except (CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
         sys.exit(f'error: {err}')
+    except OSError as err:  # features.npy is written in place, as a memory map: it cannot be renamed into place
+        sys.exit(f'error: could not write {err.filename or args.output_dir} ({err.strerror or err}); '
+                 'run again to go on')
 
 
 if __name__ == '__main__':

@@ -2,8 +2,10 @@
 that writes the caption word by word starting from that embedding (Vinyals et al., "Show and Tell",
 CVPR 2015). Parameter names match the PyTorch tutorial's model, so its checkpoints load as they are.
 """
+import argparse
 import math
 import os
+import re
 
 import torch
 import torchvision
@@ -15,6 +17,29 @@ from DIY_LSTM import LSTM
 
 class CheckpointError(Exception):
     """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
+
+
+def at_least(kind, low, above=False):
+    """An argparse type= for a finite int or float that is >= low (> low with above=True), so that a bad
+    value gets argparse's own one-line error instead of a traceback or a silent run that does nothing."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {"a whole number" if kind is int else "a number"}')
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'must be a finite number, not {text}')
+        if value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f'must be {"greater than" if above else "at least"} {low}, not {text}')
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+positive_int = at_least(int, 1)  # sizes, lengths, steps, epochs, beam sizes
+count = at_least(int, 0)  # --num_workers, --save_step (0: only at the end of each epoch)
+positive_float = at_least(float, 0, above=True)  # learning rates, clip values
+nonnegative_float = at_least(float, 0)
 
 
 def atomic_write(path, write):
@@ -34,23 +59,63 @@ def atomic_write(path, write):
         raise
 
 
-def save_checkpoint(path, checkpoint):
+def save_file(path, write):
+    """atomic_write, with a full disk or any other write failure as one CheckpointError line."""
     try:
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
+        atomic_write(path, write)
     except OSError as err:
         raise CheckpointError(f'could not write {path} ({err.strerror or err}); '
-                              'the previous checkpoint, if any, is intact') from None
+                              f'the previous {os.path.basename(path)}, if any, is intact') from None
+
+
+def save_checkpoint(path, checkpoint):
+    save_file(path, lambda f: torch.save(checkpoint, f))
+
+
+def remove_stale_temporaries(folder):
+    """Delete the NAME.tmpPID files that atomic_write leaves when a process is killed mid-save, if that
+    process is gone: each can be as large as a checkpoint. Returns (files removed, bytes freed)."""
+    removed, freed = 0, 0
+    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+        match = re.fullmatch(r'.+\.tmp(\d+)', entry.name)
+        if not match or not entry.is_file(follow_symlinks=False) or process_alive(int(match.group(1))):
+            continue
+        try:
+            size = entry.stat().st_size
+            os.remove(entry.path)
+        except FileNotFoundError:
+            continue  # another run removed it first
+        removed, freed = removed + 1, freed + size
+    return removed, freed
+
+
+def process_alive(pid):
+    """Whether a process with this id exists (signal 0 checks without sending anything)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # alive but someone else's, or not a real pid: leave the file alone
+    return True
 
 
 def read_checkpoint(path):
-    """torch.load with weights_only=True: tensors and plain data load, code never runs."""
+    """torch.load with weights_only=True: tensors and plain data load, code never runs. Every file this
+    project reads this way holds a dict (a checkpoint or a state dict), so anything else is refused."""
     if not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such file')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        loaded = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f'{path}: not a readable checkpoint ({reason})') from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f'{path}: holds a {type(loaded).__name__}, not a checkpoint (a dict of weights '
+                              'and settings); pass a checkpoint.pt written by train.py')
+    return loaded
 
 
 def small_cnn(width=16):
@@ -145,14 +210,23 @@ class DecoderRNN(nn.Module):
         hiddens, states = self.lstm(inputs.unsqueeze(1), states)
         return self.linear(hiddens.squeeze(1)).log_softmax(-1), states
 
+    def decode_length(self, max_len):
+        max_len = max_len or self.max_seq_length
+        if max_len < 1:
+            raise ValueError(f'the longest caption must be at least 1 word, not {max_len}')
+        return max_len
+
     @torch.no_grad()
-    def sample(self, features, end_id=2, unk_id=3, max_len=None):
-        """Greedy decoding for a batch, never choosing <unk>; stops once every caption has produced <end>."""
+    def sample(self, features, end_id=2, unk_id=3, max_len=None, min_len=1):
+        """Greedy decoding for a batch, never choosing unk_id (an id or a list of ids), nor <end> before
+        min_len words; stops once every caption has produced <end>."""
         inputs, states = features, None
         words, finished = [], torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
-        for _ in range(max_len or self.max_seq_length):
+        for t in range(self.decode_length(max_len)):
             log_probs, states = self.step(inputs, states)
             log_probs[:, unk_id] = -math.inf
+            if t < min_len:
+                log_probs[:, end_id] = -math.inf
             predicted = log_probs.argmax(1)
             words.append(predicted)
             finished |= predicted == end_id
@@ -162,11 +236,12 @@ class DecoderRNN(nn.Module):
         return torch.stack(words, 1)
 
     @torch.no_grad()
-    def beam_search(self, features, beam_size=3, end_id=2, unk_id=3, max_len=None, length_penalty=0.0):
+    def beam_search(self, features, beam_size=3, end_id=2, unk_id=3, max_len=None, length_penalty=0.0, min_len=1):
         """Batched beam search: for each image the caption of highest total log-probability among the beams.
 
         With length_penalty alpha > 0, finished captions are ranked by log p / length^alpha, which stops
-        the search from favouring short captions. beam_size=1 gives exactly the greedy caption.
+        the search from favouring short captions. A caption has at least min_len words before <end>, so
+        an empty one (just <end>) never wins. beam_size=1 gives exactly the greedy caption.
         """
         batch, beams = features.size(0), beam_size
         # Every beam starts from the image; only beam 0 counts at first, so the first step picks distinct words.
@@ -176,12 +251,14 @@ class DecoderRNN(nn.Module):
         sequences = torch.zeros(batch, beams, 0, dtype=torch.long, device=features.device)
         finished = torch.zeros(batch, beams, dtype=torch.bool, device=features.device)
         offsets = torch.arange(batch, device=features.device).unsqueeze(1) * beams
-        for _ in range(max_len or self.max_seq_length):
+        for t in range(self.decode_length(max_len)):
             if finished.all():
                 break
             log_probs, states = self.step(inputs, states)
             log_probs = log_probs.view(batch, beams, -1)
             log_probs[:, :, unk_id] = -math.inf
+            if t < min_len:  # no beam has finished yet
+                log_probs[:, :, end_id] = -math.inf
             # A finished beam can only repeat <end>, at no cost, so its score stays as it was.
             log_probs = log_probs.masked_fill(finished.unsqueeze(2), -math.inf)
             log_probs[:, :, end_id] = log_probs[:, :, end_id].masked_fill(finished, 0.0)

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from model import positive_int
+
 # File extension -> the format it is saved in, so an output's name always matches its content.
 FORMATS = {'.jpg': 'JPEG', '.jpeg': 'JPEG', '.png': 'PNG', '.bmp': 'BMP', '.gif': 'GIF', '.webp': 'WEBP'}
 SAVE_OPTIONS = {'JPEG': {'quality': 90}, 'WEBP': {'quality': 90}}
@@ -116,8 +118,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--image_dir', default='./data/train2014/', help='folder of images to resize (only read)')
     parser.add_argument('--output_dir', default='./data/resized2014/', help='folder for the resized images')
-    parser.add_argument('--image_size', type=int, default=256, help='side of the square output images')
-    parser.add_argument('--workers', type=int, default=os.cpu_count(),
+    parser.add_argument('--image_size', type=positive_int, default=256, help='side of the square output images')
+    parser.add_argument('--workers', type=positive_int, default=os.cpu_count(),
                         help='processes to use; the default is every core here')
     args = parser.parse_args()
     try:

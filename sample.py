@@ -22,7 +22,7 @@ from tqdm import tqdm
 from build_vocab import VocabError, load_vocab
 from data_loader import ImageError, eval_transform, load_image
 from model import (CheckpointError, DecoderRNN, EncoderCNN, atomic_write, ids_to_sentence, load_captioner,
-                   read_checkpoint)
+                   nonnegative_float, positive_int, read_checkpoint)
 from train import HelpFormatter, pick_device
 
 
@@ -60,11 +60,13 @@ def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):
 
 
 def caption_batches(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
-                    batch_size=32):
+                    batch_size=32, min_len=1):
     """Yields (paths of the batch, {path: caption}, {path: error}) for each batch in turn: only one batch of
-    images is in memory at a time."""
+    images is in memory at a time. A caption has at least min_len words: <end> is not allowed before, and
+    <pad>, <start> and <unk> never, so none comes out empty."""
     transform = eval_transform(config['image_size'], config['crop_size'])
-    special = dict(end_id=vocab('<end>'), unk_id=vocab('<unk>'), max_len=max_len)
+    never = sorted({vocab('<unk>'), vocab('<pad>'), vocab('<start>')})
+    special = dict(end_id=vocab('<end>'), unk_id=never, max_len=max_len, min_len=min_len)
     for start in range(0, len(paths), batch_size):
         batch, images, captions, errors = paths[start:start + batch_size], {}, {}, {}
         for path in batch:
@@ -84,14 +86,22 @@ def caption_batches(paths, encoder, decoder, vocab, config, device, max_len=None
 
 
 def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
-                   batch_size=32):
+                   batch_size=32, min_len=1):
     """Returns {path: caption} for readable images and {path: error} for the rest."""
     captions, errors = {}, {}
     for _, batch_captions, batch_errors in caption_batches(paths, encoder, decoder, vocab, config, device, max_len,
-                                                        beam_size, length_penalty, batch_size):
+                                                        beam_size, length_penalty, batch_size, min_len):
         captions.update(batch_captions)
         errors.update(batch_errors)
     return captions, errors
+
+
+def check_max_len(checkpoint, config, max_len):
+    """A checkpoint trained with --max_seq_length 0 (before that was refused) sets no usable caption length."""
+    trained = config.get('max_seq_length', 1)
+    if max_len is None and not (isinstance(trained, int) and trained >= 1):
+        raise CheckpointError(f'{checkpoint} was trained with --max_seq_length {trained}, which allows no words; '
+                              'pass --max_seq_length N, the longest caption in words')
 
 
 def image_paths(names):
@@ -148,18 +158,20 @@ def main(argv=None):
     parser.add_argument('--vocab_path', type=str, default=None,
                         help="the tutorial's vocab.pkl (with the two above); with --checkpoint, only checked")
     for name in ('embed_size', 'hidden_size', 'num_layers'):
-        parser.add_argument(f'--{name}', type=int, default=None,
+        parser.add_argument(f'--{name}', type=positive_int, default=None,
                             help="the tutorial model's size; optional: only checked against the weights")
     parser.add_argument('--output_dir', '--out', type=str, default=None,
                         help='folder for PNGs with the caption drawn beneath')
     parser.add_argument('--json', type=str, default=None,
                         help='also write the captions to this file, as [{"file_name": ..., "caption": ...}, ...]')
     parser.add_argument('--grid', type=str, default=None, help='also write all captioned images as one PNG grid')
-    parser.add_argument('--max_seq_length', '--max_len', type=int, default=None,
+    parser.add_argument('--max_seq_length', '--max_len', type=positive_int, default=None,
                         help="longest caption in words (None: the model's own, 20 unless trained otherwise)")
-    parser.add_argument('--beam_size', type=int, default=1, help='1 is greedy decoding')
-    parser.add_argument('--length_penalty', type=float, default=0.0, help='rank beams by log p / length^alpha')
-    parser.add_argument('--batch_size', type=int, default=32, help='images captioned at a time')
+    parser.add_argument('--min_len', type=positive_int, default=1, help='fewest words before <end>')
+    parser.add_argument('--beam_size', type=positive_int, default=1, help='1 is greedy decoding')
+    parser.add_argument('--length_penalty', type=nonnegative_float, default=0.0,
+                        help='rank beams by log p / length^alpha')
+    parser.add_argument('--batch_size', type=positive_int, default=32, help='images captioned at a time')
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (None: the best available)')
     args = parser.parse_args(argv)
 
@@ -180,6 +192,7 @@ def main(argv=None):
                 raise CheckpointError(f'{args.checkpoint} was trained with {len(vocab)} words but {args.vocab_path} '
                                       f'has {given}: leave out --vocab_path, since the checkpoint carries its own '
                                       'vocabulary')
+            check_max_len(args.checkpoint, config, args.max_seq_length)
     except (CheckpointError, VocabError, ValueError) as err:
         sys.exit(f'error: {err}')
     encoder, decoder = encoder.to(device), decoder.to(device)
@@ -188,7 +201,7 @@ def main(argv=None):
     results, pictures, failed = [], [], 0
     bar = tqdm(total=len(paths), unit='image', desc='captioning', disable=len(paths) <= args.batch_size)
     for batch, captions, errors in caption_batches(paths, encoder, decoder, vocab, config, device, args.max_seq_length,
-                                                   args.beam_size, args.length_penalty, args.batch_size):
+                                                   args.beam_size, args.length_penalty, args.batch_size, args.min_len):
         for path in batch:
             if path in errors:
                 tqdm.write(f'error: {errors[path]}', file=sys.stderr)

@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from model import count, positive_int
+
 SHAPES = ('circle', 'square', 'triangle')
 COLOURS = {'red': (220, 40, 40), 'green': (40, 160, 60), 'blue': (40, 80, 220),
            'yellow': (235, 200, 20), 'purple': (140, 50, 170)}
@@ -190,9 +192,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--root', default='data/synthetic', help='where images and annotations go')
-    parser.add_argument('--num_train', type=int, default=3000, help='training images')
-    parser.add_argument('--num_val', type=int, default=300, help='held-out images')
-    parser.add_argument('--image_size', type=int, default=64, help='side of the square images')
+    parser.add_argument('--num_train', type=positive_int, default=3000, help='training images')
+    parser.add_argument('--num_val', type=count, default=300, help='held-out images')
+    parser.add_argument('--image_size', type=positive_int, default=64, help='side of the square images')
     parser.add_argument('--seed', type=int, default=0, help='the same seed makes the same files')
     args = parser.parse_args()
     paths = make_synthetic_coco(args.root, args.num_train, args.num_val, args.image_size, args.seed)

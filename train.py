@@ -11,6 +11,7 @@ validation set best.pt keeps the epoch of lowest validation loss. Ctrl-C or SIGT
 after the current step, then stops. --resume takes the run's settings from the checkpoint.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -29,8 +30,8 @@ from tqdm import tqdm
 from build_vocab import VocabError, load_vocab
 from data_loader import (CocoDataset, FeatureDataset, ImageError, batches, collate_skipping, eval_transform,
                          open_cache, train_transform)
-from model import (CheckpointError, DecoderRNN, EncoderCNN, atomic_write, ids_to_sentence, read_checkpoint,
-                   save_checkpoint)
+from model import (CheckpointError, DecoderRNN, EncoderCNN, atomic_write, count, ids_to_sentence, nonnegative_float,
+                   positive_float, positive_int, read_checkpoint, remove_stale_temporaries, save_checkpoint, save_file)
 
 # What --resume takes from the checkpoint when the flag is not given again. The model's settings must
 # match the weights, so contradicting them is an error; the schedule's may change on purpose.
@@ -47,8 +48,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--model_path', type=str, default='models/',
                         help='folder for checkpoint.pt, best.pt, history.json and TensorBoard logs')
-    parser.add_argument('--crop_size', type=int, default=224, help='size for randomly cropping images')
-    parser.add_argument('--image_size', type=int, default=256, help='size resize.py gave the images')
+    parser.add_argument('--crop_size', type=positive_int, default=224, help='size for randomly cropping images')
+    parser.add_argument('--image_size', type=positive_int, default=256, help='size resize.py gave the images')
     parser.add_argument('--vocab_path', type=str, default='data/vocab.json', help='vocabulary from build_vocab.py')
     parser.add_argument('--image_dir', type=str, default='data/resized2014', help='resized training images')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
@@ -56,33 +57,35 @@ def parse_args(argv=None):
     parser.add_argument('--features', type=str, default=None, help='train from this extract_features.py cache')
     parser.add_argument('--val_image_dir', type=str, default=None, help='resized validation images')
     parser.add_argument('--val_caption_path', type=str, default=None, help='validation captions, for held-out loss')
-    parser.add_argument('--val_max_images', type=int, default=None,
+    parser.add_argument('--val_max_images', type=positive_int, default=None,
                         help='validate on the captions of only the first N validation images (by id)')
     parser.add_argument('--tensorboard', type=str, default=None,
                         help='folder for TensorBoard logs (default: tensorboard/ in --model_path); none: no logs')
-    parser.add_argument('--log_step', type=int, default=10, help='steps between logged losses')
-    parser.add_argument('--save_step', type=int, default=1000, help='steps between checkpoints (also every epoch)')
+    parser.add_argument('--log_step', type=positive_int, default=10, help='steps between logged losses')
+    parser.add_argument('--save_step', type=count, default=1000, help='steps between checkpoints (also every epoch)')
 
-    parser.add_argument('--embed_size', type=int, default=256, help='dimension of word embedding vectors')
-    parser.add_argument('--hidden_size', type=int, default=512, help='dimension of lstm hidden states')
-    parser.add_argument('--num_layers', type=int, default=1, help='number of layers in lstm')
-    parser.add_argument('--max_seq_length', type=int, default=20, help='longest caption the model writes, in words')
+    parser.add_argument('--embed_size', type=positive_int, default=256, help='dimension of word embedding vectors')
+    parser.add_argument('--hidden_size', type=positive_int, default=512, help='dimension of lstm hidden states')
+    parser.add_argument('--num_layers', type=positive_int, default=1, help='number of layers in lstm')
+    parser.add_argument('--max_seq_length', type=positive_int, default=20,
+                        help='longest caption the model writes, in words')
     parser.add_argument('--backbone', type=str, default='resnet152', help='torchvision ResNet name, or smallcnn')
     parser.add_argument('--weights', type=str, default='DEFAULT',
                         help="backbone weights: DEFAULT (ImageNet, downloaded), none, or a local .pth file")
     parser.add_argument('--train_backbone', action='store_true', help='train the CNN too instead of freezing it')
-    parser.add_argument('--bn_momentum', type=float, default=0.01, help="momentum of the encoder head's BatchNorm")
+    parser.add_argument('--bn_momentum', type=nonnegative_float, default=0.01,
+                        help="momentum of the encoder head's BatchNorm")
     parser.add_argument('--forget_bias', type=float, default=None, help='initial forget-gate bias (None: random)')
     parser.add_argument('--no_flip', action='store_true', help='no random mirroring (when captions say left/right)')
 
-    parser.add_argument('--num_epochs', type=int, default=5, help='passes over the training captions')
-    parser.add_argument('--batch_size', type=int, default=128,
+    parser.add_argument('--num_epochs', type=positive_int, default=5, help='passes over the training captions')
+    parser.add_argument('--batch_size', type=positive_int, default=128,
                         help='captions per step, per process (so torchrun multiplies it)')
-    parser.add_argument('--num_workers', type=int, default=2, help='processes that read and decode images')
-    parser.add_argument('--learning_rate', type=float, default=0.001, help="Adam's learning rate")
+    parser.add_argument('--num_workers', type=count, default=2, help='processes that read and decode images')
+    parser.add_argument('--learning_rate', type=positive_float, default=0.001, help="Adam's learning rate")
     parser.add_argument('--lr_schedule', choices=['constant', 'cosine'], default='constant',
                         help='cosine decays the learning rate to 0 over all steps')
-    parser.add_argument('--grad_clip', type=float, default=None, help='clip the gradient norm to this value')
+    parser.add_argument('--grad_clip', type=positive_float, default=None, help='clip the gradient norm to this value')
     parser.add_argument('--strict', action='store_true',
                         help='stop at a missing or unreadable image instead of skipping it')
     parser.add_argument('--skip_nonfinite', action='store_true',
@@ -266,6 +269,9 @@ def check_paths(args):
         os.remove(probe)
     except OSError as err:
         raise CheckpointError(f'cannot write checkpoints to {args.model_path} ({err.strerror or err})') from None
+    removed, freed = remove_stale_temporaries(args.model_path)
+    if removed:
+        print(f'removed {removed} temporary files ({freed / 2**20:.1f} MiB) that killed runs left in {args.model_path}')
     inputs = [(args.vocab_path, 'run build_vocab.py first, or pass --vocab_path'),
               (args.caption_path, 'run download.sh first, or pass --caption_path'),
               (args.features, 'run extract_features.py first, or pass another --features folder'),
@@ -278,6 +284,9 @@ def check_paths(args):
             raise FileNotFoundError(f'not found: {path}: {fix}')
     if (args.val_caption_path is None) != (args.val_image_dir is None):
         raise ValueError('give both --val_caption_path and --val_image_dir, or neither')
+    if args.features is None and args.crop_size > args.image_size:
+        raise ValueError(f'--crop_size {args.crop_size} is larger than --image_size {args.image_size}: '
+                         'give a crop no larger than the resized images')
 
 
 def build_model(args, vocab_size):
@@ -303,8 +312,13 @@ def restore_settings(args, path):
     """The checkpoint at path, after copying the run's settings from it into args, except those given as
     flags: a given model flag that contradicts the checkpoint is an error, a given schedule flag wins."""
     checkpoint = read_checkpoint(path)
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('model_args'), dict):
-        raise CheckpointError(f'{path}: not a train.py checkpoint, so training cannot resume from it')
+    lacking = [key for key in ('model_args', 'encoder', 'decoder', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch',
+                               'batches_done', 'step', 'history') if key not in checkpoint]
+    if not lacking and not isinstance(checkpoint['model_args'], dict):
+        lacking = ['model settings']
+    if lacking:
+        raise CheckpointError(f'{path}: not a checkpoint written by train.py (it has no {", ".join(lacking)}); '
+                              'resume from the checkpoint.pt in a --model_path')
     given = set(getattr(args, 'flags_given', vars(args)))
     saved = dict(checkpoint.get('args') or {}, **checkpoint['model_args'])
     contradicted = []
@@ -406,13 +420,12 @@ def train(args, on_epoch_end=None, on_step=None):
                   f'--num_epochs N, for N more than {epoch}', flush=True)
         elif main_process:
             print(f'resuming from {resume_path}: epoch {epoch + 1}, step {step}')
-    writer = None
+    writer, log_dir = None, args.tensorboard or os.path.join(args.model_path, 'tensorboard')
     if main_process and args.tensorboard != 'none':
         # Imported here: sample.py and evaluate.py import this module, and only training logs.
         from torch.utils.tensorboard import SummaryWriter
         # purge_step drops what a run that stopped after its last checkpoint logged past it.
-        writer = SummaryWriter(args.tensorboard or os.path.join(args.model_path, 'tensorboard'),
-                               purge_step=step if args.resume else None)
+        writer = tensorboard(lambda: SummaryWriter(log_dir, purge_step=step if args.resume else None), log_dir)
 
     def save(completed_epochs, batches):
         checkpoint = {'model_args': model_args, 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
@@ -422,7 +435,7 @@ def train(args, on_epoch_end=None, on_step=None):
                       'step': step, 'history': history, 'rng': torch.get_rng_state(), 'args': vars(args)}
         if main_process:
             save_checkpoint(checkpoint_path, checkpoint)
-            atomic_write(os.path.join(args.model_path, 'history.json'), lambda f: f.write(json.dumps(history).encode()))
+            save_file(os.path.join(args.model_path, 'history.json'), lambda f: f.write(json.dumps(history).encode()))
         return checkpoint
 
     ddp_model = model
@@ -433,6 +446,7 @@ def train(args, on_epoch_end=None, on_step=None):
         model.train()
         while epoch < args.num_epochs:
             sampler.start(epoch, batches_done)
+            epoch_start_step, epoch_start_batches = step, batches_done
             bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
                        initial=batches_done, total=steps_per_epoch, disable=not main_process)
             for inputs, captions, lengths, errors in bar:
@@ -486,6 +500,14 @@ def train(args, on_epoch_end=None, on_step=None):
                                       f'{checkpoint_path}; continue with --resume')
                 if args.save_step and step % args.save_step == 0:
                     save(epoch, batches_done)
+            seen = batches_done - epoch_start_batches  # step, batches_done and skipped agree in every process
+            if seen and step == epoch_start_step and not skipped:
+                raise ImageError(f'epoch {epoch + 1}: no image could be read, so nothing was trained; check the '
+                                 f'images in {args.image_dir}')
+            if seen and step == epoch_start_step:
+                raise NonFiniteLoss(f'epoch {epoch + 1}: nothing was trained: {skipped} of its {seen} batches had a '
+                                    'NaN or inf loss (the others no readable image); try a lower --learning_rate '
+                                    'or --grad_clip')
             epoch, batches_done = epoch + 1, 0
             if skipped and main_process:
                 print(f'epoch {epoch}: skipped {skipped} batches whose loss was NaN or inf', flush=True)
@@ -503,19 +525,33 @@ def train(args, on_epoch_end=None, on_step=None):
                     writer.add_scalar('val/perplexity', math.exp(value), step)
             if writer is not None:
                 writer.add_text('captions', sample_captions(model, val_set or dataset, vocab, device), step)
-                writer.flush()
+                tensorboard(writer.flush, log_dir)
             checkpoint = save(epoch, 0)
             if improved and main_process:
                 save_checkpoint(os.path.join(args.model_path, 'best.pt'), checkpoint)
             if on_epoch_end is not None and on_epoch_end(epoch - 1, encoder, decoder, checkpoint) is False:
                 break
+        if writer is not None:
+            tensorboard(writer.close, log_dir)
+            writer = None
     finally:
         stop.restore()
-        if writer is not None:
-            writer.close()
+        if writer is not None:  # an error is on its way out already: it, not this, is what the user sees
+            with contextlib.suppress(OSError):
+                writer.close()
         if world_size > 1:
             dist.destroy_process_group()
     return encoder, decoder, vocab, history
+
+
+def tensorboard(action, folder):
+    """action() on the TensorBoard writer; a full disk or an unwritable folder is the same one-line error
+    as for any other file training writes."""
+    try:
+        return action()
+    except OSError as err:
+        raise CheckpointError(f'could not write TensorBoard logs to {folder} ({err.strerror or err}); '
+                              'free some space, or pass --tensorboard none') from None
 
 
 def first_images(dataset, count=None):

@@ -128,13 +128,6 @@ def test_cell_matches_nn_lstmcell_batched_and_unbatched():
 CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], [True, False], [False, True]))
 
 
-@pytest.fixture
-def compiled_for_real():
-    """Past torch.compile's recompile limit the plain loop would run instead: make that an error."""
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        yield
-
-
 @pytest.mark.parametrize('num_layers,batch_first,bidirectional,bias,with_hx', CONFIGS)
 @pytest.mark.parametrize('input_kind', ['tensor', 'packed_sorted', 'packed_unsorted', 'unbatched'])
 @pytest.mark.parametrize('loop', ['plain', 'compiled'])

@@ -38,12 +38,13 @@ def sequence_log_prob(decoder, feature, words):
     return total
 
 
-def all_captions(vocab_size, max_len):
-    """Every word sequence that ends at <end> or reaches max_len, without <unk>."""
+def all_captions(vocab_size, max_len, min_len=0):
+    """Every word sequence that ends at <end> or reaches max_len, without <unk>, with at least min_len words
+    before <end>."""
     allowed = [w for w in range(vocab_size) if w != UNK]
     for length in range(1, max_len + 1):
         for words in itertools.product(allowed, repeat=length):
-            if END in words[:-1]:
+            if END in words[:-1] or END in words[:min_len]:
                 continue
             if words[-1] == END or length == max_len:
                 yield list(words)
@@ -56,16 +57,17 @@ def truncate(row):
 
 @pytest.mark.parametrize('seed', range(5))
 @pytest.mark.parametrize('length_penalty', [0.0, 1.0])
-def test_exhaustive_beam_finds_the_most_probable_caption(seed, length_penalty):
+@pytest.mark.parametrize('min_len', [0, 1, 2])
+def test_exhaustive_beam_finds_the_most_probable_caption(seed, length_penalty, min_len):
     decoder = tiny_decoder(seed)
     features = torch.randn(2, 4)
     with torch.no_grad():
         # 85 captions of up to 3 words exist, so 125 beams keep every one of them: the search is exhaustive.
         found = decoder.beam_search(features, beam_size=125, end_id=END, unk_id=UNK, max_len=3,
-                                    length_penalty=length_penalty)
+                                    length_penalty=length_penalty, min_len=min_len)
         for feature, row in zip(features, found):
             scored = [(sequence_log_prob(decoder, feature, words) / len(words) ** length_penalty, words)
-                      for words in all_captions(6, 3)]
+                      for words in all_captions(6, 3, min_len)]
             best_score, best_words = max(scored)
             assert truncate(row) == best_words
             assert sorted(s for s, _ in scored)[-2] < best_score - 1e-6  # a unique optimum, not a tie
@@ -95,14 +97,33 @@ def test_beam_size_one_is_greedy():
     assert [truncate(row) for row in greedy] == [truncate(row) for row in beam]
 
 
+def test_min_len_rules_out_the_empty_caption():
+    """Small random decoders often rank the empty caption (just <end>) first; with min_len=1 neither greedy
+    nor beam decoding ever returns it, and min_len=2 gives at least two words."""
+    empty_without, lengths = 0, {1: [], 2: []}
+    for seed in range(20):
+        decoder = tiny_decoder(seed)
+        features = torch.randn(8, 4)
+        with torch.no_grad():
+            unconstrained = decoder.beam_search(features, beam_size=3, end_id=END, unk_id=UNK, min_len=0)
+            empty_without += sum(truncate(row) == [END] for row in unconstrained)
+            for min_len in (1, 2):
+                for row in [*decoder.beam_search(features, beam_size=3, end_id=END, unk_id=UNK, min_len=min_len),
+                            *decoder.sample(features, end_id=END, unk_id=UNK, min_len=min_len)]:
+                    lengths[min_len].append(len(truncate(row)) - (END in row.tolist()))
+    assert empty_without > 0  # the case the rule is for does happen
+    assert min(lengths[1]) >= 1 and min(lengths[2]) >= 2
+    assert 1 in lengths[1]  # min_len=1 does not force longer captions than it must
+
+
 def test_beam_never_says_unk_and_stops_at_end():
     decoder = tiny_decoder(3)
     with torch.no_grad():
         decoder.linear.bias[UNK] = 50.0  # <unk> would win every step
         out = decoder.beam_search(torch.randn(4, 4), beam_size=3, end_id=END, unk_id=UNK)
         assert (out != UNK).all()
-        decoder.linear.bias[END] = 100.0  # now <end> wins at once
-        out = decoder.beam_search(torch.randn(4, 4), beam_size=3, end_id=END, unk_id=UNK)
+        decoder.linear.bias[END] = 100.0  # now <end> wins at once, after the one word min_len asks for
+        out = decoder.beam_search(torch.randn(4, 4), beam_size=3, end_id=END, unk_id=UNK, min_len=0)
     assert [truncate(row) for row in out] == [[END]] * 4
     assert (out == END).all()  # after <end> a beam only repeats <end>
 

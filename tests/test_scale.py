@@ -202,8 +202,7 @@ def test_diy_lstm_under_cpu_bf16_autocast(loop):
     assert diy.weight_hh_l0.grad.dtype == torch.float32 and diy.weight_hh_l0.grad.abs().sum() > 0
 
 
-@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
-def test_compiled_lstm_trains_like_the_plain_loop(dataset, tmp_path):
+def test_compiled_lstm_trains_like_the_plain_loop(dataset, tmp_path, compiled_for_real):
     plain = trainer.train(args_for(dataset, tmp_path / 'plain', '--num_epochs', '2'))[3]['train']
     compiled = trainer.train(args_for(dataset, tmp_path / 'compiled', '--num_epochs', '2', '--compile'))[3]['train']
     assert len(plain) == len(compiled) > 10
