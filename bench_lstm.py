@@ -95,18 +95,24 @@ def cpu_libraries():
     return text
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, and the docstring's examples as they are written."""
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--embed_size', type=positive_int, default=256)
-    parser.add_argument('--hidden_size', type=positive_int, default=512)
-    parser.add_argument('--batch_size', type=positive_int, default=128)
-    parser.add_argument('--repeats', type=positive_int, default=30)
-    parser.add_argument('--threads', type=positive_int, default=2)
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--seed', type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--embed_size', type=positive_int, default=256, help="the LSTM's input size")
+    parser.add_argument('--hidden_size', type=positive_int, default=512, help="the LSTM's hidden size")
+    parser.add_argument('--batch_size', type=positive_int, default=128, help='sequences per batch')
+    parser.add_argument('--repeats', type=positive_int, default=30,
+                        help='timed repeats; the table reports their median')
+    parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads for torch')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the weights and inputs')
     parser.add_argument('--compile_mode', default=None,
-                        help='torch.compile mode for the compiled loop (default: reduce-overhead on CUDA, else default)')
-    parser.add_argument('--steps_per_call', type=positive_int, default=8)
+                        help='torch.compile mode for the compiled loop (None: reduce-overhead on CUDA, else default)')
+    parser.add_argument('--steps_per_call', type=positive_int, default=8,
+                        help='time steps per call of the compiled loop')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -6,6 +6,7 @@ A vocabulary is saved as JSON ({"words": [...]} in index order). load_vocab also
 original tutorial's vocab.pkl, without running any code that a pickle could smuggle in.
 """
 import argparse
+import contextlib
 import io
 import json
 import pickle
@@ -106,7 +107,8 @@ def usable_captions(coco, json):
 def build_vocab(json_path, threshold):
     """Words that occur at least `threshold` times, most frequent first, ties alphabetical, so builds repeat."""
     try:
-        coco = COCO(json_path)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations into memory..."
+            coco = COCO(json_path)
     except FileNotFoundError:
         raise VocabError(f'{json_path}: no such file') from None
     except OSError as err:
@@ -202,7 +204,8 @@ def load_vocab(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description='Build the vocabulary of a COCO captions file.')
+    parser = argparse.ArgumentParser(description='Build the vocabulary of a COCO captions file.',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
                         help='COCO-format captions file')
     parser.add_argument('--vocab_path', type=str, default='data/vocab.json', help='where to save the vocabulary')

@@ -129,6 +129,11 @@ def small_cnn(width=16):
     return nn.Sequential(*layers), channels
 
 
+# The torchvision networks whose layers end in avgpool and fc, which is what EncoderCNN takes apart.
+RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d', 'resnext101_32x8d',
+           'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2')
+
+
 def backbone_trunk(name, weights):
     """A classification network without its final fc layer, and the size of the pooled features.
 
@@ -137,14 +142,15 @@ def backbone_trunk(name, weights):
     """
     if name == 'smallcnn':
         return small_cnn()
+    if name not in RESNETS:
+        raise ValueError(f'--backbone {name} is not supported: use smallcnn or a torchvision ResNet '
+                         f'({", ".join(RESNETS)})')
     local = weights is not None and weights != 'DEFAULT'
     try:
         net = torchvision.models.get_model(name, weights=None if local else weights)
-    except ValueError as err:
-        raise ValueError(f'unknown backbone {name!r}: use smallcnn or a torchvision ResNet such as resnet152') from err
     except OSError as err:  # urllib's URLError is an OSError
         raise CheckpointError(f'could not download the ImageNet weights of {name} ({err}); download them elsewhere '
-                           f'and pass --weights PATH, or --weights none') from err
+                              f'and pass --weights PATH, or --weights none') from err
     if local:
         net.load_state_dict(read_checkpoint(weights))
     return nn.Sequential(*list(net.children())[:-1]), net.fc.in_features
