@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from model import CheckpointError, DecoderRNN, load_captioner
+from train import HelpFormatter
 
 FILES = ('encoder.onnx', 'decoder_step.onnx', 'captioner.json')
 
@@ -37,6 +38,9 @@ class DecoderStep(nn.Module):
 def export_onnx(module, args, path, input_names, output_names):
     """torch.onnx.export through torch.export, every input's first dimension a dynamic batch; written to a
     temporary file and renamed, so that path never holds half a model."""
+    if not hasattr(torch.export.Dim, 'DYNAMIC'):
+        raise CheckpointError(f'export.py needs torch.export.Dim.DYNAMIC, which torch {torch.__version__} lacks: '
+                              'pip install --upgrade torch')
     batch = torch.export.Dim.DYNAMIC
     dynamic = tuple({1 if name in ('h', 'c') else 0: batch} for name in input_names)
     with torch.no_grad():
@@ -84,6 +88,7 @@ class OnnxDecoder:
     """decoder_step.onnx, decoded by DecoderRNN's own greedy and beam search loops."""
 
     sample, beam_search, decode_length = DecoderRNN.sample, DecoderRNN.beam_search, DecoderRNN.decode_length
+    forbid = staticmethod(DecoderRNN.forbid)
 
     def __init__(self, session, config):
         self.session, self.config = session, config
@@ -131,15 +136,15 @@ def load_onnx_captioner(folder, threads=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt', help='checkpoint from train.py')
-    parser.add_argument('--out', type=str, default='models/onnx', help='folder for the ONNX files')
+    parser.add_argument('--output_dir', '--out', type=str, default='models/onnx', help='folder for the ONNX files')
     args = parser.parse_args(argv)
     try:
-        export(args.checkpoint, args.out)
+        export(args.checkpoint, args.output_dir)
     except (CheckpointError, OSError) as err:
         sys.exit(f'error: {err}')
-    print(f'wrote {", ".join(os.path.join(args.out, name) for name in FILES)}')
+    print(f'wrote {", ".join(os.path.join(args.output_dir, name) for name in FILES)}')
 
 
 if __name__ == '__main__':

@@ -13,6 +13,8 @@ from model import load_captioner
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
+pytestmark = pytest.mark.skipif(not hasattr(torch.export.Dim, 'DYNAMIC'),
+                                reason='export.py needs torch.export.Dim.DYNAMIC (newer than torch 2.5)')
 
 
 @pytest.fixture(scope='module')
@@ -21,7 +23,7 @@ def exported(dataset, tmp_path_factory):  # noqa: F811
     folder = tmp_path_factory.mktemp('export')
     trainer.train(small_args(dataset, folder, '--num_epochs', '2', '--num_layers', '2'))
     result = subprocess.run([sys.executable, 'export.py', '--checkpoint', str(folder / 'checkpoint.pt'),
-                             '--out', str(folder / 'onnx')], cwd=REPO, capture_output=True, text=True, timeout=600)
+                             '--output_dir', str(folder / 'onnx')], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     return folder
 
