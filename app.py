@@ -17,7 +17,8 @@ import torch
 
 import gates
 from data_loader import ImageError, eval_transform
-from model import CheckpointError, decode_options, ids_to_sentence, load_captioner
+from model import CheckpointError, count, decode_options, ids_to_sentence, load_captioner, positive_int
+from train import HelpFormatter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = [os.path.join(HERE, 'png', name) for name in ('example.png', 'example_single.png')]
@@ -61,11 +62,11 @@ def build(encoder, decoder, vocab, config, beam_size=3):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--checkpoint', type=str, default='models/demo/best.pt', help='checkpoint from train.py')
-    parser.add_argument('--port', type=int, default=7860)
+    parser.add_argument('--port', type=count, default=7860, help='port to serve the page on')
     parser.add_argument('--host', type=str, default='127.0.0.1', help='0.0.0.0 to serve other machines too')
-    parser.add_argument('--beam_size', type=int, default=3, help='beams shown on the page')
+    parser.add_argument('--beam_size', type=positive_int, default=3, help='beams shown on the page')
     args = parser.parse_args(argv)
     if not os.path.exists(args.checkpoint):
         sys.exit(f'error: {args.checkpoint}: no such file; run `python demo.py` to train one (about 8 minutes), '

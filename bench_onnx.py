@@ -16,20 +16,21 @@ import time
 import torch
 
 from export import export, load_onnx_captioner
-from model import DecoderRNN, EncoderCNN, load_captioner, save_checkpoint
+from model import DecoderRNN, EncoderCNN, load_captioner, positive_int, save_checkpoint
+from train import HelpFormatter
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--backbone', default='resnet152')
-    parser.add_argument('--image_size', type=int, default=224)
-    parser.add_argument('--embed_size', type=int, default=256)
-    parser.add_argument('--hidden_size', type=int, default=512)
-    parser.add_argument('--vocab_size', type=int, default=10000)
-    parser.add_argument('--batch_size', type=int, default=8)
-    parser.add_argument('--beam_size', type=int, default=1)
-    parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--threads', type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--backbone', default='resnet152', help='torchvision ResNet name, or smallcnn')
+    parser.add_argument('--image_size', type=positive_int, default=224, help='side of the square input images')
+    parser.add_argument('--embed_size', type=positive_int, default=256, help='dimension of word embedding vectors')
+    parser.add_argument('--hidden_size', type=positive_int, default=512, help='dimension of lstm hidden states')
+    parser.add_argument('--vocab_size', type=positive_int, default=10000, help='words in the (random) vocabulary')
+    parser.add_argument('--batch_size', type=positive_int, default=8, help='images captioned at a time')
+    parser.add_argument('--beam_size', type=positive_int, default=1, help='1 is greedy decoding')
+    parser.add_argument('--repeats', type=positive_int, default=5, help='timed repeats of each captioner')
+    parser.add_argument('--threads', type=positive_int, default=2, help='torch and onnxruntime threads')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ from PIL import Image
 import synthetic
 from data_loader import ImageError, eval_transform, load_image
 from model import CheckpointError, atomic_write, decode_options, ids_to_sentence, load_captioner
+from train import HelpFormatter
 
 # What each heatmap shows, in the letters of DIY_LSTM.py, its colour map and its range.
 PANELS = (('g', 'input gate g', 'viridis', 0, 1), ('f', 'forget gate f', 'viridis', 0, 1),
@@ -195,10 +196,12 @@ def units_figure(found, count):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='Find LSTM units whose memory tracks something in synthetic captions.')
-    parser.add_argument('--checkpoint', type=str, default='models/demo/best.pt')
-    parser.add_argument('--image_dir', type=str, default='data/synthetic/val')
-    parser.add_argument('--caption_path', type=str, default='data/synthetic/annotations/captions_val.json')
+    parser = argparse.ArgumentParser(description='Find LSTM units whose memory tracks something in synthetic captions.',
+                                     formatter_class=HelpFormatter)
+    parser.add_argument('--checkpoint', type=str, default='models/demo/best.pt', help='checkpoint from train.py')
+    parser.add_argument('--image_dir', type=str, default='data/synthetic/val', help='synthetic images to caption')
+    parser.add_argument('--caption_path', type=str, default='data/synthetic/annotations/captions_val.json',
+                        help='their COCO-format captions')
     parser.add_argument('--out', type=str, default=None, help='PNG: the best unit for each question')
     args = parser.parse_args(argv)
     try:

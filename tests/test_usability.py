@@ -306,7 +306,7 @@ def test_val_max_images_validates_on_a_fixed_subset(trained):
 # --- --help, and the demo's stopping rule -------------------------------------------------------
 
 SCRIPTS = ['train', 'sample', 'evaluate', 'extract_features', 'build_vocab', 'resize', 'synthetic', 'plot_history',
-           'demo', 'bench_lstm', 'bench_resize', 'bench_train', 'bench_sample']
+           'demo', 'export', 'gates', 'app', 'bench_lstm', 'bench_resize', 'bench_train', 'bench_sample', 'bench_onnx']
 
 
 def test_every_script_shows_defaults_and_explains_every_flag(monkeypatch):
