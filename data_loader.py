@@ -1,4 +1,4 @@
-"""COCO-format captions as batches: (images, padded word ids, lengths), longest caption first."""
+"""COCO-format (or Karpathy-split) captions as batches: (images, padded word ids, lengths), longest caption first."""
 import json
 import os
 
@@ -6,10 +6,10 @@ import numpy as np
 import torch
 import torch.utils.data as data
 from PIL import Image, ImageOps
-from pycocotools.coco import COCO
 from torchvision import transforms
 
 from build_vocab import tokenize, usable_captions
+from caption_files import load_captions
 from resize import to_rgb
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -53,12 +53,13 @@ class CocoDataset(data.Dataset):
     words is cut there, keeping its <end>. With skip_unreadable, captions of images missing from root are
     dropped (with a count), and an image that cannot be decoded comes back as (None, reason) for
     collate_skipping to leave out; without it, both are errors.
+    json may also be a Karpathy dataset_*.json file, of which split ('train', 'val' or 'test') is read.
     """
 
-    def __init__(self, root, json, vocab, transform=None, max_words=50, skip_unreadable=False):
+    def __init__(self, root, json, vocab, transform=None, max_words=50, skip_unreadable=False, split='train'):
         self.root = root
         try:
-            self.coco = COCO(json)
+            self.coco = load_captions(json, split)
         except (OSError, ValueError, TypeError, KeyError, AssertionError) as err:
             raise ValueError(f'{json}: not a readable COCO captions file ({type(err).__name__}: {err})') from None
         self.ids = usable_captions(self.coco, json)
@@ -121,8 +122,8 @@ class FeatureDataset(CocoDataset):
     """CocoDataset with the cached backbone features in place of images: the centre crop, or at random
     (with mirror=True) its mirror image."""
 
-    def __init__(self, folder, json, vocab, mirror=True):
-        super().__init__(None, json, vocab)
+    def __init__(self, folder, json, vocab, mirror=True, split='train'):
+        super().__init__(None, json, vocab, split=split)
         self.features, done, meta = open_cache(folder)
         if not done.all():
             raise ValueError(f'{folder}: only {int(done.sum())} of {len(done)} images are extracted; '

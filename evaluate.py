@@ -4,6 +4,9 @@ the COCO caption evaluation code (pycocoevalcap).
     # COCO, on the Karpathy test split (dataset_coco.json from Karpathy's neuraltalk2 splits)
     python evaluate.py --checkpoint models/checkpoint.pt --image_dir data/resized_val2014 \\
         --caption_path data/annotations/captions_val2014.json --split_file dataset_coco.json --split test
+    # Flickr8k's test split, from Karpathy's dataset_flickr8k.json
+    python evaluate.py --checkpoint models/flickr8k/checkpoint.pt --image_dir data/flickr8k/resized \\
+        --caption_path data/flickr8k/dataset_flickr8k.json --split test --block_trigrams
     # the synthetic set
     python evaluate.py --checkpoint models/demo/best.pt --image_dir data/synthetic/val \\
         --caption_path data/synthetic/annotations/captions_val.json --beam_size 3
@@ -15,16 +18,15 @@ import argparse
 import json
 import os
 import shutil
-import string
 import sys
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
-from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from build_vocab import VocabError, tokenize
+from build_vocab import VocabError, plain_words
+from caption_files import load_captions
 from model import CheckpointError, load_captioner, nonnegative_float, positive_int
 from sample import caption_images, check_max_len
 from train import pick_device
@@ -48,8 +50,7 @@ def tokenize_for_scoring(captions):
     if shutil.which('java'):
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
         return PTBTokenizer().tokenize({k: [{'caption': c} for c in v] for k, v in captions.items()})
-    punctuation = set(string.punctuation) | {'``', "''", '-lrb-', '-rrb-'}
-    return {k: [' '.join(w for w in tokenize(c) if w not in punctuation) for c in v] for k, v in captions.items()}
+    return {k: [plain_words(c) for c in v] for k, v in captions.items()}
 
 
 def score_captions(references, results):
@@ -75,9 +76,10 @@ def main(argv=None):
     parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt', help='checkpoint from train.py')
     parser.add_argument('--image_dir', type=str, default='data/resized_val2014', help='the images to caption')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_val2014.json',
-                        help='reference captions, COCO format')
+                        help="reference captions: COCO format, or Karpathy's dataset_*.json (see --split)")
     parser.add_argument('--split_file', type=str, default=None, help="Karpathy's dataset_coco.json")
-    parser.add_argument('--split', type=str, default='test', choices=['test', 'val'])
+    parser.add_argument('--split', type=str, default='test', choices=['test', 'val'],
+                        help='the split of --split_file, or of a Karpathy file given as --caption_path')
     parser.add_argument('--results_path', type=str, default='results.json', help='captions in COCO results format')
     parser.add_argument('--beam_size', type=positive_int, default=1, help='1 is greedy decoding')
     parser.add_argument('--length_penalty', type=nonnegative_float, default=0.0,
@@ -85,6 +87,7 @@ def main(argv=None):
     parser.add_argument('--max_len', type=positive_int, default=None, help='longest caption in words')
     parser.add_argument('--min_len', type=positive_int, default=1, help='fewest words before <end>')
     parser.add_argument('--batch_size', type=positive_int, default=64)
+    parser.add_argument('--block_trigrams', action='store_true', help='no trigram may repeat within a caption')
     parser.add_argument('--device', type=str, default=None)
     args = parser.parse_args(argv)
 
@@ -94,7 +97,7 @@ def main(argv=None):
         check_max_len(args.checkpoint, config, args.max_len)
         if not os.path.isfile(args.caption_path):
             raise FileNotFoundError(f'{args.caption_path}: no such file')
-        coco = COCO(args.caption_path)
+        coco = load_captions(args.caption_path, args.split)
         image_ids = select_images(coco, args.split_file, args.split)
     except (CheckpointError, VocabError, OSError, ValueError, KeyError, TypeError, AssertionError) as err:
         sys.exit(f'error: {err}')
@@ -104,7 +107,8 @@ def main(argv=None):
         chunk = image_ids[i:i + args.batch_size]
         paths = {os.path.join(args.image_dir, coco.imgs[image_id]['file_name']): image_id for image_id in chunk}
         captions, errors = caption_images(list(paths), encoder, decoder, vocab, config, device, args.max_len,
-                                          args.beam_size, args.length_penalty, args.min_len)
+                                          args.beam_size, args.length_penalty, args.min_len,
+                                          args.block_trigrams)
         results.update({paths[path]: caption for path, caption in captions.items()})
         for message in errors.values():
             tqdm.write(f'error: {message}', file=sys.stderr)

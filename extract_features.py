@@ -19,10 +19,10 @@ import sys
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from caption_files import load_captions
 from data_loader import ImageError, eval_transform, load_image, open_cache
 from model import CheckpointError, EncoderCNN, count, positive_int, read_checkpoint, save_checkpoint, save_file
 from train import pick_device
@@ -40,7 +40,7 @@ class ImageFolderByIds(Dataset):
 
 
 def extract(args):
-    coco = COCO(args.caption_path)
+    coco = load_captions(args.caption_path, args.split)
     image_ids = sorted(coco.getImgIds())
     settings = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
                     crop_size=args.crop_size, caption_path=os.path.abspath(args.caption_path))
@@ -86,7 +86,10 @@ def extract(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--image_dir', type=str, default='data/resized2014')
-    parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json')
+    parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
+                        help="COCO captions file, or Karpathy's dataset_*.json")
+    parser.add_argument('--split', type=str, default='train', choices=['train', 'val', 'test'],
+                        help='the part of a Karpathy file to extract (train includes restval)')
     parser.add_argument('--output', type=str, default='data/features_train2014')
     parser.add_argument('--backbone', type=str, default='resnet152')
     parser.add_argument('--weights', type=str, default='DEFAULT', help='DEFAULT, none, or a local .pth file')
@@ -100,7 +103,7 @@ def main(argv=None):
         args.weights = None
     try:
         extract(args)
-    except (CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, ImageError, FileNotFoundError, ValueError, KeyError) as err:
         sys.exit(f'error: {err}')
     except OSError as err:  # features.npy is written in place, as a memory map: it cannot be renamed into place
         sys.exit(f'error: could not write {err.filename or args.output} ({err.strerror or err}); run again to go on')

@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from decoding import repeated_trigrams
 from DIY_LSTM import LSTM
 
 
@@ -211,9 +212,10 @@ class DecoderRNN(nn.Module):
         return max_len
 
     @torch.no_grad()
-    def sample(self, features, end_id=2, unk_id=3, max_len=None, min_len=1):
+    def sample(self, features, end_id=2, unk_id=3, max_len=None, min_len=1, block_trigrams=False):
         """Greedy decoding for a batch, never choosing unk_id (an id or a list of ids), nor <end> before
-        min_len words; stops once every caption has produced <end>."""
+        min_len words; stops once every caption has produced <end>. block_trigrams: never choose a word
+        that repeats a trigram of the caption."""
         inputs, states = features, None
         words, finished = [], torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
         for t in range(self.decode_length(max_len)):
@@ -221,6 +223,8 @@ class DecoderRNN(nn.Module):
             log_probs[:, unk_id] = -math.inf
             if t < min_len:
                 log_probs[:, end_id] = -math.inf
+            if block_trigrams and words:
+                log_probs[repeated_trigrams(torch.stack(words, 1), log_probs.size(1), end_id)] = -math.inf
             predicted = log_probs.argmax(1)
             words.append(predicted)
             finished |= predicted == end_id
@@ -230,12 +234,14 @@ class DecoderRNN(nn.Module):
         return torch.stack(words, 1)
 
     @torch.no_grad()
-    def beam_search(self, features, beam_size=3, end_id=2, unk_id=3, max_len=None, length_penalty=0.0, min_len=1):
+    def beam_search(self, features, beam_size=3, end_id=2, unk_id=3, max_len=None, length_penalty=0.0, min_len=1,
+                    block_trigrams=False):
         """Batched beam search: for each image the caption of highest total log-probability among the beams.
 
         With length_penalty alpha > 0, finished captions are ranked by log p / length^alpha, which stops
         the search from favouring short captions. A caption has at least min_len words before <end>, so
         an empty one (just <end>) never wins. beam_size=1 gives exactly the greedy caption.
+        block_trigrams: no beam may extend itself with a word that repeats one of its trigrams.
         """
         batch, beams = features.size(0), beam_size
         # Every beam starts from the image; only beam 0 counts at first, so the first step picks distinct words.
@@ -253,6 +259,9 @@ class DecoderRNN(nn.Module):
             log_probs[:, :, unk_id] = -math.inf
             if t < min_len:  # no beam has finished yet
                 log_probs[:, :, end_id] = -math.inf
+            if block_trigrams:
+                repeats = repeated_trigrams(sequences.flatten(0, 1), log_probs.size(2), end_id)
+                log_probs[repeats.view_as(log_probs)] = -math.inf
             # A finished beam can only repeat <end>, at no cost, so its score stays as it was.
             log_probs = log_probs.masked_fill(finished.unsqueeze(2), -math.inf)
             log_probs[:, :, end_id] = log_probs[:, :, end_id].masked_fill(finished, 0.0)

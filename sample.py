@@ -2,6 +2,7 @@
 
     python sample.py --image png/example.png
     python sample.py --image photo1.jpg photo2.jpg --out captioned/
+    python sample.py --image png/example.png --sample 5 --top_p 0.9    # five different captions
     python sample.py --image png/example.png --encoder_path encoder-5-3000.pkl \\
         --decoder_path decoder-5-3000.pkl --vocab_path vocab.pkl     # the tutorial's published files
 
@@ -15,10 +16,11 @@ import textwrap
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import decoding
 from build_vocab import VocabError, load_vocab
 from data_loader import ImageError, eval_transform, load_image
-from model import (CheckpointError, DecoderRNN, EncoderCNN, ids_to_sentence, load_captioner, nonnegative_float,
-                   positive_int, read_checkpoint)
+from model import (CheckpointError, DecoderRNN, EncoderCNN, count, ids_to_sentence, load_captioner,
+                   nonnegative_float, positive_float, positive_int, read_checkpoint)
 from train import pick_device
 
 
@@ -56,9 +58,10 @@ def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):
 
 
 def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
-                   min_len=1):
+                   min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
     """Returns {path: caption} for readable images and {path: error} for the rest. A caption has at least
-    min_len words: <end> is not allowed before, and <pad>, <start> and <unk> never, so none comes out empty."""
+    min_len words: <end> is not allowed before, and <pad>, <start> and <unk> never, so none comes out empty.
+    With samples=N, {path: [N sampled captions]} instead (decoding.sample, with temperature and top_p)."""
     transform = eval_transform(config['image_size'], config['crop_size'])
     images, captions, errors = {}, {}, {}
     for path in paths:
@@ -70,7 +73,14 @@ def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None,
         with torch.no_grad():
             features = encoder(torch.stack(list(images.values())).to(device))
         never = sorted({vocab('<unk>'), vocab('<pad>'), vocab('<start>')})
-        special = dict(end_id=vocab('<end>'), unk_id=never, max_len=max_len, min_len=min_len)
+        special = dict(end_id=vocab('<end>'), unk_id=never, max_len=max_len, min_len=min_len,
+                       block_trigrams=block_trigrams)
+        if samples:
+            with torch.no_grad():
+                ids, _, _ = decoding.sample(decoder, features, samples, temperature, top_p, **special)
+            rows = [[ids_to_sentence(row, vocab) for row in ids[i * samples:(i + 1) * samples].cpu()]
+                    for i in range(len(images))]
+            return dict(zip(images, rows)), errors
         if beam_size > 1:
             ids = decoder.beam_search(features, beam_size, length_penalty=length_penalty, **special)
         else:
@@ -131,10 +141,18 @@ def main(argv=None):
     parser.add_argument('--beam_size', type=positive_int, default=1, help='1 is greedy decoding')
     parser.add_argument('--length_penalty', type=nonnegative_float, default=0.0,
                         help='rank beams by log p / length^alpha')
+    parser.add_argument('--block_trigrams', action='store_true', help='no trigram may repeat within a caption')
+    parser.add_argument('--sample', type=count, default=0, metavar='N', help='print N sampled captions per image')
+    parser.add_argument('--temperature', type=positive_float, default=1.0,
+                        help='with --sample: below 1 safer, above 1 wilder')
+    parser.add_argument('--top_p', type=float, default=1.0,
+                        help='with --sample: draw only from the most probable words holding this much probability')
     parser.add_argument('--grid', type=str, default=None, help='also write all captioned images as one PNG grid')
     parser.add_argument('--device', type=str, default=None)
     args = parser.parse_args(argv)
 
+    if not 0 < args.top_p <= 1:
+        sys.exit(f'error: --top_p must be above 0 and at most 1, not {args.top_p}')
     device = pick_device(args.device)
     try:
         if args.encoder_path or args.decoder_path:
@@ -155,7 +173,17 @@ def main(argv=None):
     encoder, decoder = encoder.to(device), decoder.to(device)
 
     captions, errors = caption_images(args.image, encoder, decoder, vocab, config, device, args.max_len,
-                                      args.beam_size, args.length_penalty, args.min_len)
+                                      args.beam_size, args.length_penalty, args.min_len,
+                                      args.block_trigrams, args.sample, args.temperature, args.top_p)
+    if args.sample:
+        for path in args.image:
+            for caption in captions.get(path, []):
+                print(caption if len(args.image) == 1 else f'{path}: {caption}')
+            if path in errors:
+                print(f'error: {errors[path]}', file=sys.stderr)
+        if errors:
+            sys.exit(1)
+        return
     pictures = []
     for path in args.image:
         if path in errors:

@@ -10,7 +10,8 @@ objects a caption names, whatever the wording, so content_matches can score a ca
 import numpy as np
 from PIL import Image, ImageDraw
 
-from synthetic import COLOURS as EASY_COLOURS, _apart, _pick
+from synthetic import COLOURS as EASY_COLOURS
+from synthetic import _apart, _pick
 
 VERSION = 1  # bump when the images or captions change, so cached sets are regenerated
 SHAPES = ('circle', 'square', 'triangle', 'diamond')

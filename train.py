@@ -4,6 +4,7 @@
     python train.py --features data/features_train2014   # from extract_features.py's cache: much faster
     torchrun --nproc_per_node=4 train.py ...             # several GPUs (or CPU processes), one per process
     python train.py --resume                             # continue models/checkpoint.pt where it stopped
+    python train.py --scst --init_from models/best.pt    # self-critical fine-tuning for CIDEr-D (scst.py)
 
 Everything sample.py needs (model sizes, vocabulary, weights) goes into one checkpoint file. Ctrl-C or
 SIGTERM saves a checkpoint after the current step, then stops.
@@ -23,6 +24,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+import scst
 from build_vocab import VocabError, load_vocab
 from data_loader import (CocoDataset, FeatureDataset, ImageError, batches, collate_skipping,
                          eval_transform, open_cache, train_transform)
@@ -37,7 +39,10 @@ def parse_args(argv=None):
     parser.add_argument('--image_size', type=positive_int, default=256, help='size resize.py gave the images')
     parser.add_argument('--vocab_path', type=str, default='data/vocab.json', help='vocabulary from build_vocab.py')
     parser.add_argument('--image_dir', type=str, default='data/resized2014', help='resized training images')
-    parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json')
+    parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
+                        help="COCO captions file, or Karpathy's dataset_*.json (its val split validates)")
+    parser.add_argument('--split', type=str, default='train', choices=['train', 'val', 'test'],
+                        help='the part of a Karpathy --caption_path to train on (train includes restval)')
     parser.add_argument('--features', type=str, default=None, help='train from this extract_features.py cache')
     parser.add_argument('--val_image_dir', type=str, default=None, help='resized validation images')
     parser.add_argument('--val_caption_path', type=str, default=None, help='validation captions, for held-out loss')
@@ -75,6 +80,7 @@ def parse_args(argv=None):
                         help='continue from a checkpoint (default: checkpoint.pt in --model_path)')
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (default: the best available)')
     parser.add_argument('--seed', type=int, default=0)
+    scst.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.weights.lower() == 'none':
         args.weights = None
@@ -271,17 +277,18 @@ def train(args, on_epoch_end=None, on_step=None):
     vocab = load_vocab(args.vocab_path)
     encoder, decoder, model_args = build_model(args, len(vocab))
     if args.features:
-        dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip)
+        dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
     else:
         dataset = CocoDataset(args.image_dir, args.caption_path, vocab, train_transform(args.crop_size, not args.no_flip),
-                              skip_unreadable=not args.strict)
+                              skip_unreadable=not args.strict, split=args.split)
     sampler = ResumableSampler(dataset, args.batch_size, rank, world_size, args.seed)
     loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=sampler,
                      collate=collate_skipping)
     val_loader = None
     if args.val_caption_path and main_process:
         val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
-                              eval_transform(args.image_size, args.crop_size), skip_unreadable=not args.strict)
+                              eval_transform(args.image_size, args.crop_size), skip_unreadable=not args.strict,
+                              split='val')
         val_loader = batches(val_set, args.batch_size, shuffle=False, num_workers=args.num_workers,
                              collate=collate_skipping)
 
@@ -423,8 +430,8 @@ def any_process(flag, device, world_size):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
-    except Interrupted as err:
+        (scst.train if args.scst else train)(args)
+    except (Interrupted, scst.Stopped) as err:
         print(err, file=sys.stderr)
         sys.exit(130)
     except (VocabError, ImageError, CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError) as err:
