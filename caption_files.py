@@ -47,7 +47,10 @@ def load_captions(path, split='train'):
     if is_karpathy(dataset):
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        dataset = from_karpathy(dataset, split)
+        try:
+            dataset = from_karpathy(dataset, split)
+        except (KeyError, TypeError) as err:
+            raise ValueError(f'a Karpathy dataset file, but an image or sentence lacks {err}') from None
     coco = COCO()
     coco.dataset = dataset
     coco.createIndex()

@@ -103,7 +103,7 @@ def main(argv=None):
         args.weights = None
     try:
         extract(args)
-    except (CheckpointError, ImageError, FileNotFoundError, ValueError, KeyError) as err:
+    except (CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
         sys.exit(f'error: {err}')
     except OSError as err:  # features.npy is written in place, as a memory map: it cannot be renamed into place
         sys.exit(f'error: could not write {err.filename or args.output} ({err.strerror or err}); run again to go on')
