@@ -78,13 +78,16 @@ def test_greedy_with_blocking_takes_the_best_allowed_word_at_each_step(seed):
 
 
 def step_distribution(decoder, feature, words, temperature, top_p):
-    """The distribution the next word is drawn from, computed by hand: tempered softmax without <unk>,
-    cut to the most probable words holding top_p of the probability, renormalised."""
+    """The distribution the next word is drawn from, computed by hand: tempered softmax without <unk>
+    (nor <end> as the first word: min_len is 1), cut to the most probable words holding top_p of the
+    probability, renormalised."""
     log_probs, states = decoder.step(feature.unsqueeze(0), None)
     for word in words:
         log_probs, states = decoder.step(decoder.embed(torch.tensor([word])), states)
     probs = torch.softmax(log_probs[0].double() / temperature, 0).numpy()
     probs[UNK] = 0.0
+    if not words:
+        probs[END] = 0.0
     probs /= probs.sum()
     kept, mass = np.zeros_like(probs), 0.0
     for word in np.argsort(-probs):
@@ -100,7 +103,7 @@ def test_sampling_draws_captions_with_their_brute_force_probabilities(temperatur
     feature = torch.randn(1, 4)
     expected = {}
     with torch.no_grad():
-        for words in all_captions(6, 2):
+        for words in all_captions(6, 2, min_len=1):
             p = 1.0
             for t, word in enumerate(words):
                 p *= step_distribution(decoder, feature[0], words[:t], temperature, top_p)[word]

@@ -80,9 +80,11 @@ def test_loss_is_minus_advantage_times_log_probability_per_word(baseline):
     for row, keep, r, base, feature in zip(words, mask, rewards, b, features.repeat_interleave(4, 0)):
         sequence = row[keep].tolist()  # teacher forcing through the decoder, independently of decoding.sample
         log_probs, states = decoder.step(feature.unsqueeze(0), None)
-        for word in sequence:
+        for position, word in enumerate(sequence):
             renormalised = log_probs[0].clone()
             renormalised[3] = -float('inf')
+            if position == 0:  # no empty caption: min_len is 1
+                renormalised[2] = -float('inf')
             total += -(r - base) * renormalised.log_softmax(-1)[word].item()
             log_probs, states = decoder.step(decoder.embed(torch.tensor([word])), states)
         words_counted += len(sequence)
