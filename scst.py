@@ -125,9 +125,14 @@ def captions_of(ids, vocab):
     return [ids_to_sentence(row, vocab) for row in ids.cpu()]
 
 
+def special_ids(vocab):
+    """<end>, and the words never to write (<unk>, <pad>, <start>), as sample.py decodes."""
+    return dict(end_id=vocab('<end>'), unk_id=sorted({vocab('<unk>'), vocab('<pad>'), vocab('<start>')}))
+
+
 def scst_loss(decoder, features, image_ids, cider, vocab, samples, baseline):
     """-(r - b) log p averaged over the sampled words, and the mean rewards of samples and greedy captions."""
-    special = dict(end_id=vocab('<end>'), unk_id=vocab('<unk>'))
+    special = special_ids(vocab)
     words, log_probs, mask = decoding.sample(decoder, features, samples, **special)
     rewards = cider(captions_of(words, vocab), np.repeat(image_ids, samples))
     greedy = cider(captions_of(decoder.sample(features.detach(), **special), vocab), image_ids)
@@ -147,7 +152,7 @@ def greedy_cider(encoder, decoder, vocab, loader, cider, device):
     scores = []
     for images, image_ids, _ in loader:
         if images is not None:
-            ids = decoder.sample(encoder(images.to(device)), end_id=vocab('<end>'), unk_id=vocab('<unk>'))
+            ids = decoder.sample(encoder(images.to(device)), **special_ids(vocab))
             scores.extend(cider(captions_of(ids, vocab), image_ids))
     return float(np.mean(scores)) if scores else float('nan')
 
@@ -214,7 +219,8 @@ def train(args):
     def save(completed_epochs, batches):
         checkpoint = {'model_args': model_args, 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
                       'encoder': encoder.state_dict(), 'decoder': decoder.state_dict(),
-                      'optimizer': optimizer.state_dict(), 'epoch': completed_epochs, 'batches_done': batches,
+                      'optimizer': optimizer.state_dict(), 'scheduler': None, 'scaler': None,  # SCST has neither
+                      'epoch': completed_epochs, 'batches_done': batches,
                       'step': step, 'history': history, 'rng': torch.get_rng_state(), 'args': vars(args), 'scst': True}
         save_checkpoint(checkpoint_path, checkpoint)
         atomic_write(os.path.join(args.model_path, 'history.json'), lambda f: f.write(json.dumps(history).encode()))
