@@ -109,5 +109,5 @@ def test_images_are_looked_for_under_filepath(karpathy, tmp_path):
                  '--backbone', 'smallcnn',
                  '--weights', 'none')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
-    assert result.stderr.strip() == (f'error: 24 of the 24 images named in {karpathy / "dataset_coco.json"} '
-                                     f'are missing from {karpathy / "flat"}')
+    assert result.stderr.strip().startswith(f'error: none of the 24 images named in {karpathy / "dataset_coco.json"} '
+                                            f'is in {karpathy / "flat"}')
