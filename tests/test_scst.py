@@ -129,7 +129,7 @@ def test_scst_raises_the_reward(trained, tmp_path):
     _, _, _, history = scst.train(scst_args(trained, tmp_path, '--num_epochs', '12', '--scst_baseline', 'mean'))
     sampled = [entry['reward'] for entry in history['scst']]  # the expected reward SCST maximises
     assert len(sampled) == 36  # 48 images in batches of 16, 12 epochs
-    assert np.mean(sampled[-12:]) > np.mean(sampled[:12]) + 0.1  # the last four epochs against the first four
+    assert np.mean(sampled[-12:]) > np.mean(sampled[:12]) + 0.05  # the last four epochs against the first four
     assert len(history['val']) == 12 and all(np.isfinite(e['cider']) for e in history['val'])
 
 
