@@ -12,8 +12,24 @@ For input x(t), previous hidden state h(t-1) and previous memory s(t-1):
 PyTorch stacks the four U matrices into `weight_ih` (4H x I) and the four W matrices into
 `weight_hh` (4H x H). Its row blocks come in the order [g, f, a, q]; PyTorch's own documentation
 calls the same blocks [i, f, g, o]. Each bias b is `bias_ih + bias_hh`, as in nn.LSTM.
+
+With projections (proj_size P > 0; Sak, Senior and Beaufays, "Long Short-Term Memory Recurrent Neural
+Network Architectures for Large Scale Acoustic Modeling", Interspeech 2014) the hidden state is
+projected down to P units, and only the memory keeps H:
+
+    h(t) = W_hr (q(t) * tanh(s(t)))                 projected hidden update
+
+W_hr is `weight_hr_l{k}` (P x H); h(t), h_0 and each layer's output have P units, and W (`weight_hh`) is
+4H x P. P = 0 (the default) means no projection.
+
+Second-order gradients (a gradient penalty, gradgradcheck): the hand-written backward is the fast way to
+get first-order gradients. When the backward itself must be differentiated (create_graph=True), it runs
+the loop again in plain autograd ops and differentiates that instead.
 """
+import contextlib
+import functools
 import math
+import numbers
 import warnings
 
 import torch
@@ -24,7 +40,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 def _init_uniform(module, hidden_size):
     """nn.LSTM's initialisation: every weight and bias from U(-1/sqrt(H), 1/sqrt(H))."""
-    bound = 1.0 / math.sqrt(hidden_size)
+    bound = 1.0 / math.sqrt(hidden_size) if hidden_size > 0 else 0
     for weight in module.parameters():
         nn.init.uniform_(weight, -bound, bound)
 
@@ -44,7 +60,11 @@ class LSTMCell(nn.Module):
         else:
             self.register_parameter('bias_ih', None)
             self.register_parameter('bias_hh', None)
-        _init_uniform(self, hidden_size)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Fresh weights, e.g. after building on the meta device and calling to_empty()."""
+        _init_uniform(self, self.hidden_size)
 
     def extra_repr(self):
         return f'{self.input_size}, {self.hidden_size}' + ('' if self.bias else ', bias=False')
@@ -52,6 +72,9 @@ class LSTMCell(nn.Module):
     def forward(self, input, hx=None):
         if input.dim() not in (1, 2):
             raise ValueError(f'LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead')
+        for i, state in enumerate(hx or ()):
+            if state.dim() not in (1, 2):
+                raise ValueError(f'LSTMCell: Expected hx[{i}] to be 1D or 2D, got {state.dim()}D instead')
         unbatched = input.dim() == 1
         if unbatched:
             input = input.unsqueeze(0)
@@ -59,9 +82,15 @@ class LSTMCell(nn.Module):
         if hx is None:
             zeros = input.new_zeros(input.size(0), self.hidden_size)
             hx = (zeros, zeros)
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f'input has inconsistent input_size: got {input.size(1)} expected {self.input_size}')
+        for i, state in enumerate(hx):  # nn.LSTMCell's checks and wording
+            if state.size(0) != input.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {state.size(0)}")
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(f'hidden{i} has inconsistent hidden_size: got {state.size(1)}, '
+                                   f'expected {self.hidden_size}')
         h_prev, s_prev = hx
-        if s_prev.shape != h_prev.shape:
-            raise RuntimeError(f'LSTMCell: Expected cell state of size {list(h_prev.shape)}, got {list(s_prev.shape)}')
         g, f, a, q = self.gates(input, h_prev)
         s = f * s_prev + g * torch.tanh(a)      # memory update
         h = q * torch.tanh(s)                   # hidden update
@@ -69,11 +98,6 @@ class LSTMCell(nn.Module):
 
     def gates(self, input, h_prev):
         """The input gate g, forget gate f, new content a and output gate q, for (B, I) input."""
-        if input.size(-1) != self.input_size:
-            raise RuntimeError(f'input has inconsistent input_size: got {input.size(-1)} expected {self.input_size}')
-        if tuple(h_prev.shape) != (input.size(0), self.hidden_size):
-            raise RuntimeError(f'LSTMCell: Expected hidden state of size {(input.size(0), self.hidden_size)}, '
-                               f'got {list(h_prev.shape)}')
         z = F.linear(input, self.weight_ih, self.bias_ih) + F.linear(h_prev, self.weight_hh, self.bias_hh)
         z_g, z_f, z_a, z_q = z.chunk(4, dim=1)  # PyTorch's row order: input, forget, content, output
         g = torch.sigmoid(z_g)                  # input gate
@@ -81,6 +105,9 @@ class LSTMCell(nn.Module):
         a = z_a                                 # new content
         q = torch.sigmoid(z_q)                  # output gate
         return g, f, a, q
+
+
+_is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)  # torch >= 2.6
 
 
 def _schedule(batch_sizes, reverse):
@@ -113,58 +140,76 @@ def _previous(all_rows, initial, n, carried, prev_start):
     return torch.cat([all_rows[prev_start:prev_start + carried], initial[carried:n]])
 
 
-class _Recurrence(torch.autograd.Function):
-    """The time loop of one layer in one direction, with a hand-written backward.
+def _forward_loop(z_x, weight_hh, weight_hr, h0, s0, steps):
+    """The time loop of one layer in one direction, writing every step into preallocated buffers.
 
-    Input: `z_x`, the input projection U x(t) + b for every row of the packed data, computed
-    before the loop in one matrix multiply. Output: h(t) and s(t) for every row. Each step writes
-    into preallocated buffers, and the backward runs its own loop, so autograd records two nodes
-    per layer instead of a dozen per time step.
+    Input: `z_x`, the input projection U x(t) + b for every row of the packed data, computed before
+    the loop in one matrix multiply. Returns the buffers: per row g, f, tanh(a) and q (`gates`), q * tanh(s)
+    (`m_all`, the same tensor as `h_all` without a projection), h(t), s(t) and tanh(s(t)).
+    """
+    hidden = weight_hh.size(0) // 4
+    gates = torch.empty_like(z_x)  # per row: g, f, tanh(a), q
+    s_all, tanh_s_all = (z_x.new_empty(z_x.size(0), hidden) for _ in range(2))
+    h_all = z_x.new_empty(z_x.size(0), weight_hh.size(1))
+    m_all = h_all if weight_hr is None else z_x.new_empty(z_x.size(0), hidden)
+    times_w_hh = _weight_product(weight_hh, steps)
+    times_w_hr = None if weight_hr is None else _weight_product(weight_hr, steps)
+    for start, n, carried, prev_start in steps:
+        rows = slice(start, start + n)
+        h_prev = _previous(h_all, h0, n, carried, prev_start)
+        s_prev = _previous(s_all, s0, n, carried, prev_start)
+
+        z, y = times_w_hh(h_prev, add=z_x[rows]), gates[rows]  # z = U x(t) + W h(t-1) + b, all four gates
+        torch.sigmoid(z[:, :2 * hidden], out=y[:, :2 * hidden])                    # g and f
+        torch.tanh(z[:, 2 * hidden:3 * hidden], out=y[:, 2 * hidden:3 * hidden])  # tanh(a)
+        torch.sigmoid(z[:, 3 * hidden:], out=y[:, 3 * hidden:])                    # q
+        g, f, tanh_a, q = y.chunk(4, dim=1)
+
+        s = torch.mul(f, s_prev, out=s_all[rows]).addcmul_(g, tanh_a)  # s(t) = f * s(t-1) + g * tanh(a)
+        tanh_s = torch.tanh(s, out=tanh_s_all[rows])
+        m = torch.mul(q, tanh_s, out=m_all[rows])                      # h(t) = q * tanh(s(t))
+        if weight_hr is not None:
+            h_all[rows] = times_w_hr(m)                                 # h(t) = W_hr (q * tanh(s(t)))
+    return gates, m_all, h_all, s_all, tanh_s_all
+
+
+class _Recurrence(torch.autograd.Function):
+    """_forward_loop with a hand-written backward.
+
+    Autograd records two nodes per layer instead of a dozen per time step, and the backward runs its
+    own loop. Only when the backward must itself be differentiated does it fall back to autograd.
     """
 
     @staticmethod
-    def forward(ctx, z_x, weight_hh, h0, s0, batch_sizes, reverse):
+    def forward(ctx, z_x, weight_hh, weight_hr, h0, s0, steps):
         ctx.set_materialize_grads(False)
-        hidden = weight_hh.size(1)
-        steps = _schedule(batch_sizes, reverse)
-        gates = torch.empty_like(z_x)  # per row: g, f, tanh(a), q
-        h_all, s_all, tanh_s_all = (z_x.new_empty(z_x.size(0), hidden) for _ in range(3))
-        w_hh_t = weight_hh.t()
-        for start, n, carried, prev_start in steps:
-            rows = slice(start, start + n)
-            h_prev = _previous(h_all, h0, n, carried, prev_start)
-            s_prev = _previous(s_all, s0, n, carried, prev_start)
-
-            z = gates[rows]
-            torch.addmm(z_x[rows], h_prev, w_hh_t, out=z)  # U x(t) + W h(t-1) + b, all four gates
-            z[:, :2 * hidden].sigmoid_()                    # g and f
-            z[:, 2 * hidden:3 * hidden].tanh_()             # tanh(a)
-            z[:, 3 * hidden:].sigmoid_()                    # q
-            g, f, tanh_a, q = z.chunk(4, dim=1)
-
-            s = torch.mul(f, s_prev, out=s_all[rows]).addcmul_(g, tanh_a)  # s(t) = f * s(t-1) + g * tanh(a)
-            tanh_s = torch.tanh(s, out=tanh_s_all[rows])
-            torch.mul(q, tanh_s, out=h_all[rows])                          # h(t) = q * tanh(s(t))
-
-        ctx.save_for_backward(gates, h_all, s_all, tanh_s_all, weight_hh, h0, s0)
+        gates, m_all, h_all, s_all, tanh_s_all = _forward_loop(z_x, weight_hh, weight_hr, h0, s0, steps)
+        ctx.save_for_backward(z_x, gates, None if weight_hr is None else m_all, h_all, s_all, tanh_s_all,
+                              weight_hh, weight_hr, h0, s0)
         ctx.steps = steps
         return h_all, s_all
 
     @staticmethod
     def backward(ctx, grad_h_all, grad_s_all):
-        gates, h_all, s_all, tanh_s_all, weight_hh, h0, s0 = ctx.saved_tensors
-        hidden = weight_hh.size(1)
+        z_x, gates, m_all, h_all, s_all, tanh_s_all, weight_hh, weight_hr, h0, s0 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradients themselves need gradients
+            return _differentiable_backward(ctx, (z_x, weight_hh, weight_hr, h0, s0), grad_h_all, grad_s_all)
+        hidden = weight_hh.size(0) // 4
         # dh and ds gather what later steps send back, so they start as the outputs' own gradients.
         dh_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all.contiguous().clone()
         ds_all = torch.zeros_like(s_all) if grad_s_all is None else grad_s_all.contiguous().clone()
         dz_all = torch.empty_like(gates)  # dL/dz for every row; z = z_x + W h_prev, so also dL/dz_x
         dh0, ds0 = torch.zeros_like(h0), torch.zeros_like(s0)
+        times_w_hh_t = _weight_product(weight_hh.t(), ctx.steps)
+        times_w_hr_t = None if weight_hr is None else _weight_product(weight_hr.t(), ctx.steps)
         for start, n, carried, prev_start in reversed(ctx.steps):
             rows = slice(start, start + n)
             g, f, tanh_a, q = gates[rows].chunk(4, dim=1)
             tanh_s = tanh_s_all[rows]
             dh, ds, dz = dh_all[rows], ds_all[rows], dz_all[rows]
             dz_g, dz_f, dz_a, dz_q = dz.chunk(4, dim=1)
+            if weight_hr is not None:
+                dh = times_w_hr_t(dh)                             # h = W_hr m: dL/dm = dh W_hr
 
             # h = q * tanh(s)
             torch.mul(dh, tanh_s, out=dz_q)                       # dL/dq
@@ -181,15 +226,107 @@ class _Recurrence(torch.autograd.Function):
             # z = z_x + W h_prev: dL/dh_prev = dz W and dL/ds_prev = ds * f go back to the rows the
             # previous state came from.
             previous = slice(prev_start, prev_start + carried)
-            dh_all[previous].addmm_(dz[:carried], weight_hh)
+            dh_all[previous].add_(times_w_hh_t(dz[:carried]))
             ds_all[previous].addcmul_(ds[:carried], f[:carried])
             if carried < n:
-                dh0[carried:n] = dz[carried:] @ weight_hh
+                dh0[carried:n] = times_w_hh_t(dz[carried:])
                 ds0[carried:n] = ds[carried:] * f[carried:]
-        # W's gradient, sum over steps of dz(t)^T h(t-1), as one matrix multiply.
+        # W's gradient, sum over steps of dz(t)^T h(t-1), as one matrix multiply; W_hr's, of dh(t)^T m(t).
         h_prev_all = torch.cat([_previous(h_all, h0, *step[1:]) for step in sorted(ctx.steps)])
         grad_w_hh = dz_all.t() @ h_prev_all if ctx.needs_input_grad[1] else None
-        return dz_all, grad_w_hh, dh0, ds0, None, None
+        grad_w_hr = dh_all.t() @ m_all if ctx.needs_input_grad[2] else None
+        return dz_all, grad_w_hh, grad_w_hr, dh0, ds0, None
+
+
+def _differentiable_backward(ctx, inputs, grad_h_all, grad_s_all):
+    """The backward for create_graph=True: the loop again in plain autograd ops, differentiated by
+    autograd, so that the gradients it returns have a graph of their own (correct to any order)."""
+    z_x, weight_hh, weight_hr, h0, s0 = inputs
+    with torch.enable_grad():
+        h_all, s_all = _plain_loop(z_x, weight_hh, weight_hr, h0, s0, ctx.steps)
+    outputs, grads = zip(*[(out, grad) for out, grad in ((h_all, grad_h_all), (s_all, grad_s_all)) if grad is not None])
+    wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if needed]
+    found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+    return tuple(next(found) if needed else None for needed in ctx.needs_input_grad[:5]) + (None,)
+
+
+def _step(z_x_t, h_prev, s_prev, weight_hh, weight_hr):
+    """One time step of the equations in plain autograd ops."""
+    z = torch.addmm(z_x_t, h_prev, weight_hh.t())            # U x(t) + W h(t-1) + b, all four gates
+    z_g, z_f, z_a, z_q = z.chunk(4, dim=1)
+    s = torch.sigmoid(z_f) * s_prev + torch.sigmoid(z_g) * torch.tanh(z_a)  # memory update
+    h = torch.sigmoid(z_q) * torch.tanh(s)                                  # hidden update
+    return (h if weight_hr is None else h @ weight_hr.t()), s
+
+
+def _plain_loop(z_x, weight_hh, weight_hr, h0, s0, steps):
+    """_forward_loop in plain out-of-place ops, so that autograd records (and can differentiate) every step."""
+    h_steps, s_steps, h, s = {}, {}, None, None
+    for start, n, carried, prev_start in steps:
+        if carried == n:
+            h_prev, s_prev = h[:n], s[:n]
+        else:
+            h_prev = torch.cat([h[:carried], h0[carried:n]]) if carried else h0[:n]
+            s_prev = torch.cat([s[:carried], s0[carried:n]]) if carried else s0[:n]
+        h, s = _step(z_x[start:start + n], h_prev, s_prev, weight_hh, weight_hr)
+        h_steps[start], s_steps[start] = h, s
+    return torch.cat([h_steps[k] for k in sorted(h_steps)]), torch.cat([s_steps[k] for k in sorted(s_steps)])
+
+
+def _weight_product(weight, steps):
+    """x -> x W^T, or add + x W^T, for a loop that multiplies by the same W at every step.
+
+    One step's product W h(t-1), (batch x H) by (H x 4H), is most of the loop's time. PyTorch sends float32
+    matrix multiplies to MKL, whose sgemm takes a slower code path on some CPUs (AMD's among them)
+    than oneDNN's matmul, the library behind nn.LSTM on the CPU. oneDNN's matmul is reachable only
+    through the private operators in torch.ops.mkldnn, so they are used when _onednn_matmul() finds
+    them working; otherwise, and for other dtypes and devices, plain addmm. A loop of several steps
+    first reorders W into oneDNN's blocked layout, once: that costs about one step and saves a little
+    on every step.
+    """
+    if not _onednn_matmul(weight):
+        w_t = weight.t()
+        return lambda x, add=None: torch.mm(x, w_t) if add is None else torch.addmm(add, x, w_t)
+    if len(steps) >= 4:
+        weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), steps[0][1])
+
+    def product(x, add=None):
+        if add is None:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, 'none', [], '')
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, None, 'add')
+    return product
+
+
+def _input_product(x, weight, bias):
+    """U x + b for every row at once: through oneDNN, as in _weight_product, when no gradient is recorded."""
+    if not torch.is_autocast_enabled(x.device.type) and _onednn_matmul(weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+    return F.linear(x, weight, bias)
+
+
+def _onednn_matmul(weight):
+    """Whether _weight_product may use oneDNN for this weight; torch.backends.mkldnn.enabled = False turns it off.
+
+    The private operators have no derivative, so not while autograd records (a double backward), and
+    not while torch.compile or torch.export traces, so that their graphs hold only public operators.
+    For the same reasons _step, which runs only while autograd records or a tracer traces, uses addmm.
+    """
+    return (weight.device.type == 'cpu' and weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.enabled and _onednn_ops_work())
+
+
+@functools.cache
+def _onednn_ops_work():
+    """Checked once: the private operators exist in this PyTorch build, take these arguments and multiply right."""
+    try:
+        x = torch.linspace(-1, 1, 15, dtype=torch.float32).view(3, 5)  # no random numbers: leave the seed alone
+        w = torch.linspace(-2, 1, 20, dtype=torch.float32).view(4, 5)
+        add, packed = x[:, :4].contiguous(), torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        y = torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, None, 'add')
+        y_t = torch.ops.mkldnn._linear_pointwise(add, w.t(), None, 'none', [], '')  # W^T unpacked, as a view
+        return torch.allclose(y, add + x @ w.t(), atol=1e-5) and torch.allclose(y_t, add @ w, atol=1e-5)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
 
 
 def _sigmoid_backward(grad, y):
@@ -204,7 +341,7 @@ def _tanh_backward(grad, y, out=None):
     return torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=out)
 
 
-def _masked_steps(z_x, running, weight_hh, h, s):
+def _masked_steps(z_x, running, weight_hh, weight_hr, h, s):
     """A few time steps of the equations on a padded batch, in plain ops for torch.compile to fuse.
 
     z_x is (steps, B, 4H) and running is (steps, B, 1). A row that is not running (past the end of
@@ -213,11 +350,9 @@ def _masked_steps(z_x, running, weight_hh, h, s):
     """
     outputs = []
     for z_x_t, running_t in zip(z_x, running):
-        z = torch.addmm(z_x_t, h, weight_hh.t())            # U x(t) + W h(t-1) + b, all four gates
-        z_g, z_f, z_a, z_q = z.chunk(4, dim=1)
-        g, f, q = torch.sigmoid(z_g), torch.sigmoid(z_f), torch.sigmoid(z_q)
-        s = torch.where(running_t, f * s + g * torch.tanh(z_a), s)  # memory update
-        h = torch.where(running_t, q * torch.tanh(s), h)            # hidden update
+        h_new, s_new = _step(z_x_t, h, s, weight_hh, weight_hr)
+        s = torch.where(running_t, s_new, s)
+        h = torch.where(running_t, h_new, h)
         outputs.append(h)
     return torch.stack(outputs), h, s
 
@@ -226,43 +361,66 @@ class LSTM(nn.Module):
     """Multi-layer LSTM with the arguments, parameter names, inputs and outputs of torch.nn.LSTM."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, device=None, dtype=None):
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
         super().__init__()
-        if not 0 <= dropout <= 1 or isinstance(dropout, bool):
+        # nn.LSTM's checks, exception types and wording.
+        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError('dropout should be a number in range [0, 1] representing the probability '
                              'of an element being zeroed')
-        if hidden_size <= 0 or num_layers <= 0:
-            raise ValueError('hidden_size and num_layers must be greater than zero')
         if dropout > 0 and num_layers == 1:
             warnings.warn('dropout option adds dropout after all but last recurrent layer, so non-zero '
                           f'dropout expects num_layers greater than 1, but got dropout={dropout} and '
-                          f'num_layers={num_layers}')
+                          f'num_layers={num_layers}', stacklevel=2)
+        for name, value, kind in (('bias', bias, bool), ('batch_first', batch_first, bool),
+                                  ('input_size', input_size, int), ('hidden_size', hidden_size, int),
+                                  ('num_layers', num_layers, int), ('proj_size', proj_size, int)):
+            if not isinstance(value, kind):
+                raise TypeError(f'{name} should be of type {kind.__name__}, got: {type(value).__name__}')
+        for name, value in (('input_size', input_size), ('hidden_size', hidden_size), ('num_layers', num_layers)):
+            if value <= 0:
+                raise ValueError(f'{name} must be greater than zero')
+        if proj_size < 0:
+            raise ValueError('proj_size should be a positive integer or zero to disable projections')
+        if proj_size >= hidden_size:
+            raise ValueError('proj_size has to be smaller than hidden_size')
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional = bidirectional
+        self.bidirectional, self.proj_size = bidirectional, proj_size
         self.num_directions = 2 if bidirectional else 1
         self._compiled_steps, self.steps_per_call = None, 8  # set by compile_loop()
         factory = dict(device=device, dtype=dtype)
+        out_size = proj_size or hidden_size  # the size of h
+        self._all_weights = []
         for layer in range(num_layers):
-            layer_input_size = input_size if layer == 0 else hidden_size * self.num_directions
+            layer_input_size = input_size if layer == 0 else out_size * self.num_directions
             for direction in range(self.num_directions):
                 suffix = self._suffix(layer, direction)
-                self.register_parameter('weight_ih' + suffix, nn.Parameter(
-                    torch.empty(4 * hidden_size, layer_input_size, **factory)))
-                self.register_parameter('weight_hh' + suffix, nn.Parameter(
-                    torch.empty(4 * hidden_size, hidden_size, **factory)))
+                shapes = {'weight_ih': (4 * hidden_size, layer_input_size), 'weight_hh': (4 * hidden_size, out_size)}
                 if bias:
-                    self.register_parameter('bias_ih' + suffix, nn.Parameter(torch.empty(4 * hidden_size, **factory)))
-                    self.register_parameter('bias_hh' + suffix, nn.Parameter(torch.empty(4 * hidden_size, **factory)))
-        _init_uniform(self, hidden_size)
+                    shapes.update(bias_ih=(4 * hidden_size,), bias_hh=(4 * hidden_size,))
+                if proj_size > 0:
+                    shapes['weight_hr'] = (proj_size, hidden_size)  # W_hr
+                for name, shape in shapes.items():
+                    self.register_parameter(name + suffix, nn.Parameter(torch.empty(shape, **factory)))
+                self._all_weights.append([name + suffix for name in shapes])
+        self.reset_parameters()
 
     @staticmethod
     def _suffix(layer, direction):
         return f'_l{layer}' + ('_reverse' if direction == 1 else '')
 
+    def reset_parameters(self):
+        """Fresh weights, e.g. after building on the meta device and calling to_empty()."""
+        _init_uniform(self, self.hidden_size)
+
+    @property
+    def all_weights(self):
+        """nn.LSTM's per-layer (and direction) lists: weight_ih, weight_hh[, bias_ih, bias_hh][, weight_hr]."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
     def extra_repr(self):
         text = f'{self.input_size}, {self.hidden_size}'
-        for name, default in (('num_layers', 1), ('bias', True), ('batch_first', False),
+        for name, default in (('proj_size', 0), ('num_layers', 1), ('bias', True), ('batch_first', False),
                               ('dropout', 0.0), ('bidirectional', False)):
             if getattr(self, name) != default:
                 text += f', {name}={getattr(self, name)}'
@@ -280,6 +438,7 @@ class LSTM(nn.Module):
         mode='reduce-overhead' replays each call as one CUDA graph. Inputs shorter than one call, such
         as decoding one word at a time, keep the plain loop. The keyword arguments go to torch.compile;
         the batch size is dynamic by default, so that a smaller last batch needs no second compile.
+        torch.compile's backward cannot be differentiated again: no second-order gradients here.
         """
         self.steps_per_call = steps_per_call
         self._compiled_steps = torch.compile(_masked_steps, **{'dynamic': True, **compile_kwargs})
@@ -289,7 +448,8 @@ class LSTM(nn.Module):
         return {**super().__getstate__(), '_compiled_steps': None}
 
     def forward(self, input, hx=None):
-        if isinstance(input, PackedSequence):
+        packed = isinstance(input, PackedSequence)
+        if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             batch_sizes = batch_sizes.tolist()
             unbatched = False
@@ -302,17 +462,24 @@ class LSTM(nn.Module):
             elif self.batch_first:
                 input = input.transpose(0, 1)
             seq_len, batch = input.shape[:2]
+            if seq_len == 0:
+                raise RuntimeError('Expected sequence length to be larger than 0 in RNN')
             data = input.reshape(seq_len * batch, input.size(2))
             batch_sizes, sorted_indices, unsorted_indices = [batch] * seq_len, None, None
-        batch = batch_sizes[0] if batch_sizes else 0
+        batch = batch_sizes[0]
         self._check_input(data)
         h0, s0 = self._initial_state(hx, batch, data, unbatched, sorted_indices)
 
-        compiled = self._compiled_steps is not None and len(batch_sizes) >= self.steps_per_call
+        compiled = self._compiled_steps is not None and len(batch_sizes) >= self.steps_per_call and batch > 0
         if compiled:
             grids = [self._grid(batch_sizes, direction == 1, data.device) for direction in range(self.num_directions)]
         else:
-            last_rows = self._last_rows(batch_sizes, data.device)
+            schedules = [_schedule(batch_sizes, direction == 1) for direction in range(self.num_directions)]
+            # Rows holding each sequence's final state: for a plain tensor, the last and first steps' blocks.
+            last_rows = (self._last_rows(batch_sizes, data.device) if packed
+                         else (slice((seq_len - 1) * batch, seq_len * batch), slice(0, batch)))
+        # Under autocast the loop runs in the input projection's lower precision, with autocast off.
+        autocast = torch.is_autocast_enabled(data.device.type)
         layer_input, h_n, s_n = data, [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -321,15 +488,21 @@ class LSTM(nn.Module):
             for direction in range(self.num_directions):
                 suffix, index = self._suffix(layer, direction), layer * self.num_directions + direction
                 bias = getattr(self, 'bias_ih' + suffix) + getattr(self, 'bias_hh' + suffix) if self.bias else None
-                z_x = F.linear(layer_input, getattr(self, 'weight_ih' + suffix), bias)  # hoisted: all steps at once
-                weight_hh, h_init, s_init = getattr(self, 'weight_hh' + suffix), h0[index], s0[index]
-                if z_x.dtype != weight_hh.dtype:  # under autocast: the whole loop runs in its lower precision
-                    weight_hh, h_init, s_init = (t.to(z_x.dtype) for t in (weight_hh, h_init, s_init))
-                with torch.autocast(data.device.type, enabled=False):
+                z_x = _input_product(layer_input, getattr(self, 'weight_ih' + suffix), bias)  # all steps at once
+                weight_hr = getattr(self, 'weight_hr' + suffix) if self.proj_size > 0 else None
+                loop_args = [getattr(self, 'weight_hh' + suffix), weight_hr, h0[index], s0[index]]
+                loop_args = [t if t is None or t.dtype == z_x.dtype else t.to(z_x.dtype) for t in loop_args]
+                with torch.autocast(data.device.type, enabled=False) if autocast else contextlib.nullcontext():
                     if compiled:
-                        h_all, h_last, s_last = self._compiled_loop(z_x, weight_hh, h_init, s_init, *grids[direction])
+                        h_all, h_last, s_last = self._compiled_loop(z_x, *loop_args, *grids[direction])
                     else:
-                        h_all, s_all = _Recurrence.apply(z_x, weight_hh, h_init, s_init, batch_sizes, direction == 1)
+                        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [z_x, *loop_args]):
+                            h_all, s_all = _Recurrence.apply(z_x, *loop_args, schedules[direction])
+                        elif _is_exporting():  # torch.export / ONNX: out-of-place ops, no Function
+                            h_all, s_all = _plain_loop(z_x, *loop_args, schedules[direction])
+                        else:  # inference: the fast loop, without the autograd.Function around it
+                            with torch.no_grad():  # nothing to record, so oneDNN's products may run
+                                _, _, h_all, s_all, _ = _forward_loop(z_x, *loop_args, schedules[direction])
                         h_last, s_last = h_all[last_rows[direction]], s_all[last_rows[direction]]
                 h_n.append(h_last)
                 s_n.append(s_last)
@@ -337,11 +510,11 @@ class LSTM(nn.Module):
             layer_input = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
         h_n, s_n = torch.stack(h_n), torch.stack(s_n)
 
-        if isinstance(input, PackedSequence):
+        if packed:
             if unsorted_indices is not None:
                 h_n, s_n = h_n.index_select(1, unsorted_indices), s_n.index_select(1, unsorted_indices)
             return PackedSequence(layer_input, input.batch_sizes, sorted_indices, unsorted_indices), (h_n, s_n)
-        output = layer_input.view(seq_len, batch, -1)
+        output = layer_input.view(seq_len, batch, layer_input.size(1))
         if unbatched:
             return output.squeeze(1), (h_n.squeeze(1), s_n.squeeze(1))
         return (output.transpose(0, 1) if self.batch_first else output), (h_n, s_n)
@@ -354,15 +527,15 @@ class LSTM(nn.Module):
                                f'got {data.size(1)}')
         weight = self.weight_ih_l0
         if data.dtype != weight.dtype and not torch.is_autocast_enabled(data.device.type):
-            raise ValueError(f'LSTM input dtype ({data.dtype}) does not match weight dtype ({weight.dtype}). '
+            raise ValueError(f'RNN input dtype ({data.dtype}) does not match weight dtype ({weight.dtype}). '
                              f'Convert input: input.to({weight.dtype}), or convert model: model.to({data.dtype})')
 
     def _initial_state(self, hx, batch, data, unbatched, sorted_indices):
-        """(h_0, c_0) as (layers * directions, batch, H), in the packed batch's sorted order."""
-        shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        """(h_0, c_0) as (layers * directions, batch, P or H) and (..., H), in the packed batch's sorted order."""
+        layers = self.num_layers * self.num_directions
+        shapes = ((layers, batch, self.proj_size or self.hidden_size), (layers, batch, self.hidden_size))
         if hx is None:
-            zeros = data.new_zeros(shape)
-            return zeros, zeros
+            return tuple(data.new_zeros(shape) for shape in shapes)
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise TypeError('LSTM: hx must be a tuple (h_0, c_0)')
         want = 2 if unbatched else 3
@@ -372,11 +545,12 @@ class LSTM(nn.Module):
                                f'({hx[0].dim()}-D, {hx[1].dim()}-D) tensors')
         if unbatched:
             hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        for i, state in enumerate(hx):
+        for i, (state, shape) in enumerate(zip(hx, shapes)):
             if tuple(state.shape) != shape:
                 raise RuntimeError(f'Expected hidden[{i}] size {shape}, got {list(state.shape)}')
             if state.dtype != data.dtype and not torch.is_autocast_enabled(data.device.type):
-                raise ValueError(f'LSTM hx dtype ({state.dtype}) does not match input dtype ({data.dtype})')
+                raise RuntimeError(f'LSTM hx dtype ({state.dtype}) does not match input dtype ({data.dtype}): '
+                                   f'convert hx: hx[{i}].to({data.dtype})')
         if sorted_indices is not None:
             hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
         return hx
@@ -397,13 +571,13 @@ class LSTM(nn.Module):
         running[cells] = True
         return cells.to(device), running.view(padded_steps, batch, 1).to(device)
 
-    def _compiled_loop(self, z_x, weight_hh, h0, s0, cells, running):
+    def _compiled_loop(self, z_x, weight_hh, weight_hr, h0, s0, cells, running):
         """The loop of compile_loop(): scatter the packed rows into the grid, run the steps, gather them back."""
         grid = z_x.new_zeros(running.numel(), z_x.size(1)).index_copy(0, cells, z_x)
         grid = grid.view(*running.shape[:2], -1)
         h, s, outputs = h0, s0, []
         for grid_part, running_part in zip(grid.split(self.steps_per_call), running.split(self.steps_per_call)):
-            h_steps, h, s = self._compiled_steps(grid_part, running_part, weight_hh, h, s)
+            h_steps, h, s = self._compiled_steps(grid_part, running_part, weight_hh, weight_hr, h, s)
             if not h.requires_grad:
                 # No gradient, so no backward is pending: with mode='reduce-overhead' the next call
                 # then replays the same CUDA graph into the memory of this call's outputs. Keep copies.

@@ -9,6 +9,8 @@ DIY_LSTM is faster).
     python bench_lstm.py --device cuda    # on a GPU, against cuDNN; compiled with CUDA graphs
 """
 import argparse
+import os
+import re
 import statistics
 import time
 
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+import DIY_LSTM
 from DIY_LSTM import LSTM
 from model import positive_int
 
@@ -73,18 +76,43 @@ def check_same(results, case):
                 raise SystemExit(f'{case}: {key} differs from nn.LSTM by up to {(value - expected).abs().max():.2e}')
 
 
+def cpu_libraries():
+    """The CPU capability and the libraries behind the matrix multiplies, which decide the CPU figures.
+
+    The ISA settings of the environment (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) are shown too,
+    since they let one CPU imitate another.
+    """
+    config = torch.__config__.show()
+    blas = re.search(r'BLAS_INFO=(\w+)', config)
+    onednn = re.search(r'MKL-DNN (v[\d.]+)', config)
+    diy_matmul = 'onednn' if DIY_LSTM._onednn_ops_work() and torch.backends.mkldnn.enabled else 'addmm'
+    text = (f'cpu_capability={torch.backends.cpu.get_cpu_capability()} blas={blas.group(1) if blas else "unknown"} '
+            f'mkl={torch.backends.mkl.is_available()} onednn={onednn.group(1) if onednn else "none"} '
+            f'DIY_LSTM matmul={diy_matmul}')
+    for name in ('ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS', 'ATEN_CPU_CAPABILITY'):
+        if name in os.environ:
+            text += f' {name}={os.environ[name]}'
+    return text
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, and the docstring's examples as they are written."""
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--embed_size', type=positive_int, default=256)
-    parser.add_argument('--hidden_size', type=positive_int, default=512)
-    parser.add_argument('--batch_size', type=positive_int, default=128)
-    parser.add_argument('--repeats', type=positive_int, default=30)
-    parser.add_argument('--threads', type=positive_int, default=2)
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--seed', type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--embed_size', type=positive_int, default=256, help="the LSTM's input size")
+    parser.add_argument('--hidden_size', type=positive_int, default=512, help="the LSTM's hidden size")
+    parser.add_argument('--batch_size', type=positive_int, default=128, help='sequences per batch')
+    parser.add_argument('--repeats', type=positive_int, default=30,
+                        help='timed repeats; the table reports their median')
+    parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads for torch')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the weights and inputs')
     parser.add_argument('--compile_mode', default=None,
-                        help='torch.compile mode for the compiled loop (default: reduce-overhead on CUDA, else default)')
-    parser.add_argument('--steps_per_call', type=positive_int, default=8)
+                        help='torch.compile mode for the compiled loop (None: reduce-overhead on CUDA, else default)')
+    parser.add_argument('--steps_per_call', type=positive_int, default=8,
+                        help='time steps per call of the compiled loop')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -119,7 +147,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type
     print(f'device={name} threads={torch.get_num_threads()} input={args.embed_size} hidden={args.hidden_size} '
           f'batch={batch} repeats={args.repeats} compile mode={mode} steps_per_call={args.steps_per_call} '
-          f'torch={torch.__version__}\n')
+          f'torch={torch.__version__}' + (f' {cpu_libraries()}\n' if device.type == 'cpu' else '\n'))
     print('| case | nn.LSTM (ms) | DIY_LSTM (ms) | compiled (ms) | DIY / nn.LSTM | compiled / nn.LSTM |')
     print('|---|---:|---:|---:|---:|---:|')
     for case, make in cases:

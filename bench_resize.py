@@ -26,7 +26,7 @@ import PIL
 from PIL import Image, ImageChops, ImageStat
 
 from model import positive_int
-from resize import SAVE_OPTIONS, resize_folder
+from resize import SAVE_OPTIONS, HelpFormatter, resize_folder
 
 
 def make_photos(folder, count, size, seed):
@@ -66,14 +66,15 @@ def mean_difference(dir_a, dir_b):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--num_images', type=positive_int, default=200)
-    parser.add_argument('--width', type=positive_int, default=640)
-    parser.add_argument('--height', type=positive_int, default=480)
-    parser.add_argument('--image_size', type=positive_int, default=256)
-    parser.add_argument('--repeats', type=positive_int, default=3)
-    parser.add_argument('--workers', type=positive_int, default=os.cpu_count())
-    parser.add_argument('--seed', type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--num_images', type=positive_int, default=200, help='JPEGs to generate and resize')
+    parser.add_argument('--width', type=positive_int, default=640, help='width of the generated photos')
+    parser.add_argument('--height', type=positive_int, default=480, help='height of the generated photos')
+    parser.add_argument('--image_size', type=positive_int, default=256, help='side of the square output images')
+    parser.add_argument('--repeats', type=positive_int, default=3, help='rounds; the table reports their median')
+    parser.add_argument('--workers', type=positive_int, default=os.cpu_count(),
+                        help="resize.py's processes in the last row; the default is every core here")
+    parser.add_argument('--seed', type=int, default=0, help='seed of the generated photos')
     args = parser.parse_args()
 
     methods = [('tutorial (1 process, full decode)', tutorial), ('resize.py, 1 worker', ours(1))]

@@ -61,14 +61,14 @@ def timed(fn, device, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=trainer.HelpFormatter)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cuda or cpu; the default is the GPU where there is one')
     parser.add_argument('--batch_size', type=positive_int, default=128,
                         help='batch of the cache and decoder benchmarks')
-    parser.add_argument('--pipeline_batch', type=positive_int, default=16,
-                        help='batch of the slow tutorial pipeline')
-    parser.add_argument('--vocab_size', type=positive_int, default=10000)
-    parser.add_argument('--repeats', type=positive_int, default=5)
+    parser.add_argument('--pipeline_batch', type=positive_int, default=16, help='batch of the slow tutorial pipeline')
+    parser.add_argument('--vocab_size', type=positive_int, default=10000, help="the decoder's vocabulary size")
+    parser.add_argument('--repeats', type=positive_int, default=5, help='timed repeats; the table reports their median')
     args = parser.parse_args()
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)

@@ -211,7 +211,8 @@ def load_vocab(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description='Build the vocabulary of a COCO captions file.')
+    parser = argparse.ArgumentParser(description='Build the vocabulary of a COCO captions file.',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
                         help="COCO-format captions file, or Karpathy's dataset_*.json")
     parser.add_argument('--split', type=str, default='train', choices=['train', 'val', 'test'],

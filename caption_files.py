@@ -8,6 +8,8 @@ and 'test' take their own. Its image ids are COCO's (cocoid) where the file give
 own imgid; an image's file_name is filepath/filename when a filepath is given (COCO's images sit
 in train2014/ and val2014/), else filename (Flickr's).
 """
+import contextlib
+import io
 import json
 import os
 
@@ -53,5 +55,6 @@ def load_captions(path, split='train'):
             raise ValueError(f'a Karpathy dataset file, but an image or sentence lacks {err}') from None
     coco = COCO()
     coco.dataset = dataset
-    coco.createIndex()
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "creating index..."
+        coco.createIndex()
     return coco

@@ -32,6 +32,16 @@ def load_image(path):
         raise ImageError(f'{path}: cannot read image ({err})') from None
 
 
+def read_coco(path, split='train'):
+    """A COCO-format captions file, or one split of a Karpathy dataset_*.json (see caption_files.py);
+    a file that cannot be read is a ValueError naming it. Which captions are usable is usable_captions'."""
+    try:
+        coco = load_captions(path, split)
+    except (OSError, ValueError, TypeError, KeyError, AssertionError) as err:
+        raise ValueError(f'{path}: not a readable COCO captions file ({type(err).__name__}: {err})') from None
+    return coco
+
+
 def train_transform(crop_size, flip=True):
     """The tutorial's augmentation: random crop of the resized image, random mirror."""
     steps = [transforms.RandomCrop(crop_size)]
@@ -51,22 +61,22 @@ class CocoDataset(data.Dataset):
 
     Unusable captions are dropped with a count (see usable_captions); a caption longer than max_words
     words is cut there, keeping its <end>. With skip_unreadable, captions of images missing from root are
-    dropped (with a count), and an image that cannot be decoded comes back as (None, reason) for
-    collate_skipping to leave out; without it, both are errors.
+    dropped (with a count); without it, they are an error. An image that cannot be decoded raises
+    ImageError, or with skip_unreadable or return_errors comes back as (None, reason) for collate_skipping:
+    raised in a DataLoader worker, the error would reach the user wrapped in the worker's traceback, so
+    training takes the reason back and decides in its own process.
     json may also be a Karpathy dataset_*.json file, of which split ('train', 'val' or 'test') is read.
     """
 
-    def __init__(self, root, json, vocab, transform=None, max_words=50, skip_unreadable=False, split='train'):
+    def __init__(self, root, json, vocab, transform=None, max_words=50, skip_unreadable=False, return_errors=False,
+                 split='train'):
         self.root = root
-        try:
-            self.coco = load_captions(json, split)
-        except (OSError, ValueError, TypeError, KeyError, AssertionError) as err:
-            raise ValueError(f'{json}: not a readable COCO captions file ({type(err).__name__}: {err})') from None
+        self.coco = read_coco(json, split)
         self.ids = usable_captions(self.coco, json)
         if root is not None:
             self._check_images(json, skip_unreadable)
         self.vocab, self.transform, self.max_words = vocab, transform, max_words
-        self.skip_unreadable = skip_unreadable
+        self.return_errors = skip_unreadable or return_errors
         self.word_ids = {}  # tokenized once, on first use: tokenizing costs as much as decoding a small image
 
     def _check_images(self, json, skip_missing):
@@ -89,7 +99,7 @@ class CocoDataset(data.Dataset):
         try:
             image = load_image(os.path.join(self.root, self.coco.imgs[image_id]['file_name']))
         except ImageError as err:
-            if not self.skip_unreadable:
+            if not self.return_errors:
                 raise
             return None, str(err)
         if self.transform is not None:
@@ -107,12 +117,18 @@ class CocoDataset(data.Dataset):
 
 
 def open_cache(folder):
-    """(features, done, meta) of a cache from extract_features.py; the features are memory-mapped."""
+    """(features, done, meta) of a cache from extract_features.py; the features are memory-mapped.
+    meta['unreadable'] maps the ids of images it could not read to the reason."""
     try:
         with open(os.path.join(folder, 'meta.json')) as f:
             meta = json.load(f)
         features = np.load(os.path.join(folder, 'features.npy'), mmap_mode='r')
         done = np.load(os.path.join(folder, 'done.npy'))
+        unreadable_path = os.path.join(folder, 'unreadable.json')
+        meta['unreadable'] = {}
+        if os.path.exists(unreadable_path):
+            with open(unreadable_path) as f:
+                meta['unreadable'] = {int(image_id): reason for image_id, reason in json.load(f).items()}
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f'{folder}: not a feature cache from extract_features.py ({err})') from None
     return features, done, meta
@@ -120,15 +136,24 @@ def open_cache(folder):
 
 class FeatureDataset(CocoDataset):
     """CocoDataset with the cached backbone features in place of images: the centre crop, or at random
-    (with mirror=True) its mirror image."""
+    (with mirror=True) its mirror image. Captions of images extract_features.py could not read are left out."""
 
     def __init__(self, folder, json, vocab, mirror=True, split='train'):
         super().__init__(None, json, vocab, split=split)
         self.features, done, meta = open_cache(folder)
-        if not done.all():
+        unreadable = meta['unreadable']
+        if not all(done[row] or image_id in unreadable for row, image_id in enumerate(meta['image_ids'])):
             raise ValueError(f'{folder}: only {int(done.sum())} of {len(done)} images are extracted; '
                              'run extract_features.py again to finish')
-        self.row = {image_id: row for row, image_id in enumerate(meta['image_ids'])}
+        self.row = {image_id: row for row, image_id in enumerate(meta['image_ids']) if done[row]}
+        if unreadable:
+            kept = [ann_id for ann_id in self.ids if self.coco.anns[ann_id]['image_id'] not in unreadable]
+            print(f'note: {folder}: {len(unreadable)} images could not be read when it was made; '
+                  f'their {len(self.ids) - len(kept)} captions are skipped')
+            if not kept:
+                raise ValueError(f'{folder}: none of the images of {json} could be read when it was made, '
+                                 'so there is nothing to train on; check the images in --image_dir')
+            self.ids = kept
         missing = {self.coco.anns[ann_id]['image_id'] for ann_id in self.ids} - set(self.row)
         if missing:
             raise ValueError(f'{folder}: {len(missing)} images of {json} are not in the cache')

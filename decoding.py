@@ -30,21 +30,22 @@ def nucleus(log_probs, top_p):
 
 
 def sample(decoder, features, n=1, temperature=1.0, top_p=1.0, end_id=2, unk_id=3, max_len=None, min_len=1,
-           block_trigrams=False):
+           start_id=None, block_trigrams=False):
     """n sampled captions per image: (words, log_probs, mask), each (batch * n, steps), rows of one image
-    together. log_probs are those of the distribution sampled from (after temperature, top-p, and the bans
-    on unk_id (an id or a list of ids), on <end> before min_len words and on repeated trigrams); mask marks
-    the words up to and including <end>; after <end> a row holds <end>. Gradients flow to the decoder and
-    features when enabled, as SCST needs."""
+    together. The words ruled out are greedy and beam decoding's (DecoderRNN.forbid: unk_id always, start_id
+    after the first step, <end> before min_len words other than <start>) and, with block_trigrams, repeated
+    trigrams. log_probs are those of the distribution sampled from (after temperature, top-p and those rules);
+    mask marks the words up to and including <end>; after <end> a row holds <end>. Gradients flow to the
+    decoder and features when enabled, as SCST needs."""
     inputs, states = features.repeat_interleave(n, dim=0), None
     finished = torch.zeros(inputs.size(0), dtype=torch.bool, device=features.device)
+    said = torch.zeros(inputs.size(0), dtype=torch.long, device=features.device)
     words, log_probs, mask = [], [], []
-    for _ in range(max_len or decoder.max_seq_length):
+    for t in range(max_len or decoder.max_seq_length):
         scores, states = decoder.step(inputs, states)
-        banned = torch.zeros_like(scores, dtype=torch.bool)
-        banned[:, unk_id] = True
-        if len(words) < min_len:
-            banned[:, end_id] = True
+        ruled_out = scores.new_zeros(scores.shape)  # forbid() writes -inf in place, so not into scores' graph
+        decoder.forbid(ruled_out, t, said, end_id, unk_id, start_id, min_len)
+        banned = ruled_out.isinf()
         if block_trigrams and words:
             banned |= repeated_trigrams(torch.stack(words, 1), scores.size(1), end_id)
         scores = nucleus((scores / temperature).masked_fill(banned, -math.inf).log_softmax(-1), top_p)
@@ -52,6 +53,7 @@ def sample(decoder, features, n=1, temperature=1.0, top_p=1.0, end_id=2, unk_id=
         mask.append(~finished)
         log_probs.append(scores.gather(1, word.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0))
         words.append(word)
+        said += word != start_id if start_id is not None else 1
         finished = finished | (word == end_id)
         if finished.all():
             break

@@ -5,8 +5,9 @@
 1. generates the synthetic shapes set in COCO format (data/synthetic),
 2. builds its vocabulary with build_vocab.py,
 3. trains a small CNN + DIY_LSTM decoder with train.py, reporting held-out loss and the share of
-   validation images whose greedy caption names exactly the right sizes, colours and shapes,
-4. captions png/example.png with the best checkpoint and writes png/example_captioned.png.
+   validation images whose greedy caption names exactly the right sizes, colours and shapes, until
+   that share has passed 95% and stopped improving (or --minutes have passed),
+4. captions png/example.png with the most accurate checkpoint and writes png/example_captioned.png.
 
     python demo.py --hard
 
@@ -25,8 +26,9 @@ import synthetic
 import synthetic_hard
 import train as trainer
 from build_vocab import build_vocab, save_vocab
-from model import load_captioner, positive_float, positive_int, save_checkpoint
+from model import count, load_captioner, positive_float, positive_int, save_checkpoint
 from sample import caption_images, captioned_picture
+from train import HelpFormatter
 
 
 def content_accuracy(encoder, decoder, vocab, config, caption_path, image_dir, batch_size=250,
@@ -46,18 +48,31 @@ def content_accuracy(encoder, decoder, vocab, config, caption_path, image_dir, b
     return correct / len(images)
 
 
+def learned_enough(accuracies, target=0.95, patience=2):
+    """Whether training can stop: the best accuracy so far has passed target, and the last `patience`
+    epochs did not improve on it."""
+    best = max(accuracies)
+    return best >= target and len(accuracies) - 1 - accuracies.index(best) >= patience
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--hard', action='store_true', help='the harder set of synthetic_hard.py')
-    parser.add_argument('--root', default=None, help='where the synthetic set goes (data/synthetic, or _hard)')
-    parser.add_argument('--model_path', default=None, help='where checkpoints go (models/demo, or _hard)')
+    parser.add_argument('--root', default=None,
+                        help='where the synthetic set goes (default: data/synthetic, or data/synthetic_hard)')
+    parser.add_argument('--model_path', default=None,
+                        help='where checkpoints go (default: models/demo, or models/demo_hard)')
     parser.add_argument('--png_dir', default='png', help='where the example and its captioned picture are')
     parser.add_argument('--num_train', type=positive_int, default=8000, help='training images')
     parser.add_argument('--num_val', type=positive_int, default=500, help='held-out images')
-    parser.add_argument('--minutes', type=positive_float, default=8, help='training time budget')
-    parser.add_argument('--max_epochs', type=positive_int, default=100)
-    parser.add_argument('--hidden_size', type=positive_int, default=256)
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--minutes', type=positive_float, default=8, help='training time budget, the most it takes')
+    parser.add_argument('--target', type=positive_float, default=0.95,
+                        help='held-out content accuracy after which training stops once it stops improving')
+    parser.add_argument('--patience', type=count, default=2,
+                        help='epochs without a better accuracy, after passing --target, before training stops')
+    parser.add_argument('--max_epochs', type=positive_int, default=100, help='the most epochs it trains')
+    parser.add_argument('--hidden_size', type=positive_int, default=256, help="the decoder LSTM's hidden size")
+    parser.add_argument('--seed', type=int, default=0, help='seed of the synthetic set and of training')
     args = parser.parse_args()
     suffix = '_hard' if args.hard else ''
     args.root = args.root or f'data/synthetic{suffix}'
@@ -85,25 +100,30 @@ def main():
         '--num_workers', '0', '--log_step', '20', '--save_step', '0', '--seed', str(args.seed),
         '--max_seq_length', '32' if args.hard else '20'])
     matches = synthetic_hard.content_matches if args.hard else synthetic.content_matches
-    best_path = os.path.join(args.model_path, 'best.pt')
-    best = {'accuracy': -1.0}
+    # train.py's best.pt is the epoch of lowest validation loss; the demo keeps the most accurate one.
+    best_path = os.path.join(args.model_path, 'most_accurate.pt')
+    accuracies = []
     train_start = time.time()
 
     def on_epoch_end(epoch, encoder, decoder, checkpoint):
         accuracy = content_accuracy(encoder, decoder, vocab, checkpoint['model_args'], val_json,
                                     os.path.join(args.root, 'val'), matches=matches)
-        if accuracy > best['accuracy']:
-            best['accuracy'] = accuracy
+        if accuracy > max(accuracies, default=-1.0):
             save_checkpoint(best_path, checkpoint)
+        accuracies.append(accuracy)
         elapsed = time.time() - train_start
-        print(f'epoch {epoch + 1}: held-out content accuracy {accuracy:.1%} (best {best["accuracy"]:.1%}), '
+        print(f'epoch {epoch + 1}: held-out content accuracy {accuracy:.1%} (best {max(accuracies):.1%}), '
               f'{elapsed / 60:.1f} min', flush=True)
+        if learned_enough(accuracies, args.target, args.patience):
+            print(f'stopping: no better accuracy in the {args.patience} epochs since the best, '
+                  f'{max(accuracies):.1%}', flush=True)
+            return False
         return elapsed * (epoch + 2) / (epoch + 1) <= args.minutes * 60
 
     trainer.train(train_args, on_epoch_end)
 
     encoder, decoder, vocab, config = load_captioner(best_path)
-    print(f'\nbest held-out content accuracy: {best["accuracy"]:.1%}')
+    print(f'\nbest held-out content accuracy: {max(accuracies):.1%}')
     if args.hard:
         with open(val_json) as f:
             names = [image['file_name'] for image in json.load(f)['images'][:4]]

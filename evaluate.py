@@ -8,7 +8,7 @@ the COCO caption evaluation code (pycocoevalcap).
     python evaluate.py --checkpoint models/flickr8k/checkpoint.pt --image_dir data/flickr8k/resized \\
         --caption_path data/flickr8k/dataset_flickr8k.json --split test --block_trigrams
     # the synthetic set
-    python evaluate.py --checkpoint models/demo/best.pt --image_dir data/synthetic/val \\
+    python evaluate.py --checkpoint models/demo/most_accurate.pt --image_dir data/synthetic/val \\
         --caption_path data/synthetic/annotations/captions_val.json --beam_size 3
 
 SPICE is not run: its scorer downloads Stanford CoreNLP when it starts. METEOR and the PTB tokenizer
@@ -26,10 +26,10 @@ from pycocoevalcap.rouge.rouge import Rouge
 from tqdm import tqdm
 
 from build_vocab import VocabError, plain_words
-from caption_files import load_captions
-from model import CheckpointError, load_captioner, nonnegative_float, positive_int
+from data_loader import read_coco
+from model import CheckpointError, atomic_write, load_captioner, nonnegative_float, positive_int
 from sample import caption_images, check_max_len
-from train import pick_device
+from train import HelpFormatter, pick_device
 
 
 def select_images(coco, split_file=None, split='test'):
@@ -37,8 +37,11 @@ def select_images(coco, split_file=None, split='test'):
     image_ids = sorted(coco.getImgIds())
     if split_file is None:
         return image_ids
-    with open(split_file) as f:
-        wanted = {image['cocoid'] for image in json.load(f)['images'] if image['split'] == split}
+    try:
+        with open(split_file) as f:
+            wanted = {image['cocoid'] for image in json.load(f)['images'] if image['split'] == split}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{split_file}: not Karpathy's dataset_coco.json ({type(err).__name__}: {err})") from None
     selected = [image_id for image_id in image_ids if image_id in wanted]
     if len(selected) < len(wanted):
         print(f'note: {len(wanted) - len(selected)} {split} images of {split_file} are not in this captions file')
@@ -72,42 +75,48 @@ def score_captions(references, results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt', help='checkpoint from train.py')
     parser.add_argument('--image_dir', type=str, default='data/resized_val2014', help='the images to caption')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_val2014.json',
                         help="reference captions: COCO format, or Karpathy's dataset_*.json (see --split)")
-    parser.add_argument('--split_file', type=str, default=None, help="Karpathy's dataset_coco.json")
+    parser.add_argument('--split_file', type=str, default=None,
+                        help="Karpathy's dataset_coco.json, to score one split (None: every image of --caption_path)")
     parser.add_argument('--split', type=str, default='test', choices=['test', 'val'],
-                        help='the split of --split_file, or of a Karpathy file given as --caption_path')
-    parser.add_argument('--results_path', type=str, default='results.json', help='captions in COCO results format')
+                        help='the split to score: of --split_file, or of a Karpathy file given as --caption_path')
+    parser.add_argument('--results_path', type=str, default='results.json',
+                        help='file for the captions, in COCO results format')
     parser.add_argument('--beam_size', type=positive_int, default=1, help='1 is greedy decoding')
     parser.add_argument('--length_penalty', type=nonnegative_float, default=0.0,
                         help='rank beams by log p / length^alpha')
-    parser.add_argument('--max_len', type=positive_int, default=None, help='longest caption in words')
+    parser.add_argument('--max_seq_length', '--max_len', type=positive_int, default=None,
+                        help="longest caption in words (None: the model's own, 20 unless trained otherwise)")
     parser.add_argument('--min_len', type=positive_int, default=1, help='fewest words before <end>')
-    parser.add_argument('--batch_size', type=positive_int, default=64)
+    parser.add_argument('--batch_size', type=positive_int, default=64, help='images captioned at a time')
     parser.add_argument('--block_trigrams', action='store_true', help='no trigram may repeat within a caption')
-    parser.add_argument('--device', type=str, default=None)
+    parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (None: the best available)')
     args = parser.parse_args(argv)
 
-    device = pick_device(args.device)
     try:
+        device = pick_device(args.device)
+        if not os.path.exists(args.checkpoint):
+            raise CheckpointError(f'{args.checkpoint}: no such file; train a model first (python train.py), '
+                                  'or pass --checkpoint PATH')
         encoder, decoder, vocab, config = load_captioner(args.checkpoint, device)
-        check_max_len(args.checkpoint, config, args.max_len)
+        check_max_len(args.checkpoint, config, args.max_seq_length)
         if not os.path.isfile(args.caption_path):
             raise FileNotFoundError(f'{args.caption_path}: no such file')
-        coco = load_captions(args.caption_path, args.split)
+        coco = read_coco(args.caption_path, args.split)
         image_ids = select_images(coco, args.split_file, args.split)
-    except (CheckpointError, VocabError, OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+    except (CheckpointError, VocabError, OSError, ValueError) as err:
         sys.exit(f'error: {err}')
 
     results, failed = {}, 0
     for i in tqdm(range(0, len(image_ids), args.batch_size), desc='captioning', unit='batch'):
         chunk = image_ids[i:i + args.batch_size]
         paths = {os.path.join(args.image_dir, coco.imgs[image_id]['file_name']): image_id for image_id in chunk}
-        captions, errors = caption_images(list(paths), encoder, decoder, vocab, config, device, args.max_len,
-                                          args.beam_size, args.length_penalty, args.min_len,
+        captions, errors = caption_images(list(paths), encoder, decoder, vocab, config, device, args.max_seq_length,
+                                          args.beam_size, args.length_penalty, args.batch_size, args.min_len,
                                           args.block_trigrams)
         results.update({paths[path]: caption for path, caption in captions.items()})
         for message in errors.values():
@@ -115,8 +124,8 @@ def main(argv=None):
         failed += len(errors)
     if not results:
         sys.exit('error: no image could be captioned')
-    with open(args.results_path, 'w') as f:
-        json.dump([{'image_id': image_id, 'caption': caption} for image_id, caption in results.items()], f)
+    results_json = json.dumps([{'image_id': image_id, 'caption': caption} for image_id, caption in results.items()])
+    atomic_write(args.results_path, lambda f: f.write(results_json.encode()))
 
     references = {image_id: [ann['caption'] for ann in coco.imgToAnns[image_id]] for image_id in results}
     scores, notes = score_captions(references, results)

@@ -130,6 +130,11 @@ def small_cnn(width=16):
     return nn.Sequential(*layers), channels
 
 
+# The torchvision networks whose layers end in avgpool and fc, which is what EncoderCNN takes apart.
+RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d', 'resnext101_32x8d',
+           'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2')
+
+
 def backbone_trunk(name, weights):
     """A classification network without its final fc layer, and the size of the pooled features.
 
@@ -138,14 +143,15 @@ def backbone_trunk(name, weights):
     """
     if name == 'smallcnn':
         return small_cnn()
+    if name not in RESNETS:
+        raise ValueError(f'--backbone {name} is not supported: use smallcnn or a torchvision ResNet '
+                         f'({", ".join(RESNETS)})')
     local = weights is not None and weights != 'DEFAULT'
     try:
         net = torchvision.models.get_model(name, weights=None if local else weights)
-    except ValueError as err:
-        raise ValueError(f'unknown backbone {name!r}: use smallcnn or a torchvision ResNet such as resnet152') from err
     except OSError as err:  # urllib's URLError is an OSError
         raise CheckpointError(f'could not download the ImageNet weights of {name} ({err}); download them elsewhere '
-                           f'and pass --weights PATH, or --weights none') from err
+                              f'and pass --weights PATH, or --weights none') from err
     if local:
         net.load_state_dict(read_checkpoint(weights))
     return nn.Sequential(*list(net.children())[:-1]), net.fc.in_features
@@ -211,22 +217,32 @@ class DecoderRNN(nn.Module):
             raise ValueError(f'the longest caption must be at least 1 word, not {max_len}')
         return max_len
 
+    @staticmethod
+    def forbid(log_probs, step, said, end_id, unk_id, start_id, min_len):
+        """Rule words out, in place, for greedy and beam decoding alike: unk_id (an id or a list of ids)
+        always; start_id after the first step (train.py's captions begin with <start>, so a trained model
+        says it first); and <end> while fewer than min_len words other than <start> have been said, so
+        that no caption comes out empty."""
+        log_probs[..., unk_id] = -math.inf
+        if start_id is not None and step > 0:
+            log_probs[..., start_id] = -math.inf
+        log_probs[..., end_id] = log_probs[..., end_id].masked_fill(said < min_len, -math.inf)
+
     @torch.no_grad()
-    def sample(self, features, end_id=2, unk_id=3, max_len=None, min_len=1, block_trigrams=False):
-        """Greedy decoding for a batch, never choosing unk_id (an id or a list of ids), nor <end> before
-        min_len words; stops once every caption has produced <end>. block_trigrams: never choose a word
-        that repeats a trigram of the caption."""
+    def sample(self, features, end_id=2, unk_id=3, max_len=None, min_len=1, start_id=None, block_trigrams=False):
+        """Greedy decoding for a batch, with the rules of forbid(); stops once every caption has produced <end>.
+        block_trigrams: never choose a word that repeats a trigram of the caption."""
         inputs, states = features, None
         words, finished = [], torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
+        said = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
         for t in range(self.decode_length(max_len)):
             log_probs, states = self.step(inputs, states)
-            log_probs[:, unk_id] = -math.inf
-            if t < min_len:
-                log_probs[:, end_id] = -math.inf
+            self.forbid(log_probs, t, said, end_id, unk_id, start_id, min_len)
             if block_trigrams and words:
                 log_probs[repeated_trigrams(torch.stack(words, 1), log_probs.size(1), end_id)] = -math.inf
             predicted = log_probs.argmax(1)
             words.append(predicted)
+            said += predicted != start_id if start_id is not None else 1
             finished |= predicted == end_id
             if finished.all():
                 break
@@ -235,12 +251,13 @@ class DecoderRNN(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, features, beam_size=3, end_id=2, unk_id=3, max_len=None, length_penalty=0.0, min_len=1,
-                    block_trigrams=False):
+                    all_beams=False, start_id=None, block_trigrams=False):
         """Batched beam search: for each image the caption of highest total log-probability among the beams.
 
         With length_penalty alpha > 0, finished captions are ranked by log p / length^alpha, which stops
-        the search from favouring short captions. A caption has at least min_len words before <end>, so
-        an empty one (just <end>) never wins. beam_size=1 gives exactly the greedy caption.
+        the search from favouring short captions. The rules of forbid() hold, so an empty caption never wins.
+        beam_size=1 gives exactly the greedy caption.
+        all_beams=True returns every beam, best first, (batch, beams, steps), and their log-probabilities.
         block_trigrams: no beam may extend itself with a word that repeats one of its trigrams.
         """
         batch, beams = features.size(0), beam_size
@@ -256,9 +273,8 @@ class DecoderRNN(nn.Module):
                 break
             log_probs, states = self.step(inputs, states)
             log_probs = log_probs.view(batch, beams, -1)
-            log_probs[:, :, unk_id] = -math.inf
-            if t < min_len:  # no beam has finished yet
-                log_probs[:, :, end_id] = -math.inf
+            said = (sequences != start_id).sum(2) if start_id is not None else sequences.new_full(finished.shape, t)
+            self.forbid(log_probs, t, said, end_id, unk_id, start_id, min_len)
             if block_trigrams:
                 repeats = repeated_trigrams(sequences.flatten(0, 1), log_probs.size(2), end_id)
                 log_probs[repeats.view_as(log_probs)] = -math.inf
@@ -276,7 +292,11 @@ class DecoderRNN(nn.Module):
             inputs = self.embed(words.flatten())
         lengths = ((sequences != end_id).cumsum(2) == torch.arange(1, sequences.size(2) + 1, device=scores.device))
         lengths = lengths.sum(2) + finished.long()  # words up to and including <end>
-        best = (scores / lengths.float() ** length_penalty).argmax(1)
+        ranking = scores / lengths.float() ** length_penalty
+        if all_beams:  # every beam, best first, with its total log-probability
+            order = ranking.argsort(dim=1, descending=True, stable=True)
+            return sequences.gather(1, order.unsqueeze(2).expand_as(sequences)), scores.gather(1, order)
+        best = ranking.argmax(1)
         return sequences[torch.arange(batch), best]
 
 def load_captioner(path, device='cpu'):
@@ -296,6 +316,12 @@ def load_captioner(path, device='cpu'):
     if len(vocab) != config['vocab_size']:
         raise CheckpointError(f'{path}: holds {len(vocab)} words but its decoder expects {config["vocab_size"]}')
     return encoder.to(device).eval(), decoder.to(device).eval(), vocab, config
+
+
+def decode_options(vocab, max_len=None, min_len=1):
+    """The special word ids for DecoderRNN.sample and beam_search, so every script decodes alike."""
+    return dict(end_id=vocab('<end>'), unk_id=sorted({vocab('<unk>'), vocab('<pad>')}), start_id=vocab('<start>'),
+                max_len=max_len, min_len=min_len)
 
 
 def ids_to_sentence(ids, vocab):

@@ -1,6 +1,6 @@
 """Plot the loss history that train.py saves next to its checkpoint.
 
-    python plot_history.py --history models/history.json --out png/loss_curve.png
+    python plot_history.py --history models/history.json --plot_path png/loss_curve.png
 """
 import argparse
 import json
@@ -31,10 +31,14 @@ def plot(history, out):
     plt.close(fig)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, and the docstring's examples as they are written."""
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--history', default='models/history.json', help='history.json written by train.py')
-    parser.add_argument('--out', default='png/loss_curve.png', help='PNG to write')
+    parser.add_argument('--plot_path', '--out', default='png/loss_curve.png', help='PNG file to write')
     args = parser.parse_args(argv)
     try:
         with open(args.history) as f:
@@ -43,8 +47,8 @@ def main(argv=None):
             raise ValueError('it holds no training steps yet')
     except (OSError, ValueError, AttributeError) as err:
         sys.exit(f'error: {args.history}: cannot plot ({err})')
-    plot(history, args.out)
-    print(f'wrote {args.out}')
+    plot(history, args.plot_path)
+    print(f'wrote {args.plot_path}')
 
 
 if __name__ == '__main__':

@@ -110,13 +110,17 @@ def resize_folder(image_dir, output_dir, size, workers=None):
     return len(todo) - len(failed), len(names) - len(todo), failed
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, and the docstring's examples as they are written."""
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--image_dir', default='./data/train2014/', help='folder of images to resize (only read)')
     parser.add_argument('--output_dir', default='./data/resized2014/', help='folder for the resized images')
     parser.add_argument('--image_size', type=positive_int, default=256, help='side of the square output images')
     parser.add_argument('--workers', type=positive_int, default=os.cpu_count(),
-                        help='processes to use (default: all cores)')
+                        help='processes to use; the default is every core here')
     args = parser.parse_args()
     try:
         resized, skipped, failed = resize_folder(args.image_dir, args.output_dir, args.image_size, args.workers)

@@ -1,27 +1,32 @@
 """Caption images with a trained model.
 
     python sample.py --image png/example.png
-    python sample.py --image photo1.jpg photo2.jpg --out captioned/
+    python sample.py --image photo1.jpg photo2.jpg --output_dir captioned/
     python sample.py --image png/example.png --sample 5 --top_p 0.9    # five different captions
+    python sample.py --image photos/ --json captions.json                  # every image in a folder
     python sample.py --image png/example.png --encoder_path encoder-5-3000.pkl \\
         --decoder_path decoder-5-3000.pkl --vocab_path vocab.pkl     # the tutorial's published files
+    python sample.py --image png/example.png --onnx models/onnx      # export.py's files, with onnxruntime
 
 A train.py checkpoint carries its model sizes and vocabulary, so there is nothing to match by hand.
+Images are captioned --batch_size at a time, so memory stays the same however many there are.
 """
 import argparse
+import json
 import os
 import sys
 import textwrap
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 import decoding
 from build_vocab import VocabError, load_vocab
 from data_loader import ImageError, eval_transform, load_image
-from model import (CheckpointError, DecoderRNN, EncoderCNN, count, ids_to_sentence, load_captioner,
-                   nonnegative_float, positive_float, positive_int, read_checkpoint)
-from train import pick_device
+from model import (CheckpointError, DecoderRNN, EncoderCNN, atomic_write, count, decode_options, ids_to_sentence,
+                   load_captioner, nonnegative_float, positive_float, positive_int, read_checkpoint)
+from train import HelpFormatter, pick_device
 
 
 def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):
@@ -57,35 +62,47 @@ def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):
     return encoder.eval(), decoder.eval(), vocab, dict(image_size=224, crop_size=224)
 
 
-def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
-                   min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
-    """Returns {path: caption} for readable images and {path: error} for the rest. A caption has at least
-    min_len words: <end> is not allowed before, and <pad>, <start> and <unk> never, so none comes out empty.
-    With samples=N, {path: [N sampled captions]} instead (decoding.sample, with temperature and top_p)."""
+def caption_batches(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
+                    batch_size=32, min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
+    """Yields (paths of the batch, {path: caption}, {path: error}) for each batch in turn: only one batch of
+    images is in memory at a time. A caption has at least min_len words before <end>, so none comes out empty
+    (DecoderRNN.forbid). With samples=N, {path: [N sampled captions]} instead (decoding.sample, with
+    temperature and top_p)."""
     transform = eval_transform(config['image_size'], config['crop_size'])
-    images, captions, errors = {}, {}, {}
-    for path in paths:
-        try:
-            images[path] = transform(load_image(path))
-        except ImageError as err:
-            errors[path] = str(err)
-    if images:
-        with torch.no_grad():
-            features = encoder(torch.stack(list(images.values())).to(device))
-        never = sorted({vocab('<unk>'), vocab('<pad>'), vocab('<start>')})
-        special = dict(end_id=vocab('<end>'), unk_id=never, max_len=max_len, min_len=min_len,
-                       block_trigrams=block_trigrams)
-        if samples:
+    special = dict(decode_options(vocab, max_len, min_len), block_trigrams=block_trigrams)
+    for start in range(0, len(paths), batch_size):
+        batch, images, captions, errors = paths[start:start + batch_size], {}, {}, {}
+        for path in batch:
+            try:
+                images[path] = transform(load_image(path))
+            except ImageError as err:
+                errors[path] = str(err)
+        if images:
             with torch.no_grad():
-                ids, _, _ = decoding.sample(decoder, features, samples, temperature, top_p, **special)
-            rows = [[ids_to_sentence(row, vocab) for row in ids[i * samples:(i + 1) * samples].cpu()]
-                    for i in range(len(images))]
-            return dict(zip(images, rows)), errors
-        if beam_size > 1:
-            ids = decoder.beam_search(features, beam_size, length_penalty=length_penalty, **special)
-        else:
-            ids = decoder.sample(features, **special)
-        captions = {path: ids_to_sentence(row, vocab) for path, row in zip(images, ids.cpu())}
+                features = encoder(torch.stack(list(images.values())).to(device))
+                if samples:
+                    ids, _, _ = decoding.sample(decoder, features, samples, temperature, top_p, **special)
+                elif beam_size > 1:
+                    ids = decoder.beam_search(features, beam_size, length_penalty=length_penalty, **special)
+                else:
+                    ids = decoder.sample(features, **special)
+            sentences = [ids_to_sentence(row, vocab) for row in ids.cpu()]
+            if samples:  # the rows of one image are together
+                sentences = [sentences[i:i + samples] for i in range(0, len(sentences), samples)]
+            captions = dict(zip(images, sentences))
+        yield batch, captions, errors
+
+
+def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
+                   batch_size=32, min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
+    """Returns {path: caption} (with samples=N, {path: [N sampled captions]}) for readable images and
+    {path: error} for the rest."""
+    captions, errors = {}, {}
+    for _, batch_captions, batch_errors in caption_batches(paths, encoder, decoder, vocab, config, device, max_len,
+                                                        beam_size, length_penalty, batch_size, min_len,
+                                                        block_trigrams, samples, temperature, top_p):
+        captions.update(batch_captions)
+        errors.update(batch_errors)
     return captions, errors
 
 
@@ -94,7 +111,22 @@ def check_max_len(checkpoint, config, max_len):
     trained = config.get('max_seq_length', 1)
     if max_len is None and not (isinstance(trained, int) and trained >= 1):
         raise CheckpointError(f'{checkpoint} was trained with --max_seq_length {trained}, which allows no words; '
-                              'pass --max_len N, the longest caption in words')
+                              'pass --max_seq_length N, the longest caption in words')
+
+
+def image_paths(names):
+    """The paths given, with each folder replaced by the image files in it (by extension, sorted).
+    A folder with none stays as it is, so that it is reported like any path that is not an image."""
+    extensions = {extension for extension, format in Image.registered_extensions().items() if format in Image.OPEN}
+    paths = []
+    for name in names:
+        inside = []
+        if os.path.isdir(name):
+            inside = sorted(os.path.join(name, entry) for entry in os.listdir(name)
+                            if os.path.splitext(entry)[1].lower() in extensions
+                            and os.path.isfile(os.path.join(name, entry)))
+        paths.extend(inside or [name])
+    return paths
 
 
 def captioned_picture(path, caption, min_width=320):
@@ -127,79 +159,126 @@ def grid(pictures, columns=4):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--image', type=str, nargs='+', required=True, help='images to caption')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--image', type=str, nargs='+', required=True,
+                        help='images to caption; a folder stands for every image file in it')
     parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt', help='checkpoint from train.py')
     parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder state dict")
     parser.add_argument('--decoder_path', type=str, default=None, help="the tutorial's decoder state dict")
-    parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl (with the two above); with --checkpoint, only checked")
+    parser.add_argument('--vocab_path', type=str, default=None,
+                        help="the tutorial's vocab.pkl (with the two above); with --checkpoint, only checked")
     for name in ('embed_size', 'hidden_size', 'num_layers'):
-        parser.add_argument(f'--{name}', type=positive_int, default=None, help='optional: checked against the weights')
-    parser.add_argument('--out', type=str, default=None, help='folder for PNGs with the caption drawn beneath')
-    parser.add_argument('--max_len', type=positive_int, default=None, help='longest caption in words')
+        parser.add_argument(f'--{name}', type=positive_int, default=None,
+                            help="the tutorial model's size; optional: only checked against the weights")
+    parser.add_argument('--output_dir', '--out', type=str, default=None,
+                        help='folder for PNGs with the caption drawn beneath')
+    parser.add_argument('--json', type=str, default=None,
+                        help='also write the captions to this file, as [{"file_name": ..., "caption": ...}, ...] '
+                             '(with --sample, "captions": [...])')
+    parser.add_argument('--grid', type=str, default=None, help='also write all captioned images as one PNG grid')
+    parser.add_argument('--max_seq_length', '--max_len', type=positive_int, default=None,
+                        help="longest caption in words (None: the model's own, 20 unless trained otherwise)")
     parser.add_argument('--min_len', type=positive_int, default=1, help='fewest words before <end>')
     parser.add_argument('--beam_size', type=positive_int, default=1, help='1 is greedy decoding')
     parser.add_argument('--length_penalty', type=nonnegative_float, default=0.0,
                         help='rank beams by log p / length^alpha')
+    parser.add_argument('--gates', type=str, default=None, help="one image: PNG of the LSTM's gates at every word")
+    parser.add_argument('--gates_json', type=str, default=None, help='one image: the gates as JSON numbers')
+    parser.add_argument('--batch_size', type=positive_int, default=32, help='images captioned at a time')
     parser.add_argument('--block_trigrams', action='store_true', help='no trigram may repeat within a caption')
     parser.add_argument('--sample', type=count, default=0, metavar='N', help='print N sampled captions per image')
     parser.add_argument('--temperature', type=positive_float, default=1.0,
                         help='with --sample: below 1 safer, above 1 wilder')
-    parser.add_argument('--top_p', type=float, default=1.0,
-                        help='with --sample: draw only from the most probable words holding this much probability')
-    parser.add_argument('--grid', type=str, default=None, help='also write all captioned images as one PNG grid')
-    parser.add_argument('--device', type=str, default=None)
+    parser.add_argument('--top_p', type=positive_float, default=1.0,
+                        help='with --sample: draw only from the most probable words holding this much probability'
+                             ' (at most 1; 1 draws from every word)')
+    parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (None: the best available)')
+    parser.add_argument('--onnx', type=str, default=None, help="export.py's folder: caption with onnxruntime on the CPU")
     args = parser.parse_args(argv)
+    if (args.gates or args.gates_json) and len(args.image) != 1:
+        parser.error('--gates and --gates_json take one --image')
+    if (args.gates or args.gates_json) and args.onnx:
+        parser.error('--gates and --gates_json need the PyTorch model: leave out --onnx')
 
-    if not 0 < args.top_p <= 1:
-        sys.exit(f'error: --top_p must be above 0 and at most 1, not {args.top_p}')
-    device = pick_device(args.device)
+    if args.top_p > 1:
+        parser.error(f'--top_p is a probability: at most 1, not {args.top_p}')
+    if args.sample and (args.gates or args.gates_json or args.output_dir or args.grid):
+        parser.error('--sample prints its captions (and writes --json); leave out --gates, --output_dir and --grid')
     try:
-        if args.encoder_path or args.decoder_path:
+        device = pick_device('cpu' if args.onnx else args.device)
+        if args.onnx:
+            from export import load_onnx_captioner
+            encoder, decoder, vocab, config = load_onnx_captioner(args.onnx)
+        elif args.encoder_path or args.decoder_path:
             if not (args.encoder_path and args.decoder_path and args.vocab_path):
                 raise CheckpointError('the tutorial format needs --encoder_path, --decoder_path and --vocab_path')
             sizes = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, num_layers=args.num_layers)
             encoder, decoder, vocab, config = load_tutorial(args.encoder_path, args.decoder_path, args.vocab_path, sizes)
         else:
+            if not os.path.exists(args.checkpoint):
+                raise CheckpointError(f'{args.checkpoint}: no such file; train a model first (python train.py), '
+                                      'or pass --checkpoint PATH')
             encoder, decoder, vocab, config = load_captioner(args.checkpoint)
             given = len(load_vocab(args.vocab_path)) if args.vocab_path else len(vocab)
             if given != len(vocab):
                 raise CheckpointError(f'{args.checkpoint} was trained with {len(vocab)} words but {args.vocab_path} '
                                       f'has {given}: leave out --vocab_path, since the checkpoint carries its own '
                                       'vocabulary')
-            check_max_len(args.checkpoint, config, args.max_len)
-    except (CheckpointError, VocabError) as err:
+            check_max_len(args.checkpoint, config, args.max_seq_length)
+    except (CheckpointError, VocabError, ValueError) as err:
         sys.exit(f'error: {err}')
-    encoder, decoder = encoder.to(device), decoder.to(device)
+    if not args.onnx:
+        encoder, decoder = encoder.to(device), decoder.to(device)
 
-    captions, errors = caption_images(args.image, encoder, decoder, vocab, config, device, args.max_len,
-                                      args.beam_size, args.length_penalty, args.min_len,
-                                      args.block_trigrams, args.sample, args.temperature, args.top_p)
-    if args.sample:
-        for path in args.image:
-            for caption in captions.get(path, []):
-                print(caption if len(args.image) == 1 else f'{path}: {caption}')
-            if path in errors:
-                print(f'error: {errors[path]}', file=sys.stderr)
-        if errors:
-            sys.exit(1)
+    if args.gates or args.gates_json:
+        import gates
+        try:
+            result = gates.record(args.image[0], encoder, decoder, vocab, config, device, args.max_seq_length,
+                                  args.beam_size, args.length_penalty, args.min_len, args.block_trigrams)
+            print(result['caption'])
+            gates.save(result, args.gates, args.gates_json)
+        except ImageError as err:
+            sys.exit(f'error: {err}')
+        except OSError as err:
+            sys.exit(f'error: could not write {err.filename or args.gates or args.gates_json} ({err.strerror or err})')
         return
-    pictures = []
-    for path in args.image:
-        if path in errors:
-            print(f'error: {errors[path]}', file=sys.stderr)
-            continue
-        print(captions[path] if len(args.image) == 1 else f'{path}: {captions[path]}')
-        if args.out or args.grid:
-            pictures.append(captioned_picture(path, captions[path]))
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            name = os.path.splitext(os.path.basename(path))[0] + '_captioned.png'
-            pictures[-1].save(os.path.join(args.out, name))
+
+    paths = image_paths(args.image)
+    results, pictures, failed = [], [], 0
+    bar = tqdm(total=len(paths), unit='image', desc='captioning', disable=len(paths) <= args.batch_size)
+    for batch, captions, errors in caption_batches(paths, encoder, decoder, vocab, config, device, args.max_seq_length,
+                                                   args.beam_size, args.length_penalty, args.batch_size, args.min_len,
+                                                   args.block_trigrams, args.sample, args.temperature, args.top_p):
+        for path in batch:
+            if path in errors:
+                tqdm.write(f'error: {errors[path]}', file=sys.stderr)
+                continue
+            if args.sample:  # N captions per image, printed one a line
+                results.append({'file_name': path, 'captions': captions[path]})
+                for caption in captions[path]:
+                    tqdm.write(caption if len(paths) == 1 else f'{path}: {caption}', file=sys.stdout)
+                continue
+            line = captions[path] if len(paths) == 1 else f'{path}: {captions[path]}'
+            results.append({'file_name': path, 'caption': captions[path]})
+            if args.output_dir or args.grid:
+                picture = captioned_picture(path, captions[path])
+            if args.output_dir:
+                out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + '_captioned.png')
+                atomic_write(out, lambda f: picture.save(f, format='PNG'))
+                line += f'  ->  {out}'
+            if args.grid:
+                pictures.append(picture)
+            tqdm.write(line, file=sys.stdout)
+        failed += len(errors)
+        bar.update(len(batch))
+    bar.close()
     if args.grid and pictures:
-        os.makedirs(os.path.dirname(args.grid) or '.', exist_ok=True)
-        grid(pictures).save(args.grid)
-    if errors:
+        atomic_write(args.grid, lambda f: grid(pictures).save(f, format='PNG'))
+        print(f'grid of {len(pictures)} captioned images: {args.grid}')
+    if args.json:
+        atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=1).encode()))
+        print(f'captions of {len(results)} images: {args.json}')
+    if failed:
         sys.exit(1)
 
 

@@ -34,6 +34,7 @@ from data_loader import CocoDataset, FeatureDataset, batches, eval_transform, tr
 from model import (
     CheckpointError,
     atomic_write,
+    decode_options,
     ids_to_sentence,
     load_captioner,
     positive_float,
@@ -125,14 +126,9 @@ def captions_of(ids, vocab):
     return [ids_to_sentence(row, vocab) for row in ids.cpu()]
 
 
-def special_ids(vocab):
-    """<end>, and the words never to write (<unk>, <pad>, <start>), as sample.py decodes."""
-    return dict(end_id=vocab('<end>'), unk_id=sorted({vocab('<unk>'), vocab('<pad>'), vocab('<start>')}))
-
-
 def scst_loss(decoder, features, image_ids, cider, vocab, samples, baseline):
     """-(r - b) log p averaged over the sampled words, and the mean rewards of samples and greedy captions."""
-    special = special_ids(vocab)
+    special = decode_options(vocab)  # the rules sample.py decodes by
     words, log_probs, mask = decoding.sample(decoder, features, samples, **special)
     rewards = cider(captions_of(words, vocab), np.repeat(image_ids, samples))
     greedy = cider(captions_of(decoder.sample(features.detach(), **special), vocab), image_ids)
@@ -152,7 +148,7 @@ def greedy_cider(encoder, decoder, vocab, loader, cider, device):
     scores = []
     for images, image_ids, _ in loader:
         if images is not None:
-            ids = decoder.sample(encoder(images.to(device)), **special_ids(vocab))
+            ids = decoder.sample(encoder(images.to(device)), **decode_options(vocab))
             scores.extend(cider(captions_of(ids, vocab), image_ids))
     return float(np.mean(scores)) if scores else float('nan')
 
@@ -174,6 +170,7 @@ def train(args):
     check_arguments(args)
     checkpoint_path = os.path.join(args.model_path, 'checkpoint.pt')
     resume_path = (checkpoint_path if args.resume == 'latest' else args.resume) if args.resume else None
+    resumed = trainer.restore_settings(args, resume_path) if resume_path else None  # the run's own settings
     encoder, decoder, vocab, model_args = load_captioner(resume_path or args.init_from)
     device = trainer.pick_device(args.device)
     torch.manual_seed(args.seed)
@@ -213,7 +210,7 @@ def train(args):
     epoch, batches_done, step, history = 0, 0, 0, {'scst': [], 'val': []}
     if resume_path:
         stateful = (encoder, decoder, optimizer)
-        epoch, batches_done, step, history = trainer.resume(resume_path, None, model_args, stateful)
+        epoch, batches_done, step, history = trainer.resume(resumed, resume_path, None, model_args, stateful)
         print(f'resuming from {resume_path}: epoch {epoch + 1}, step {step}')
 
     def save(completed_epochs, batches):

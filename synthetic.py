@@ -197,14 +197,19 @@ def write_example(path, seed=0):
     return objects
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, and the docstring's examples as they are written."""
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--root', default='data/synthetic', help='where images and annotations go')
-    parser.add_argument('--num_train', type=positive_int, default=3000)
-    parser.add_argument('--num_val', type=count, default=300)
-    parser.add_argument('--image_size', type=positive_int, default=64)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--hard', action='store_true', help='1-4 objects, fills, relations, counts (synthetic_hard.py)')
+    parser.add_argument('--num_train', type=positive_int, default=3000, help='training images')
+    parser.add_argument('--num_val', type=count, default=300, help='held-out images')
+    parser.add_argument('--image_size', type=positive_int, default=64, help='side of the square images')
+    parser.add_argument('--seed', type=int, default=0, help='the same seed makes the same files')
+    parser.add_argument('--hard', action='store_true',
+                        help='1-4 objects, fills, relations, counts (synthetic_hard.py)')
     args = parser.parse_args()
     paths = make_synthetic_coco(args.root, args.num_train, args.num_val, args.image_size, args.seed, hard=args.hard)
     print(f'images in {os.path.join(args.root, "train")} and {os.path.join(args.root, "val")}')

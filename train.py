@@ -4,12 +4,15 @@
     python train.py --features data/features_train2014   # from extract_features.py's cache: much faster
     torchrun --nproc_per_node=4 train.py ...             # several GPUs (or CPU processes), one per process
     python train.py --resume                             # continue models/checkpoint.pt where it stopped
+    tensorboard --logdir models/tensorboard              # watch the losses and sample captions
     python train.py --scst --init_from models/best.pt    # self-critical fine-tuning for CIDEr-D (scst.py)
 
-Everything sample.py needs (model sizes, vocabulary, weights) goes into one checkpoint file. Ctrl-C or
-SIGTERM saves a checkpoint after the current step, then stops.
+Everything sample.py needs (model sizes, vocabulary, weights) goes into one checkpoint file, and with a
+validation set best.pt keeps the epoch of lowest validation loss. Ctrl-C or SIGTERM saves a checkpoint
+after the current step, then stops. --resume takes the run's settings from the checkpoint.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -21,51 +24,69 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils.data import Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import scst
 from build_vocab import VocabError, load_vocab
-from data_loader import (CocoDataset, FeatureDataset, ImageError, batches, collate_skipping,
-                         eval_transform, open_cache, train_transform)
-from model import (CheckpointError, DecoderRNN, EncoderCNN, atomic_write, count, nonnegative_float, positive_float,
-                   positive_int, read_checkpoint, remove_stale_temporaries, save_checkpoint, save_file)
+from data_loader import (CocoDataset, FeatureDataset, ImageError, batches, collate_skipping, eval_transform,
+                         open_cache, train_transform)
+from model import (CheckpointError, DecoderRNN, EncoderCNN, atomic_write, count, ids_to_sentence, nonnegative_float,
+                   positive_float, positive_int, read_checkpoint, remove_stale_temporaries, save_checkpoint, save_file)
+
+# What --resume takes from the checkpoint when the flag is not given again. The model's settings must
+# match the weights, so contradicting them is an error; the schedule's may change on purpose.
+MODEL_SETTINGS = ('embed_size', 'hidden_size', 'num_layers', 'max_seq_length', 'backbone', 'train_backbone',
+                  'bn_momentum', 'image_size', 'crop_size')
+SCHEDULE_SETTINGS = ('num_epochs', 'batch_size', 'learning_rate', 'lr_schedule', 'grad_clip', 'seed', 'no_flip')
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, and the docstring's examples as they are written."""
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model_path', type=str, default='models/', help='folder for checkpoint.pt and history.json')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--model_path', type=str, default='models/',
+                        help='folder for checkpoint.pt, best.pt, history.json and TensorBoard logs')
     parser.add_argument('--crop_size', type=positive_int, default=224, help='size for randomly cropping images')
     parser.add_argument('--image_size', type=positive_int, default=256, help='size resize.py gave the images')
     parser.add_argument('--vocab_path', type=str, default='data/vocab.json', help='vocabulary from build_vocab.py')
     parser.add_argument('--image_dir', type=str, default='data/resized2014', help='resized training images')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
-                        help="COCO captions file, or Karpathy's dataset_*.json (its val split validates)")
+                        help="training captions: COCO format, or Karpathy's dataset_*.json (its val split validates)")
     parser.add_argument('--split', type=str, default='train', choices=['train', 'val', 'test'],
                         help='the part of a Karpathy --caption_path to train on (train includes restval)')
     parser.add_argument('--features', type=str, default=None, help='train from this extract_features.py cache')
     parser.add_argument('--val_image_dir', type=str, default=None, help='resized validation images')
     parser.add_argument('--val_caption_path', type=str, default=None, help='validation captions, for held-out loss')
+    parser.add_argument('--val_max_images', type=positive_int, default=None,
+                        help='validate on the captions of only the first N validation images (by id)')
+    parser.add_argument('--tensorboard', type=str, default=None,
+                        help='folder for TensorBoard logs (default: tensorboard/ in --model_path); none: no logs')
     parser.add_argument('--log_step', type=positive_int, default=10, help='steps between logged losses')
     parser.add_argument('--save_step', type=count, default=1000, help='steps between checkpoints (also every epoch)')
 
     parser.add_argument('--embed_size', type=positive_int, default=256, help='dimension of word embedding vectors')
     parser.add_argument('--hidden_size', type=positive_int, default=512, help='dimension of lstm hidden states')
     parser.add_argument('--num_layers', type=positive_int, default=1, help='number of layers in lstm')
-    parser.add_argument('--max_seq_length', type=positive_int, default=20, help='longest caption sample.py writes')
+    parser.add_argument('--max_seq_length', type=positive_int, default=20,
+                        help='longest caption the model writes, in words')
     parser.add_argument('--backbone', type=str, default='resnet152', help='torchvision ResNet name, or smallcnn')
     parser.add_argument('--weights', type=str, default='DEFAULT',
                         help="backbone weights: DEFAULT (ImageNet, downloaded), none, or a local .pth file")
     parser.add_argument('--train_backbone', action='store_true', help='train the CNN too instead of freezing it')
     parser.add_argument('--bn_momentum', type=nonnegative_float, default=0.01,
                         help="momentum of the encoder head's BatchNorm")
-    parser.add_argument('--forget_bias', type=float, default=None, help='initial forget-gate bias (default: random)')
+    parser.add_argument('--forget_bias', type=float, default=None, help='initial forget-gate bias (None: random)')
     parser.add_argument('--no_flip', action='store_true', help='no random mirroring (when captions say left/right)')
 
-    parser.add_argument('--num_epochs', type=positive_int, default=5)
-    parser.add_argument('--batch_size', type=positive_int, default=128, help='per process, so torchrun multiplies it')
-    parser.add_argument('--num_workers', type=count, default=2)
-    parser.add_argument('--learning_rate', type=positive_float, default=0.001)
+    parser.add_argument('--num_epochs', type=positive_int, default=5, help='passes over the training captions')
+    parser.add_argument('--batch_size', type=positive_int, default=128,
+                        help='captions per step, per process (so torchrun multiplies it)')
+    parser.add_argument('--num_workers', type=count, default=2, help='processes that read and decode images')
+    parser.add_argument('--learning_rate', type=positive_float, default=0.001, help="Adam's learning rate")
     parser.add_argument('--lr_schedule', choices=['constant', 'cosine'], default='constant',
                         help='cosine decays the learning rate to 0 over all steps')
     parser.add_argument('--grad_clip', type=positive_float, default=None, help='clip the gradient norm to this value')
@@ -77,24 +98,45 @@ def parse_args(argv=None):
     parser.add_argument('--compile', nargs='?', const='default', choices=['default', 'reduce-overhead'], default=None,
                         help="run the LSTM's time loop through torch.compile (reduce-overhead: as CUDA graphs)")
     parser.add_argument('--resume', type=str, nargs='?', const='latest', default=None,
-                        help='continue from a checkpoint (default: checkpoint.pt in --model_path)')
-    parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (default: the best available)')
-    parser.add_argument('--seed', type=int, default=0)
+                        help="continue a run from a checkpoint, with its settings (no path: checkpoint.pt "
+                             "in --model_path)")
+    parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (None: the best available)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the weights, the shuffle and the crops')
     scst.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.weights.lower() == 'none':
         args.weights = None
+    # Parsed once more with no defaults, only the flags typed on the command line remain: --resume
+    # keeps those and takes the rest from the checkpoint.
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    args.flags_given = sorted(vars(parser.parse_args(argv)))
     return args
 
 
+def devices_here():
+    return [f'cuda:{i}' for i in range(torch.cuda.device_count())] + \
+        (['mps'] if torch.backends.mps.is_available() else []) + ['cpu']
+
+
 def pick_device(name=None):
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if torch.backends.mps.is_available():
-        return torch.device('mps')
-    return torch.device('cpu')
+    """The device named, if this machine has it (else a ValueError that lists those it has), or the best one."""
+    if not name:
+        return torch.device('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available()
+                            else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'--device {name}: not a device name; the devices here are: '
+                         f'{", ".join(devices_here())}') from None
+    missing = {'cuda': device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count(),
+               'mps': device.type == 'mps' and not torch.backends.mps.is_available()}
+    if any(missing.values()):
+        kind = 'CUDA device' if device.type == 'cuda' else 'MPS (Apple GPU) device'
+        if device.index:
+            kind = f'{kind} {device.index}'
+        raise ValueError(f'--device {name}: there is no {kind} here; the devices here are: {", ".join(devices_here())}')
+    return device
 
 
 class Captioner(nn.Module):
@@ -117,16 +159,45 @@ def caption_loss(model, inputs, captions, lengths):
 
 
 @torch.no_grad()
-def validation_loss(model, loader, device):
+def validation_loss(model, loader, device, strict=False):
     model.eval()
     total, count = 0.0, 0
-    for inputs, captions, lengths, _ in loader:
+    for inputs, captions, lengths, errors in tqdm(loader, desc='validation', leave=False, dynamic_ncols=True):
+        if errors and strict:
+            raise ImageError(unreadable_message(errors[0]))
         if inputs is None:
             continue
         loss, n = caption_loss(model, inputs.to(device), captions.to(device), lengths)
         total, count = total + loss.item() * n, count + n
     model.train()
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def sample_captions(model, dataset, vocab, device, count=4):
+    """A Markdown table of greedy captions of the first few images of a dataset, beside a reference caption."""
+    model.eval()
+    rows, seen = ['| image | caption | a reference |', '|---|---|---|'], set()
+    for index in range(len(dataset)):
+        image = dataset.coco.imgs[dataset.coco.anns[dataset.ids[index]]['image_id']]
+        if image['id'] in seen:
+            continue
+        inputs, reference = dataset[index]
+        if inputs is None:
+            continue
+        seen.add(image['id'])
+        encode = model.encoder.head if model.from_features else model.encoder
+        ids = model.decoder.sample(encode(inputs.unsqueeze(0).to(device)))
+        caption, reference = ids_to_sentence(ids[0], vocab), ids_to_sentence(reference, vocab)
+        rows.append(f"| {image['file_name']} | {caption} | {reference} |")
+        if len(seen) == count:
+            break
+    model.train()
+    return '\n'.join(rows)
+
+
+def unreadable_message(reason):
+    return f'{reason} (--strict stops at an unreadable image; without it, the image is skipped)'
 
 
 def set_forget_bias(lstm, value):
@@ -206,11 +277,16 @@ def check_paths(args):
     removed, freed = remove_stale_temporaries(args.model_path)
     if removed:
         print(f'removed {removed} temporary files ({freed / 2**20:.1f} MiB) that killed runs left in {args.model_path}')
-    for path in (args.vocab_path, args.caption_path, args.features, args.val_caption_path, args.val_image_dir):
+    inputs = [(args.vocab_path, 'run build_vocab.py first, or pass --vocab_path'),
+              (args.caption_path, 'run download.sh first, or pass --caption_path'),
+              (args.features, 'run extract_features.py first, or pass another --features folder'),
+              (args.val_caption_path, 'pass another --val_caption_path'),
+              (args.val_image_dir, 'run resize.py on the validation images, or pass another --val_image_dir')]
+    if args.features is None:
+        inputs.append((args.image_dir, 'run resize.py first, or pass --image_dir'))
+    for path, fix in inputs:
         if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(f'not found: {path}')
-    if args.features is None and not os.path.exists(args.image_dir):
-        raise FileNotFoundError(f'not found: {args.image_dir}')
+            raise FileNotFoundError(f'not found: {path}: {fix}')
     if (args.val_caption_path is None) != (args.val_image_dir is None):
         raise ValueError('give both --val_caption_path and --val_image_dir, or neither')
     if args.features is None and args.crop_size > args.image_size:
@@ -237,16 +313,37 @@ def build_model(args, vocab_size):
     return encoder, decoder, model_args
 
 
-def resume(path, vocab_path, model_args, stateful):
-    """Load a checkpoint into (encoder, decoder, optimizer, scheduler, scaler) and the random-number
-    generator; returns the position (epoch, batches done in it, step) and the history."""
+def restore_settings(args, path):
+    """The checkpoint at path, after copying the run's settings from it into args, except those given as
+    flags: a given model flag that contradicts the checkpoint is an error, a given schedule flag wins."""
     checkpoint = read_checkpoint(path)
     lacking = [key for key in ('model_args', 'encoder', 'decoder', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch',
                                'batches_done', 'step', 'history') if key not in checkpoint]
+    if not lacking and not isinstance(checkpoint['model_args'], dict):
+        lacking = ['model settings']
     if lacking:
         raise CheckpointError(f'{path}: not a checkpoint written by train.py (it has no {", ".join(lacking)}); '
                               'resume from the checkpoint.pt in a --model_path')
-    trained_with = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
+    given = set(getattr(args, 'flags_given', vars(args)))
+    saved = dict(checkpoint.get('args') or {}, **checkpoint['model_args'])
+    contradicted = []
+    for name in MODEL_SETTINGS + SCHEDULE_SETTINGS:
+        if name not in saved:
+            continue
+        if name not in given:
+            setattr(args, name, saved[name])
+        elif name in MODEL_SETTINGS and getattr(args, name) != saved[name]:
+            contradicted.append(f'--{name} {saved[name]} (not {getattr(args, name)})')
+    if contradicted:
+        raise CheckpointError(f'{path} was trained with ' + ', '.join(contradicted) + ': leave these flags out '
+                              'to resume with its settings, or start a new run in another --model_path')
+    return checkpoint
+
+
+def resume(checkpoint, path, vocab_path, model_args, stateful):
+    """Load a checkpoint into (encoder, decoder, optimizer, scheduler, scaler) and the random-number
+    generator; returns the position (epoch, batches done in it, step) and the history."""
+    trained_with = checkpoint['model_args']
     if trained_with.get('vocab_size', model_args['vocab_size']) != model_args['vocab_size']:
         raise CheckpointError(f'{path} was trained with a vocabulary of {trained_with["vocab_size"]} words '
                               f'but {vocab_path} has {model_args["vocab_size"]}: pass the vocabulary it was trained with')
@@ -270,6 +367,9 @@ def train(args, on_epoch_end=None, on_step=None):
     on_epoch_end(epoch, encoder, decoder, checkpoint) runs after each epoch; returning False stops
     training. on_step(step) runs after each optimizer step.
     """
+    checkpoint_path = os.path.join(args.model_path, 'checkpoint.pt')
+    resume_path = checkpoint_path if args.resume == 'latest' else args.resume
+    resumed = restore_settings(args, resume_path) if args.resume else None
     check_paths(args)
     rank, world_size, device = setup_distributed(args)
     main_process = rank == 0
@@ -279,18 +379,19 @@ def train(args, on_epoch_end=None, on_step=None):
     if args.features:
         dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
     else:
-        dataset = CocoDataset(args.image_dir, args.caption_path, vocab, train_transform(args.crop_size, not args.no_flip),
-                              skip_unreadable=not args.strict, split=args.split)
+        dataset = CocoDataset(args.image_dir, args.caption_path, vocab,
+                              train_transform(args.crop_size, not args.no_flip), skip_unreadable=not args.strict,
+                              return_errors=True, split=args.split)
     sampler = ResumableSampler(dataset, args.batch_size, rank, world_size, args.seed)
     loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=sampler,
                      collate=collate_skipping)
-    val_loader = None
+    val_set = val_loader = None
     if args.val_caption_path and main_process:
         val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
                               eval_transform(args.image_size, args.crop_size), skip_unreadable=not args.strict,
-                              split='val')
-        val_loader = batches(val_set, args.batch_size, shuffle=False, num_workers=args.num_workers,
-                             collate=collate_skipping)
+                              return_errors=True, split='val')
+        val_loader = batches(first_images(val_set, args.val_max_images), args.batch_size, shuffle=False,
+                             num_workers=args.num_workers, collate=collate_skipping)
 
     model = Captioner(encoder, decoder, from_features=bool(args.features)).to(device)
     if args.compile:
@@ -312,16 +413,24 @@ def train(args, on_epoch_end=None, on_step=None):
         amp_dtype = torch.float16 if device.type == 'cuda' and not torch.cuda.is_bf16_supported() else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    checkpoint_path = os.path.join(args.model_path, 'checkpoint.pt')
     history = {'train': [], 'val': []}
     epoch, batches_done, step, skipped = 0, 0, 0, 0
     unreadable, unreadable_this_epoch = set(), 0  # each unreadable image is reported once
-    if args.resume:
-        resume_path = checkpoint_path if args.resume == 'latest' else args.resume
-        epoch, batches_done, step, history = resume(resume_path, args.vocab_path, model_args,
+    if resumed:
+        epoch, batches_done, step, history = resume(resumed, resume_path, args.vocab_path, model_args,
                                                     (encoder, decoder, optimizer, scheduler, scaler))
-        if main_process:
+        del resumed  # the weights now live in the model; the optimizer state may be large
+        if main_process and epoch >= args.num_epochs:
+            print(f'{resume_path} has already finished its run of {epoch} epochs. To train longer, resume with '
+                  f'--num_epochs N, for N more than {epoch}', flush=True)
+        elif main_process:
             print(f'resuming from {resume_path}: epoch {epoch + 1}, step {step}')
+    writer, log_dir = None, args.tensorboard or os.path.join(args.model_path, 'tensorboard')
+    if main_process and args.tensorboard != 'none':
+        # Imported here: sample.py and evaluate.py import this module, and only training logs.
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step drops what a run that stopped after its last checkpoint logged past it.
+        writer = tensorboard(lambda: SummaryWriter(log_dir, purge_step=step if args.resume else None), log_dir)
 
     def save(completed_epochs, batches):
         checkpoint = {'model_args': model_args, 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
@@ -349,6 +458,8 @@ def train(args, on_epoch_end=None, on_step=None):
                 if args.compile == 'reduce-overhead':
                     torch.compiler.cudagraph_mark_step_begin()  # a skipped batch leaves a backward pending
                 for reason in errors:
+                    if args.strict:
+                        raise ImageError(unreadable_message(reason))
                     if reason not in unreadable:
                         unreadable.add(reason)
                         tqdm.write(f'skipped: {reason}', file=sys.stderr)
@@ -382,6 +493,10 @@ def train(args, on_epoch_end=None, on_step=None):
                     value = loss.item()
                     history['train'].append({'epoch': epoch, 'step': step, 'loss': value, 'perplexity': math.exp(value)})
                     bar.set_postfix(loss=f'{value:.4f}', perplexity=f'{math.exp(value):.2f}')
+                    if writer is not None:
+                        writer.add_scalar('train/loss', value, step)
+                        writer.add_scalar('train/perplexity', math.exp(value), step)
+                        writer.add_scalar('train/learning_rate', scheduler.get_last_lr()[0], step)
                 if on_step is not None:
                     on_step(step)
                 if any_process(stop.requested, device, world_size):
@@ -404,18 +519,53 @@ def train(args, on_epoch_end=None, on_step=None):
             if unreadable_this_epoch and main_process:
                 print(f'epoch {epoch}: skipped {unreadable_this_epoch} captions of unreadable images', flush=True)
             skipped = unreadable_this_epoch = 0
+            improved = False
             if val_loader is not None:
-                value = validation_loss(model, val_loader, device)
+                value = validation_loss(model, val_loader, device, args.strict)
+                improved = value < min((entry['loss'] for entry in history['val']), default=math.inf)
                 history['val'].append({'epoch': epoch - 1, 'step': step, 'loss': value, 'perplexity': math.exp(value)})
                 print(f'epoch {epoch}: validation loss {value:.4f}, perplexity {math.exp(value):.2f}', flush=True)
+                if writer is not None:
+                    writer.add_scalar('val/loss', value, step)
+                    writer.add_scalar('val/perplexity', math.exp(value), step)
+            if writer is not None:
+                writer.add_text('captions', sample_captions(model, val_set or dataset, vocab, device), step)
+                tensorboard(writer.flush, log_dir)
             checkpoint = save(epoch, 0)
+            if improved and main_process:
+                save_checkpoint(os.path.join(args.model_path, 'best.pt'), checkpoint)
             if on_epoch_end is not None and on_epoch_end(epoch - 1, encoder, decoder, checkpoint) is False:
                 break
+        if writer is not None:
+            tensorboard(writer.close, log_dir)
+            writer = None
     finally:
         stop.restore()
+        if writer is not None:  # an error is on its way out already: it, not this, is what the user sees
+            with contextlib.suppress(OSError):
+                writer.close()
         if world_size > 1:
             dist.destroy_process_group()
     return encoder, decoder, vocab, history
+
+
+def tensorboard(action, folder):
+    """action() on the TensorBoard writer; a full disk or an unwritable folder is the same one-line error
+    as for any other file training writes."""
+    try:
+        return action()
+    except OSError as err:
+        raise CheckpointError(f'could not write TensorBoard logs to {folder} ({err.strerror or err}); '
+                              'free some space, or pass --tensorboard none') from None
+
+
+def first_images(dataset, count=None):
+    """The captions of the first `count` images of a dataset, by image id: a fixed subset (all with None)."""
+    if count is None:
+        return dataset
+    image_of = {index: dataset.coco.anns[ann_id]['image_id'] for index, ann_id in enumerate(dataset.ids)}
+    kept = set(sorted(set(image_of.values()))[:count])
+    return Subset(dataset, [index for index, image_id in image_of.items() if image_id in kept])
 
 
 def any_process(flag, device, world_size):

@@ -1,5 +1,6 @@
 """DIY_LSTM against the equations and against torch.nn.LSTM."""
 import copy
+import functools
 import itertools
 import math
 import pickle
@@ -11,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import DIY_LSTM
 from DIY_LSTM import LSTM, LSTMCell
 
 
@@ -254,7 +256,11 @@ def test_dropout_between_layers_only_in_training():
     (lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 5))), r'hidden\[1\] size'),
     (lambda m: m(torch.randn(5, 2, 3), (torch.zeros(2, 4), torch.zeros(2, 4))), 'should also be 3-D'),
     (lambda m: m(torch.randn(5, 2, 3), torch.zeros(1, 2, 4)), 'tuple'),
-    (lambda m: m(torch.randn(5, 2, 3, dtype=torch.float32)), 'dtype'),
+    (lambda m: m(torch.randn(5, 2, 3, dtype=torch.float32)), r'^RNN input dtype \(torch.float32\) does not match '
+     r'weight dtype \(torch.float64\). Convert input: input.to\(torch.float64\), or convert model: '
+     r'model.to\(torch.float32\)$'),
+    (lambda m: m(torch.randn(0, 2, 3)), '^Expected sequence length to be larger than 0 in RNN$'),
+    (lambda m: m(torch.randn(0, 3)), '^Expected sequence length to be larger than 0 in RNN$'),
     (lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4, dtype=torch.float32),) * 2), 'dtype'),
 ])
 def test_bad_input_gets_a_clear_error(call, message):
@@ -268,19 +274,43 @@ def test_cell_bad_input_gets_a_clear_error():
         cell(torch.randn(2, 5))
     with pytest.raises(ValueError, match='1D or 2D'):
         cell(torch.randn(2, 2, 3))
-    with pytest.raises(RuntimeError, match='hidden state of size'):
+    # nn.LSTMCell's exception types and wording, which users search for
+    ref = nn.LSTMCell(3, 4)
+    for hx in [(torch.zeros(3, 4), torch.zeros(3, 4)), (torch.zeros(2, 4), torch.zeros(1, 4)),
+               (torch.zeros(2, 5), torch.zeros(2, 5)), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+               (torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))]:
+        with pytest.raises((RuntimeError, ValueError)) as expected:
+            ref(torch.randn(2, 3), hx)
+        with pytest.raises(expected.type) as got:
+            cell(torch.randn(2, 3), hx)
+        assert str(got.value) == str(expected.value)
+    with pytest.raises(RuntimeError, match="Input batch size 2 doesn't match hidden0 batch size 3"):
         cell(torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(3, 4)))
-    with pytest.raises(RuntimeError, match='cell state of size'):
-        cell(torch.randn(2, 3), (torch.zeros(2, 4), torch.zeros(1, 4)))
+    with pytest.raises(RuntimeError, match='hidden1 has inconsistent hidden_size: got 5, expected 4'):
+        cell(torch.randn(2, 3), (torch.zeros(2, 4), torch.zeros(2, 5)))
 
 
-def test_constructor_rejects_bad_arguments():
-    with pytest.raises(ValueError):
-        LSTM(3, 4, dropout=1.5)
-    with pytest.raises(ValueError):
-        LSTM(3, 0)
+@pytest.mark.parametrize('kwargs', [
+    dict(dropout=1.5), dict(dropout='0.5'), dict(hidden_size=0), dict(hidden_size=-2), dict(hidden_size=4.0),
+    dict(input_size=0), dict(input_size=-1), dict(input_size=3.0), dict(input_size='3'), dict(num_layers=0),
+    dict(bias=1), dict(bias='False'), dict(batch_first=0), dict(proj_size=-1), dict(proj_size=4), dict(proj_size=5),
+])
+def test_constructor_rejects_bad_arguments_as_nn_lstm_does(kwargs):
+    arguments = {'input_size': 3, 'hidden_size': 4, **kwargs}
+    with pytest.raises((TypeError, ValueError)) as expected:
+        nn.LSTM(**arguments)
+    with pytest.raises(expected.type) as got:
+        LSTM(**arguments)
+    assert str(got.value) == str(expected.value)
+
+
+def test_constructor_warns_and_rejects_what_nn_lstm_does_not_reach():
     with pytest.warns(UserWarning, match='dropout'):
         LSTM(3, 4, dropout=0.5)
+    with pytest.raises(TypeError, match='num_layers should be of type int, got: float'):
+        LSTM(3, 4, num_layers=1.0)  # nn.LSTM fails later, in range()
+    with pytest.raises(TypeError, match='proj_size should be of type int, got: float'):
+        LSTM(3, 4, proj_size=2.0)  # nn.LSTM fails later, in torch.empty
 
 
 def test_no_builtin_lstm_kernel_is_called(monkeypatch):
@@ -303,6 +333,46 @@ def test_float32_matches_nn_lstm_closely():
     diy.load_state_dict(ref.state_dict())
     x = torch.randn(8, 10, 16, dtype=torch.float32)
     torch.testing.assert_close(diy(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def float32_results(module, x, lengths, grad):
+    """Outputs, final states and (with grad) every gradient, for a packed and a fixed-length float32 input."""
+    results = []
+    for packed in (True, False):
+        inputs = x.detach().requires_grad_(grad)
+        data = pack_padded_sequence(inputs, lengths, batch_first=True) if packed else inputs
+        with torch.set_grad_enabled(grad):
+            out, (h_n, c_n) = module(data)
+        out = out.data if packed else out
+        results += [out, h_n, c_n]
+        if grad:
+            loss = (out * torch.linspace(-1, 1, out.size(-1))).sum() + (c_n ** 2).sum()
+            results += torch.autograd.grad(loss, [inputs, *module.parameters()])
+    return results
+
+
+@pytest.mark.parametrize('steps', [2, 9])  # the matmul reorders W once for loops of 4 steps or more
+@pytest.mark.parametrize('grad', [True, False])
+@pytest.mark.parametrize('proj_size', [0, 8])  # W is 4H x P, W_hr P x H
+@pytest.mark.parametrize('onednn', ['as available', 'private operators missing'])
+def test_float32_matmul_through_onednn_or_its_fallback_matches_nn_lstm(steps, grad, proj_size, onednn, monkeypatch):
+    """In float32 the loop's products may go through torch.ops.mkldnn: with them and without, nn.LSTM's numbers."""
+    if onednn == 'private operators missing':
+        def missing(*args, **kwargs):  # what torch.ops does for an operator this build lacks
+            raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute")
+        monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise', missing)
+        monkeypatch.setattr(torch.ops.mkldnn, '_reorder_linear_weight', missing)
+        monkeypatch.setattr(DIY_LSTM, '_onednn_ops_work', functools.cache(DIY_LSTM._onednn_ops_work.__wrapped__))
+        assert not DIY_LSTM._onednn_ops_work()
+    torch.manual_seed(7)
+    ref = nn.LSTM(16, 32, batch_first=True, proj_size=proj_size, dtype=torch.float32)
+    diy = LSTM(16, 32, batch_first=True, proj_size=proj_size, dtype=torch.float32)
+    diy.load_state_dict(ref.state_dict())
+    x = torch.randn(6, steps, 16, dtype=torch.float32)
+    lengths = torch.tensor([steps, steps, steps - 1, 1, 1, 1])
+    for got, expected in zip(float32_results(diy, x, lengths, grad), float32_results(ref, x, lengths, grad),
+                             strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_loop_runs_whole_calls_and_leaves_short_inputs_to_the_plain_loop(compiled_for_real):
@@ -376,3 +446,188 @@ def test_packed_parity_on_random_shapes(lengths, input_size, hidden_size, num_la
     for a, b in zip(*results):
         assert_same(a, b, 'random shapes')
 
+
+
+# --- second-order gradients -------------------------------------------------------------------
+
+def gradient_penalty_grads(module, x, hx, packed_lengths):
+    """A gradient penalty through the LSTM: g = d(sum of outputs)/dx with create_graph=True, then
+    the gradients of sum(g^2) with respect to the parameters and the initial state."""
+    inputs = pack_padded_sequence(x, packed_lengths, enforce_sorted=False) if packed_lengths is not None else x
+    out, (h_n, c_n) = module(inputs, hx)
+    out = out.data if packed_lengths is not None else out
+    weights = torch.linspace(-1, 1, out.size(-1))
+    first = (out * weights).sum() + (h_n ** 2).sum() + c_n.sin().sum()
+    (g,) = torch.autograd.grad(first, x, create_graph=True)
+    return torch.autograd.grad((g ** 2).sum(), [*module.parameters(), *hx])
+
+
+@pytest.mark.parametrize('steps', [1, 6])
+@pytest.mark.parametrize('kind', ['tensor', 'packed'])
+@pytest.mark.parametrize('num_layers,bidirectional,proj_size', [(1, False, 0), (2, True, 0), (2, True, 2)])
+def test_gradient_penalty_parameter_gradients_match_nn_lstm(steps, kind, num_layers, bidirectional, proj_size):
+    torch.manual_seed(9)
+    kwargs = dict(num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size)
+    ref, diy = nn.LSTM(4, 5, **kwargs), LSTM(4, 5, **kwargs)
+    diy.load_state_dict(ref.state_dict(), strict=True)
+    D = 2 if bidirectional else 1
+    x = torch.randn(steps, 3, 4, requires_grad=True)
+    hx = (torch.randn(D * num_layers, 3, proj_size or 5, requires_grad=True),
+          torch.randn(D * num_layers, 3, 5, requires_grad=True))
+    lengths = torch.tensor([steps, max(steps - 2, 1), 1]) if kind == 'packed' else None
+    expected = gradient_penalty_grads(ref, x, hx, lengths)
+    got = gradient_penalty_grads(diy, x, hx, lengths)
+    names = [n for n, _ in ref.named_parameters()] + ['h_0', 'c_0']
+    for name, a, b in zip(names, expected, got):
+        assert a.abs().max() > 0, name  # the penalty really reaches every parameter
+        assert_same(b, a, f'penalty gradient of {name}')
+
+
+def test_gradgradcheck_plain_packed_and_projected():
+    torch.manual_seed(10)
+    for kwargs in (dict(num_layers=2, bidirectional=True), dict(proj_size=2)):
+        lstm = LSTM(3, 3, **kwargs)
+        names = [n for n, _ in lstm.named_parameters()]
+        layers = lstm.num_layers * lstm.num_directions
+        x = torch.randn(3, 2, 3, requires_grad=True)
+        h0 = torch.randn(layers, 2, lstm.proj_size or 3, requires_grad=True)
+        c0 = torch.randn(layers, 2, 3, requires_grad=True)
+
+        def plain(x, h0, c0, *weights):
+            out, (h, c) = torch.func.functional_call(lstm, dict(zip(names, weights)), (x, (h0, c0)))
+            return out, h, c
+
+        def packed(x, h0, c0, *weights):
+            seq = pack_padded_sequence(x, torch.tensor([1, 3]), enforce_sorted=False)
+            out, (h, c) = torch.func.functional_call(lstm, dict(zip(names, weights)), (seq, (h0, c0)))
+            return out.data, h, c
+
+        weights = [p.detach().requires_grad_() for p in lstm.parameters()]
+        for fn in (plain, packed):
+            assert torch.autograd.gradgradcheck(fn, (x, h0, c0, *weights))
+
+
+def test_first_order_backward_stays_on_the_hand_written_loop(monkeypatch):
+    """Without create_graph the fast backward runs, never the differentiable fallback."""
+    import DIY_LSTM
+    monkeypatch.setattr(DIY_LSTM, '_differentiable_backward', lambda *args: pytest.fail('fallback used'))
+    lstm = LSTM(3, 4)
+    lstm(torch.randn(5, 2, 3, requires_grad=True))[0].sum().backward()
+    assert lstm.weight_hh_l0.grad.abs().sum() > 0
+
+
+# --- edge cases nn.LSTM handles ---------------------------------------------------------------
+
+@pytest.mark.parametrize('batch_first', [False, True])
+@pytest.mark.parametrize('proj_size', [0, 2])
+def test_batch_size_zero_gives_empty_outputs_like_nn_lstm(batch_first, proj_size):
+    kwargs = dict(num_layers=2, bidirectional=True, batch_first=batch_first, proj_size=proj_size)
+    ref, diy = nn.LSTM(3, 4, **kwargs), LSTM(3, 4, **kwargs)
+    x = torch.randn((0, 5, 3) if batch_first else (5, 0, 3), requires_grad=True)
+    for expected, got in zip(ref(x)[:1] + ref(x)[1], diy(x)[:1] + diy(x)[1]):
+        assert got.shape == expected.shape and got.numel() == 0
+    diy(x)[0].sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_empty_cell_like_nn_lstmcell():
+    cell, ref = LSTMCell(10, 0), nn.LSTMCell(10, 0)
+    for module in (cell, ref):
+        h, c = module(torch.randn(2, 10))
+        assert h.shape == c.shape == (2, 0)
+    assert LSTMCell(3, 4)(torch.randn(0, 3))[0].shape == (0, 4)
+
+
+def test_bf16_module_under_cpu_autocast_with_an_fp32_state():
+    torch.manual_seed(11)
+    ref, diy = nn.LSTM(3, 4).bfloat16(), LSTM(3, 4).bfloat16()
+    diy.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float32)
+    hx = (torch.randn(1, 2, 4, dtype=torch.float32), torch.randn(1, 2, 4, dtype=torch.float32))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        expected, got = ref(x, hx), diy(x, hx)
+    for a, b in zip(expected[:1] + expected[1], got[:1] + got[1]):
+        assert b.dtype == a.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a.float(), rtol=0.05, atol=0.05)
+
+
+# --- projections ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('num_layers,bidirectional,batch_first', [(1, False, False), (2, True, True), (2, False, True)])
+@pytest.mark.parametrize('input_kind', ['tensor', 'packed_unsorted', 'unbatched'])
+@pytest.mark.parametrize('loop', ['plain', 'compiled'])
+@pytest.mark.parametrize('with_hx', [False, True])
+def test_projected_lstm_matches_nn_lstm(num_layers, bidirectional, batch_first, input_kind, loop, with_hx,
+                                        compiled_for_real):
+    torch.manual_seed(12)
+    I, H, P, B, T = 5, 6, 3, 4, 7
+    kwargs = dict(num_layers=num_layers, batch_first=batch_first, bidirectional=bidirectional, proj_size=P)
+    ref, diy = nn.LSTM(I, H, **kwargs), LSTM(I, H, **kwargs)
+    assert list(diy.state_dict()) == list(ref.state_dict()) and 'weight_hr_l0' in diy.state_dict()
+    assert [p.shape for p in diy.parameters()] == [p.shape for p in ref.parameters()]
+    diy.load_state_dict(ref.state_dict(), strict=True)
+    if loop == 'compiled':
+        diy.compile_loop(steps_per_call=3)
+    D, unbatched = 2 if bidirectional else 1, input_kind == 'unbatched'
+    x = torch.randn((T, I) if unbatched else ((B, T, I) if batch_first else (T, B, I)), requires_grad=True)
+    batch = () if unbatched else (B,)
+    hx = (torch.randn(D * num_layers, *batch, P, requires_grad=True),
+          torch.randn(D * num_layers, *batch, H, requires_grad=True)) if with_hx else None
+    results = []
+    for module in (ref, diy):
+        if input_kind == 'packed_unsorted':
+            packed = pack_padded_sequence(x, torch.tensor([3, 7, 1, 5]), batch_first=batch_first, enforce_sorted=False)
+            out, (h_n, c_n) = module(packed, hx)
+            out = pad_packed_sequence(out, batch_first=batch_first)[0]
+        else:
+            out, (h_n, c_n) = module(x, hx)
+        loss = (out * torch.linspace(-1, 1, out.size(-1))).sum() + (h_n ** 2).sum() + (c_n ** 3).sum()
+        wrt = [x, *module.parameters()] + (list(hx) if with_hx else [])
+        results.append((out, h_n, c_n) + torch.autograd.grad(loss, wrt))
+    assert results[1][0].size(-1) == D * P and results[1][1].size(-1) == P and results[1][2].size(-1) == H
+    names = ['output', 'h_n', 'c_n', 'grad input'] + [f'grad {n}' for n, _ in ref.named_parameters()]
+    for name, a, b in zip(names + ['grad h_0', 'grad c_0'], *results):
+        assert a.shape == b.shape, name
+        assert_same(b, a, name)
+
+
+def test_projected_hx_of_the_wrong_size_gets_nn_lstm_message():
+    ref, diy = nn.LSTM(3, 4, proj_size=2), LSTM(3, 4, proj_size=2)
+    for hx in [(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)), (torch.zeros(1, 2, 2), torch.zeros(1, 2, 2))]:
+        with pytest.raises(RuntimeError) as expected:
+            ref(torch.randn(5, 2, 3), hx)
+        with pytest.raises(RuntimeError) as got:
+            diy(torch.randn(5, 2, 3), hx)
+        assert str(got.value) == str(expected.value)
+
+
+# --- the rest of nn.LSTM's interface ----------------------------------------------------------
+
+def test_all_weights_flatten_parameters_and_proj_size_attribute():
+    for kwargs in (dict(num_layers=2, bidirectional=True), dict(num_layers=2, proj_size=2, bias=False)):
+        ref, diy = nn.LSTM(3, 4, **kwargs), LSTM(3, 4, **kwargs)
+        diy.load_state_dict(ref.state_dict())
+        assert diy.proj_size == ref.proj_size and repr(diy) == repr(ref)
+        assert [[w.shape for w in ws] for ws in diy.all_weights] == [[w.shape for w in ws] for ws in ref.all_weights]
+        for ours, theirs in zip(diy.all_weights, ref.all_weights):
+            for a, b in zip(ours, theirs):
+                assert a is not None and torch.equal(a, b)
+        assert diy.all_weights[0][0] is diy.weight_ih_l0
+        diy.flatten_parameters()  # a no-op, as code written for nn.LSTM calls it
+    assert LSTM(3, 4, proj_size=0).proj_size == 0
+
+
+@pytest.mark.parametrize('make', [lambda **f: LSTM(3, 16, num_layers=2, proj_size=4, **f),
+                                  lambda **f: LSTMCell(3, 16, **f)])
+def test_meta_device_to_empty_then_reset_parameters(make):
+    torch.manual_seed(13)
+    module = make(device='meta')
+    assert all(p.is_meta for p in module.parameters())
+    module = module.to_empty(device='cpu')
+    module.reset_parameters()
+    bound = 1 / math.sqrt(16)
+    for name, p in module.named_parameters():
+        assert not p.is_meta and p.abs().max() <= bound and p.abs().max() > 0.8 * bound, name
+    before = [p.clone() for p in module.parameters()]
+    module.reset_parameters()  # fresh values each time
+    assert all(not torch.equal(a, b) for a, b in zip(before, module.parameters()))

@@ -17,7 +17,7 @@ from model import DecoderRNN, load_captioner
 from sample import caption_images
 
 REPO = Path(__file__).resolve().parents[1]
-END, UNK = 2, 3
+START, END, UNK = 1, 2, 3
 
 
 def tiny_decoder(seed, vocab_size=6):
@@ -38,13 +38,14 @@ def sequence_log_prob(decoder, feature, words):
     return total
 
 
-def all_captions(vocab_size, max_len, min_len=0):
+def all_captions(vocab_size, max_len, min_len=0, start=None):
     """Every word sequence that ends at <end> or reaches max_len, without <unk>, with at least min_len words
-    before <end>."""
+    before <end>; with a start id, that word may come first only, and does not count as a word."""
     allowed = [w for w in range(vocab_size) if w != UNK]
     for length in range(1, max_len + 1):
         for words in itertools.product(allowed, repeat=length):
-            if END in words[:-1] or END in words[:min_len]:
+            said = [w for w in words[:-1] if w != start] if words[0] == start else words[:-1]
+            if END in words[:-1] or start in words[1:] or (words[-1] == END and len(said) < min_len):
                 continue
             if words[-1] == END or length == max_len:
                 yield list(words)
@@ -58,16 +59,17 @@ def truncate(row):
 @pytest.mark.parametrize('seed', range(5))
 @pytest.mark.parametrize('length_penalty', [0.0, 1.0])
 @pytest.mark.parametrize('min_len', [0, 1, 2])
-def test_exhaustive_beam_finds_the_most_probable_caption(seed, length_penalty, min_len):
+@pytest.mark.parametrize('start', [None, START])
+def test_exhaustive_beam_finds_the_most_probable_caption(seed, length_penalty, min_len, start):
     decoder = tiny_decoder(seed)
     features = torch.randn(2, 4)
     with torch.no_grad():
         # 85 captions of up to 3 words exist, so 125 beams keep every one of them: the search is exhaustive.
         found = decoder.beam_search(features, beam_size=125, end_id=END, unk_id=UNK, max_len=3,
-                                    length_penalty=length_penalty, min_len=min_len)
+                                    length_penalty=length_penalty, min_len=min_len, start_id=start)
         for feature, row in zip(features, found):
             scored = [(sequence_log_prob(decoder, feature, words) / len(words) ** length_penalty, words)
-                      for words in all_captions(6, 3, min_len)]
+                      for words in all_captions(6, 3, min_len, start)]
             best_score, best_words = max(scored)
             assert truncate(row) == best_words
             assert sorted(s for s, _ in scored)[-2] < best_score - 1e-6  # a unique optimum, not a tie
@@ -87,14 +89,31 @@ def test_beam_beats_greedy_when_greedy_is_short_sighted():
     pytest.fail('no case where beam search and greedy decoding differ')
 
 
-def test_beam_size_one_is_greedy():
+@pytest.mark.parametrize('start', [None, START])
+def test_beam_size_one_is_greedy(start):
     decoder = tiny_decoder(7, vocab_size=12)
     decoder.max_seq_length = 10
     features = torch.randn(32, 4)
     with torch.no_grad():
-        greedy = decoder.sample(features, end_id=END, unk_id=UNK)
-        beam = decoder.beam_search(features, beam_size=1, end_id=END, unk_id=UNK)
+        greedy = decoder.sample(features, end_id=END, unk_id=UNK, start_id=start)
+        beam = decoder.beam_search(features, beam_size=1, end_id=END, unk_id=UNK, start_id=start)
     assert [truncate(row) for row in greedy] == [truncate(row) for row in beam]
+
+
+def test_start_may_come_first_only_and_is_not_a_word():
+    """train.py's captions begin with <start>, so a trained decoder says it first: decoding keeps it there,
+    never says it again, and min_len counts the words after it."""
+    decoder = tiny_decoder(4, vocab_size=8)
+    with torch.no_grad():
+        decoder.linear.bias[START] = 50.0  # <start> would win every step
+        decoder.linear.bias[END] = 40.0  # then <end>, as soon as it is allowed
+        features = torch.randn(6, 4)
+        rows = [*decoder.sample(features, end_id=END, unk_id=UNK, start_id=START),
+                *decoder.beam_search(features, beam_size=3, end_id=END, unk_id=UNK, start_id=START)]
+    for row in rows:
+        words = truncate(row)
+        assert words[0] == START and START not in words[1:]
+        assert len(words) == 3 and words[1] not in (START, END, UNK) and words[2] == END
 
 
 def test_min_len_rules_out_the_empty_caption():

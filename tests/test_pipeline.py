@@ -84,7 +84,8 @@ def test_sample_prints_a_caption_through_its_command_line(dataset, tmp_path):
                              '--grid', str(tmp_path / 'grid.png')],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    caption = result.stdout.strip()
+    caption, png = result.stdout.splitlines()[0].split('  ->  ')
+    assert png == str(tmp_path / 'out' / f'{image.stem}_captioned.png')  # where the PNG went
     vocab = load_vocab(str(dataset / 'vocab.json'))
     assert caption and '<start>' not in caption and '<end>' not in caption
     assert all(word in vocab.word2idx for word in tokenize(caption))
@@ -258,7 +259,8 @@ def test_train_reports_user_mistakes_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, 'train.py', '--vocab_path', str(tmp_path / 'nope.json')],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip() == f'error: not found: {tmp_path / "nope.json"}'
+    assert result.stderr.strip() == f'error: not found: {tmp_path / "nope.json"}: run build_vocab.py first, or pass ' \
+                                    '--vocab_path'
 
 
 def test_demo_runs_end_to_end_on_a_tiny_set(tmp_path):
@@ -272,7 +274,7 @@ def test_demo_runs_end_to_end_on_a_tiny_set(tmp_path):
     assert any(line.startswith('best held-out content accuracy:') for line in lines)
     assert sum('validation loss' in line for line in lines) == 2
     assert (tmp_path / 'png' / 'example.png').exists() and (tmp_path / 'png' / 'example_captioned.png').exists()
-    assert (tmp_path / 'models' / 'best.pt').exists()
+    assert (tmp_path / 'models' / 'best.pt').exists() and (tmp_path / 'models' / 'most_accurate.pt').exists()
 
 
 def test_plot_history_draws_the_loss_curve(dataset, tmp_path):

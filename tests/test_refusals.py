@@ -12,6 +12,7 @@ import torch
 
 import bench_lstm
 import bench_resize
+import bench_sample
 import bench_train
 import build_vocab
 import demo
@@ -138,15 +139,18 @@ CASES = ([(trainer, flag, value) for flag in TRAIN for value in ('0', '-1')] +
          [(trainer, flag, value) for flag in ('--learning_rate', '--grad_clip')
           for value in ('0', '-0.1', 'nan', 'inf')] +
          [(trainer, '--save_step', '-1'), (trainer, '--num_workers', '-2'), (trainer, '--bn_momentum', '-0.5'),
-          (trainer, '--log_step', '2.5')] +
-         [(sample, flag, value) for flag in ('--beam_size', '--max_len', '--min_len') for value in ('0', '-1')] +
+          (trainer, '--log_step', '2.5'), (trainer, '--val_max_images', '0')] +
+         [(sample, flag, value) for flag in ('--beam_size', '--max_seq_length', '--max_len', '--min_len',
+                                             '--batch_size') for value in ('0', '-1')] +
          [(sample, '--embed_size', '0'), (sample, '--length_penalty', 'nan')] +
-         [(evaluate, flag, '0') for flag in ('--beam_size', '--max_len', '--min_len', '--batch_size')] +
+         [(evaluate, flag, '0') for flag in ('--beam_size', '--max_seq_length', '--max_len', '--min_len',
+                                             '--batch_size')] +
          [(extract_features, flag, '0') for flag in ('--image_size', '--crop_size', '--batch_size')] +
          [(extract_features, '--num_workers', '-1'), (build_vocab, '--threshold', '0'), (resize, '--image_size', '0'),
           (resize, '--workers', '0'), (synthetic, '--num_train', '0'), (synthetic, '--num_val', '-1'),
-          (demo, '--minutes', '0'), (demo, '--max_epochs', '0'), (bench_lstm, '--repeats', '0'),
-          (bench_resize, '--workers', '0'), (bench_train, '--batch_size', '0')])
+          (demo, '--minutes', '0'), (demo, '--max_epochs', '0'), (demo, '--patience', '-1'),
+          (bench_lstm, '--repeats', '0'), (bench_resize, '--workers', '0'), (bench_train, '--batch_size', '0'),
+          (bench_sample, '--batch_size', '0')])
 
 
 @pytest.mark.parametrize('script, flag, value', CASES)
@@ -157,7 +161,10 @@ def test_out_of_range_values_get_argparses_one_line_error(script, flag, value, m
         trainer.parse_args(argv) if script is trainer else script.main()
     err = capsys.readouterr().err
     assert caught.value.code == 2 and 'Traceback' not in err
-    assert err.splitlines()[-1].startswith(f'{script.__name__}.py: error: argument {flag}: ')
+    line = err.splitlines()[-1]
+    assert line.startswith(f'{script.__name__}.py: error: argument ')
+    # A flag with an old name as alias is named by both, e.g. "argument --max_seq_length/--max_len: ".
+    assert flag in line.split(': ')[2].removeprefix('argument ').split('/')
     assert 'must be' in err or 'not a whole number' in err
 
 
@@ -192,7 +199,7 @@ def test_a_checkpoint_trained_for_zero_words_asks_for_max_len(trained, tmp_path,
     image = str(sorted((trained / 'data' / 'val').iterdir())[0])
     with pytest.raises(SystemExit) as caught:
         sample.main(['--checkpoint', str(path), '--image', image])
-    assert_one_line(caught.value.code, f'error: {path} was trained with --max_seq_length 0', 'pass --max_len N')
+    assert_one_line(caught.value.code, f'error: {path} was trained with --max_seq_length 0', 'pass --max_seq_length N')
     with pytest.raises(SystemExit) as caught:
         evaluate.main(['--checkpoint', str(path), '--image_dir', str(trained / 'data' / 'val'),
                        '--caption_path', str(trained / 'data' / 'annotations' / 'captions_val.json')])
@@ -241,7 +248,25 @@ def test_a_full_disk_while_writing_history_is_one_line(trained, tmp_path, monkey
     assert_one_line(message, f'could not write {tmp_path / "models" / "history.json"} (No space left on device)',
                     'the previous history.json, if any, is intact')
     assert read_checkpoint(str(tmp_path / 'models' / 'checkpoint.pt'))['step'] == 15  # the checkpoint fitted
-    assert sorted(os.listdir(tmp_path / 'models')) == ['checkpoint.pt']  # no temporary file left
+    assert sorted(os.listdir(tmp_path / 'models')) == ['checkpoint.pt', 'tensorboard']  # no temporary file left
+
+
+def test_a_tensorboard_folder_that_cannot_be_written_is_one_line(trained, tmp_path):
+    blocked = tmp_path / 'logs'
+    blocked.write_text('a file where the log folder should go')
+    message = train_main(trained, tmp_path, '--num_epochs', '1', '--tensorboard', str(blocked))
+    assert_one_line(message, f'could not write TensorBoard logs to {blocked}', '--tensorboard none')
+
+
+def test_a_full_disk_while_flushing_tensorboard_logs_is_one_line(trained, tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(SummaryWriter, 'flush', full)
+    message = train_main(trained, tmp_path, '--num_epochs', '1')
+    assert_one_line(message, f'could not write TensorBoard logs to {tmp_path / "models" / "tensorboard"} '
+                    '(No space left on device)')
 
 
 def test_a_full_disk_while_writing_a_vocabulary_is_one_line(trained, tmp_path, monkeypatch, capsys):
@@ -259,7 +284,7 @@ def test_a_full_disk_while_writing_a_vocabulary_is_one_line(trained, tmp_path, m
     assert vocab_path.read_bytes() == before and os.listdir(tmp_path) == ['vocab.json']
 
 
-@pytest.mark.parametrize('name', ['meta.json', 'done.npy'])
+@pytest.mark.parametrize('name', ['meta.json', 'done.npy', 'unreadable.json'])
 def test_a_full_disk_while_writing_feature_cache_metadata_is_one_line(trained, tmp_path, monkeypatch, name):
     disk_full_for(monkeypatch, name)
     output = tmp_path / 'features'
@@ -289,8 +314,8 @@ def test_stale_temporary_files_of_dead_processes_are_removed(trained, tmp_path, 
         (models / f'checkpoint.pt.tmp{alive.pid}').write_bytes(b'a save in progress')
         (models / 'notes.tmp').write_text('not ours')
         assert train_main(trained, tmp_path, '--num_epochs', '1') is None
-        assert sorted(os.listdir(models)) == sorted(['checkpoint.pt', 'history.json', f'checkpoint.pt.tmp{alive.pid}',
-                                                     'notes.tmp'])
+        assert sorted(os.listdir(models)) == sorted(['checkpoint.pt', 'history.json', 'tensorboard',
+                                                     f'checkpoint.pt.tmp{alive.pid}', 'notes.tmp'])
         lines = [line for line in capsys.readouterr().out.splitlines() if 'temporary' in line]
         assert lines == [f'removed 2 temporary files (3.0 MiB) that killed runs left in {models}']
     finally:

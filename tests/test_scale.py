@@ -82,6 +82,68 @@ def test_interrupted_extraction_resumes(cache, dataset, tmp_path):
     np.testing.assert_array_equal(np.load(copy / 'features.npy'), np.load(cache / 'features.npy'))
 
 
+def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(dataset, tmp_path):
+    images = tmp_path / 'train'
+    images.mkdir()
+    for path in (dataset / 'train').iterdir():
+        (images / path.name).write_bytes(path.read_bytes())
+    broken = images / '000000000007.png'
+    broken.write_text('not a png')
+    command = [sys.executable, 'extract_features.py', '--image_dir', str(images),
+               '--caption_path', str(dataset / 'annotations' / 'captions_train.json'), '--backbone', 'smallcnn',
+               '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--batch_size', '10']  # 2 workers
+    result = subprocess.run(command + ['--output_dir', str(tmp_path / 'strict'), '--strict'], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.replace('\r', '\n').splitlines() if line.startswith('error')]
+    assert result.returncode == 1 and 'Traceback' not in result.stderr and 'Caught' not in result.stderr
+    assert len(errors) == 1 and errors[0].startswith(f'error: {broken}: cannot read image')
+
+    result = subprocess.run(command + ['--output_dir', str(tmp_path / 'features')], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '47 of 48 images cached' in result.stdout and 'skipped 1 images that could not be read' in result.stdout
+    assert f'skipped: {broken}: cannot read image' in result.stderr
+    _, done, meta = open_cache(str(tmp_path / 'features'))
+    assert list(meta['unreadable']) == [7] and not done[6] and done.sum() == 47
+    vocab = load_vocab(str(dataset / 'vocab.json'))
+    captions = FeatureDataset(str(tmp_path / 'features'), str(dataset / 'annotations' / 'captions_train.json'), vocab)
+    assert len(captions) == 240 - 5  # the unreadable image's five captions are left out
+
+    broken.write_bytes((dataset / 'train' / broken.name).read_bytes())  # repaired: a second run reads it
+    result = subprocess.run(command + ['--output_dir', str(tmp_path / 'features')], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and '48 of 48 images cached' in result.stdout
+    assert open_cache(str(tmp_path / 'features'))[2]['unreadable'] == {}
+
+
+def test_a_failed_write_never_leaves_half_a_done_file(dataset, tmp_path, monkeypatch):
+    import extract_features
+    real_save, calls = np.save, []
+
+    def disk_full_on_third_save(file, array, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            file.write(b'\x93NUMPY partial')
+            raise OSError(28, 'No space left on device')
+        return real_save(file, array, *args, **kwargs)
+
+    argv = ['--image_dir', str(dataset / 'train'),
+            '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
+            '--output_dir', str(tmp_path / 'features'), '--backbone', 'smallcnn', '--weights', 'none',
+            '--image_size', '32', '--crop_size', '32', '--batch_size', '10', '--num_workers', '0']
+    monkeypatch.setattr(np, 'save', disk_full_on_third_save)
+    with pytest.raises(SystemExit) as caught:  # one line naming the file, no traceback
+        extract_features.main(argv)
+    assert caught.value.code.startswith(f'error: could not write {tmp_path / "features" / "done.npy"} '
+                                        '(No space left on device)')
+    monkeypatch.setattr(np, 'save', real_save)
+    _, done, meta = open_cache(str(tmp_path / 'features'))  # the last complete version of each file
+    assert done.sum() == 10 and meta['image_ids'] == list(range(1, 49))
+    assert not [name for name in os.listdir(tmp_path / 'features') if '.tmp' in name]
+    extract_features.main(argv)
+    assert open_cache(str(tmp_path / 'features'))[1].all()
+
+
 def test_cached_features_give_the_same_loss_as_images(cache, dataset, tmp_path):
     """Without augmentation, training from the cache sees exactly what on-the-fly training sees."""
     args = args_for(dataset, tmp_path, '--features', str(cache))

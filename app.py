@@ -1,0 +1,82 @@
+"""A local web page for the captioner: upload an image, read its captions and look at the LSTM's gates.
+
+    python app.py                                  # models/demo/best.pt (from python demo.py) on http://127.0.0.1:7860
+    python app.py --checkpoint models/checkpoint.pt --port 8080 --host 0.0.0.0
+
+The page shows the greedy caption, the beam-search captions with their log-probabilities, and the gate picture
+of gates.py. It needs no internet: the fonts and scripts come from the gradio package, and analytics are off.
+"""
+import argparse
+import os
+import sys
+
+os.environ['GRADIO_ANALYTICS_ENABLED'] = 'False'  # read when gradio is imported: no telemetry, no version check
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+import gradio as gr
+import torch
+
+import gates
+from data_loader import ImageError, eval_transform
+from model import CheckpointError, decode_options, ids_to_sentence, load_captioner
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = [os.path.join(HERE, 'png', name) for name in ('example.png', 'example_single.png')]
+
+
+def describe(path, encoder, decoder, vocab, config, beam_size):
+    """(message, greedy caption, beam table in Markdown, gate picture) for one uploaded file."""
+    if path is None:
+        return '', '', '', None
+    try:
+        result = gates.record(path, encoder, decoder, vocab, config, torch.device('cpu'))
+    except ImageError:
+        name = os.path.basename(path)
+        return f'error: {name} is not an image this page can read; upload a PNG or JPEG', '', '', None
+    with torch.no_grad():
+        feature = encoder(eval_transform(config['image_size'], config['crop_size'])(result['image'])[None])
+        beams, scores = decoder.beam_search(feature, beam_size, all_beams=True, **decode_options(vocab))
+    rows = [f'| {rank} | {ids_to_sentence(ids, vocab)} | {score:.3f} |'
+            for rank, (ids, score) in enumerate(zip(beams[0], scores[0].tolist()), start=1) if score > -float('inf')]
+    table = '\n'.join([f'| beam | caption (beam size {beam_size}) | log p |', '|---:|---|---:|', *rows])
+    return '', result['caption'], table, gates.picture(result)
+
+
+def build(encoder, decoder, vocab, config, beam_size=3):
+    with gr.Blocks(title='Captioner: inside the LSTM', analytics_enabled=False) as page:
+        gr.Markdown('# Image captioning with a hand-written LSTM\nUpload an image or pick an example. The picture '
+                    'at the bottom shows the LSTM at every word it wrote: input gate g, forget gate f, output '
+                    'gate q and memory s (as tanh(s)); see the README for how to read it.')
+        with gr.Row():
+            upload = gr.File(label='image', type='filepath', elem_id='upload')
+            with gr.Column():
+                message = gr.Markdown(elem_id='message')
+                greedy = gr.Textbox(label='greedy caption', interactive=False, elem_id='greedy')
+                table = gr.Markdown(elem_id='beams')
+        gr.Examples([[path] for path in EXAMPLES if os.path.exists(path)], inputs=[upload])
+        gate_picture = gr.Image(label='gates of the greedy caption', type='pil', interactive=False,
+                                elem_id='gates', format='png')
+        upload.change(lambda path: describe(path, encoder, decoder, vocab, config, beam_size), inputs=[upload],
+                      outputs=[message, greedy, table, gate_picture])
+    return page
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', type=str, default='models/demo/best.pt', help='checkpoint from train.py')
+    parser.add_argument('--port', type=int, default=7860)
+    parser.add_argument('--host', type=str, default='127.0.0.1', help='0.0.0.0 to serve other machines too')
+    parser.add_argument('--beam_size', type=int, default=3, help='beams shown on the page')
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.checkpoint):
+        sys.exit(f'error: {args.checkpoint}: no such file; run `python demo.py` to train one (about 8 minutes), '
+                 'or pass --checkpoint PATH')
+    try:
+        encoder, decoder, vocab, config = load_captioner(args.checkpoint)
+    except CheckpointError as err:
+        sys.exit(f'error: {err}')
+    page = build(encoder, decoder, vocab, config, args.beam_size)
+    page.launch(server_name=args.host, server_port=args.port, allowed_paths=[os.path.join(HERE, 'png')])
+
+
+if __name__ == '__main__':
+    main()

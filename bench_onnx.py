@@ -1,0 +1,81 @@
+"""Images per second when captioning on the CPU: onnxruntime (export.py's files) against PyTorch.
+
+A model with random weights at the given sizes is saved as a checkpoint, exported with export.py, and
+both captioners caption the same batch of random images (encoder, then greedy decoding or beam search).
+Repeats alternate between the two, and the table gives medians.
+
+    python bench_onnx.py                                     # ResNet-152, hidden 512, 10,000 words (the tutorial's)
+    python bench_onnx.py --backbone smallcnn --image_size 64 --hidden_size 256   # the demo's sizes
+"""
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from export import export, load_onnx_captioner
+from model import DecoderRNN, EncoderCNN, load_captioner, save_checkpoint
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--backbone', default='resnet152')
+    parser.add_argument('--image_size', type=int, default=224)
+    parser.add_argument('--embed_size', type=int, default=256)
+    parser.add_argument('--hidden_size', type=int, default=512)
+    parser.add_argument('--vocab_size', type=int, default=10000)
+    parser.add_argument('--batch_size', type=int, default=8)
+    parser.add_argument('--beam_size', type=int, default=1)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--threads', type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    words = ['<pad>', '<start>', '<end>', '<unk>'] + [f'word{i}' for i in range(args.vocab_size - 4)]
+    config = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, vocab_size=args.vocab_size, num_layers=1,
+                  max_seq_length=20, backbone=args.backbone, train_backbone=False, bn_momentum=0.01,
+                  image_size=args.image_size, crop_size=args.image_size)
+    encoder = EncoderCNN(args.embed_size, args.backbone, weights=None)
+    decoder = DecoderRNN(args.embed_size, args.hidden_size, args.vocab_size, 1)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = os.path.join(folder, 'checkpoint.pt')
+        save_checkpoint(checkpoint, dict(model_args=config, vocab=words, encoder=encoder.state_dict(),
+                                         decoder=decoder.state_dict()))
+        export(checkpoint, folder)
+        captioners = {'PyTorch': load_captioner(checkpoint)[:2],
+                      'onnxruntime': load_onnx_captioner(folder, threads=args.threads)[:2]}
+        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+
+        def caption(name):
+            encoder, decoder = captioners[name]
+            with torch.no_grad():
+                features = encoder(images)
+                if args.beam_size > 1:
+                    return decoder.beam_search(features, args.beam_size)
+                return decoder.sample(features)
+
+        results = {name: caption(name) for name in captioners}  # also the warm-up
+        if not torch.equal(results['PyTorch'], results['onnxruntime']):
+            raise SystemExit('onnxruntime and PyTorch captions differ: the timings would not compare the same work')
+        times = {name: [] for name in captioners}
+        for i in range(args.repeats):
+            for name in (list(captioners) if i % 2 == 0 else list(captioners)[::-1]):
+                start = time.perf_counter()
+                caption(name)
+                times[name].append(time.perf_counter() - start)
+    print(f'backbone={args.backbone} image={args.image_size} embed={args.embed_size} hidden={args.hidden_size} '
+          f'vocab={args.vocab_size} batch={args.batch_size} beam={args.beam_size} threads={args.threads} '
+          f'words={results["PyTorch"].size(1)} cpu={torch.backends.cpu.get_cpu_capability()} torch={torch.__version__}\n')
+    print('| captioner | images/s (median) | relative |')
+    print('|---|---:|---:|')
+    base = statistics.median(times['PyTorch'])
+    for name, measured in times.items():
+        median = statistics.median(measured)
+        print(f'| {name} | {args.batch_size / median:.1f} | {base / median:.2f}x |')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,227 @@
+"""See inside the LSTM while it writes a caption: its gates at every generated word, as numbers and as a picture.
+
+    python sample.py --image png/example.png --checkpoint models/demo/best.pt --gates png/example_gates.png
+    python sample.py --image png/example.png --checkpoint models/demo/best.pt --gates_json gates.json
+    python gates.py --checkpoint models/demo/best.pt     # units that track something, on the synthetic set
+
+The decoder first writes its caption exactly as sample.py does (greedy, or the best beam). `replay` then runs
+that caption's words through the LSTM once more with the cell equations of DIY_LSTM.py, in plain torch on the
+LSTM's own parameters, and keeps every value along the way. Training and ordinary decoding never run this code,
+so recording costs them nothing.
+"""
+import argparse
+import io
+import json
+import os
+import sys
+import textwrap
+
+import numpy as np
+import torch
+from PIL import Image
+
+import synthetic
+from data_loader import ImageError, eval_transform, load_image
+from model import CheckpointError, atomic_write, decode_options, ids_to_sentence, load_captioner
+
+# What each heatmap shows, in the letters of DIY_LSTM.py, its colour map and its range.
+PANELS = (('g', 'input gate g', 'viridis', 0, 1), ('f', 'forget gate f', 'viridis', 0, 1),
+          ('q', 'output gate q', 'viridis', 0, 1), ('s', 'memory s, shown as tanh(s)', 'RdBu_r', -1, 1))
+
+
+@torch.no_grad()
+def replay(decoder, feature, ids):
+    """g, f, a, q, s and h of every layer at every step, for one caption's word ids (ending with <end> if any).
+
+    Step 0 sees the image feature and writes word 0; step t sees word t-1 and writes word t. Returns one dict
+    per layer, each value a (steps, hidden) tensor.
+    """
+    lstm = decoder.lstm
+    inputs = torch.cat([feature.unsqueeze(0), decoder.embed(ids[:-1])])
+    layers = []
+    for layer in range(lstm.num_layers):
+        weight_ih, weight_hh = getattr(lstm, f'weight_ih_l{layer}'), getattr(lstm, f'weight_hh_l{layer}')
+        bias = getattr(lstm, f'bias_ih_l{layer}') + getattr(lstm, f'bias_hh_l{layer}') if lstm.bias else 0
+        h = s = inputs.new_zeros(lstm.hidden_size)
+        steps = []
+        for x in inputs:
+            z_g, z_f, a, z_q = (weight_ih @ x + weight_hh @ h + bias).chunk(4)
+            g, f, q = torch.sigmoid(z_g), torch.sigmoid(z_f), torch.sigmoid(z_q)
+            s = f * s + g * torch.tanh(a)  # memory update
+            h = q * torch.tanh(s)          # hidden update
+            steps.append(dict(g=g, f=f, a=a, q=q, s=s, h=h))
+        layers.append({key: torch.stack([step[key] for step in steps]) for key in steps[0]})
+        inputs = layers[-1]['h']
+    return layers
+
+
+@torch.no_grad()
+def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0, min_len=1,
+           block_trigrams=False):
+    """Caption one image as sample.py does and replay its LSTM: a dict with the caption, its words and the gates.
+
+    Raises data_loader.ImageError for an unreadable image.
+    """
+    image = load_image(path)
+    feature = encoder(eval_transform(config['image_size'], config['crop_size'])(image).unsqueeze(0).to(device))
+    special = dict(decode_options(vocab, max_len, min_len), block_trigrams=block_trigrams)
+    if beam_size > 1:
+        ids = decoder.beam_search(feature, beam_size, length_penalty=length_penalty, **special)[0]
+    else:
+        ids = decoder.sample(feature, **special)[0]
+    ends = (ids == vocab('<end>')).nonzero()
+    ids = ids[:int(ends[0]) + 1] if len(ends) else ids  # up to and including the first <end>
+    layers = replay(decoder, feature[0], ids)
+    log_probs = decoder.linear(layers[-1]['h']).log_softmax(-1).gather(1, ids.unsqueeze(1)).squeeze(1)
+    return dict(image=image, caption=ids_to_sentence(ids.cpu(), vocab), ids=ids.cpu(),
+                words=[vocab.idx2word[int(i)] for i in ids], log_probs=log_probs.cpu(),
+                layers=[{key: value.cpu() for key, value in layer.items()} for layer in layers],
+                decoding=f'beam search, beam {beam_size}' if beam_size > 1 else 'greedy')
+
+
+def top_units(layer, top=32):
+    """The `top` units whose g, f, q and tanh(s) change most over the caption: the largest sum of their
+    standard deviations over the steps, most varying first."""
+    score = sum(layer[key].std(0, correction=0) for key in ('g', 'f', 'q')) + torch.tanh(layer['s']).std(0, correction=0)
+    return score.argsort(descending=True, stable=True)[:top]
+
+
+def figure(result, top=32):
+    """A matplotlib Figure: the image and caption, then one heatmap per gate of the top layer (steps across,
+    the `top` most varying units down, and a last row with the mean over all units)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe in a web server's threads
+    layer = result['layers'][-1]
+    units = top_units(layer, top)
+    words, hidden = result['words'], layer['g'].size(1)
+    rows = len(units) + 1
+    panel_height = 0.11 * rows + 0.9
+    fig = Figure(figsize=(max(7.0, 2.2 + 0.42 * len(words)), 2.6 + 4 * panel_height), layout='constrained')
+    grid = fig.add_gridspec(5, 2, height_ratios=[2.6] + [panel_height] * 4, width_ratios=[1, 0.025])
+    top_axes = fig.add_subplot(grid[0, :])
+    top_axes.imshow(np.asarray(result['image']))
+    top_axes.set_axis_off()
+    depth = len(result['layers'])
+    where = f'top layer of {depth}, {hidden} units' if depth > 1 else f'{hidden} hidden units'
+    top_axes.set_title(f'{result["caption"]}\n({result["decoding"]}; {where})', fontsize=11)
+    for row, (key, name, cmap, low, high) in enumerate(PANELS, start=1):
+        values = torch.tanh(layer[key]) if key == 's' else layer[key]
+        shown = torch.cat([values[:, units], values.mean(1, keepdim=True)], dim=1).T.numpy()
+        axes = fig.add_subplot(grid[row, 0])
+        picture = axes.imshow(shown, aspect='auto', cmap=cmap, vmin=low, vmax=high, interpolation='nearest')
+        axes.axhline(rows - 1.5, color='white', linewidth=2)  # sets the mean row apart
+        axes.set_yticks(range(rows), [f'unit {int(u)}' for u in units] + [f'mean of {hidden}'], fontsize=6)
+        axes.set_xticks(range(len(words)), words, rotation=45, ha='right', fontsize=8)
+        axes.set_title(name, loc='left', fontsize=10, fontweight='bold')
+        fig.colorbar(picture, cax=fig.add_subplot(grid[row, 1]))
+    note = (f'Rows: the {len(units)} units whose g, f, q and tanh(s) vary most over this caption (largest sum of '
+            'their standard deviations), then the mean over all units. Columns: the step that wrote each word.')
+    fig.supxlabel('\n'.join(textwrap.wrap(note, int(fig.get_figwidth() * 15))), fontsize=7)
+    return fig
+
+
+def png_bytes(result, top=32, dpi=100):
+    buffer = io.BytesIO()
+    figure(result, top).savefig(buffer, format='png', dpi=dpi)
+    return buffer.getvalue()
+
+
+def picture(result, top=32):
+    """The gate picture as a PIL image, for app.py."""
+    return Image.open(io.BytesIO(png_bytes(result, top)))
+
+
+def as_json(result):
+    """The raw numbers: for every layer and every value, one list per step (one per word) of one number per unit."""
+    layers = [{key: value.double().round(decimals=6).tolist() for key, value in layer.items()}
+              for layer in result['layers']]
+    return dict(caption=result['caption'], decoding=result['decoding'], words=result['words'],
+                log_probs=result['log_probs'].double().round(decimals=6).tolist(),
+                letters=dict(g='input gate', f='forget gate', a='new content', q='output gate', s='memory',
+                             h='hidden state'),
+                layers=layers)
+
+
+def save(result, png_path=None, json_path=None, top=32):
+    """Write the picture and/or the numbers, each through a temporary file, so neither is ever half-written."""
+    if png_path:
+        data = png_bytes(result, top)
+        atomic_write(png_path, lambda f: f.write(data))
+    if json_path:
+        text = json.dumps(as_json(result)).encode()
+        atomic_write(json_path, lambda f: f.write(text))
+
+
+def step_labels(words):
+    """Two yes/no questions for each step of a synthetic caption, None where a question does not apply:
+    'the colour word is next' (the next word is a colour), and 'a second object is coming' (asked only up to the
+    first shape word: does the caption go on to name a second object?)."""
+    colour_next = [float(later in synthetic.COLOURS) for later in words[1:]] + [0.0]
+    shapes = [i for i, word in enumerate(words) if word in synthetic.SHAPES]
+    second = [float(len(shapes) > 1) if shapes and i <= shapes[0] else None for i in range(len(words))]
+    return {'the colour word is next': colour_next, 'a second object is coming': second}
+
+
+def tracking_units(results):
+    """For each question of step_labels, every unit's correlation between its memory tanh(s) and the answer,
+    over all the steps of all the captions where the question applies: {question: (r per unit, values, answers)}."""
+    found = {}
+    for question in step_labels(['a']):
+        values, answers = [], []
+        for result in results:
+            for s, answer in zip(torch.tanh(result['layers'][-1]['s']), step_labels(result['words'])[question]):
+                if answer is not None:
+                    values.append(s)
+                    answers.append(answer)
+        values, answers = torch.stack(values), torch.tensor(answers)
+        centred, y = values - values.mean(0), answers - answers.mean()
+        r = (centred * y[:, None]).sum(0) / (centred.norm(dim=0) * y.norm() + 1e-12)
+        found[question] = (r, values, answers)
+    return found
+
+
+def units_figure(found, count):
+    """For each question, the best unit's tanh(s) at the steps where the answer is yes and where it is no."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(5 * len(found), 3.4), layout='constrained')
+    for axes, (question, (r, values, answers)) in zip(fig.subplots(1, len(found), squeeze=False)[0], found.items()):
+        unit = int(r.abs().argmax())
+        bins = torch.linspace(-1, 1, 41).numpy()
+        for answer, label in ((1, 'yes'), (0, 'no')):
+            if (answers == answer).any():
+                axes.hist(values[answers == answer, unit].numpy(), bins=bins, alpha=0.6, density=True, label=label)
+        axes.set_title(f'"{question}"\nunit {unit}: r = {float(r[unit]):+.2f}', fontsize=10)
+        axes.set_xlabel(f'tanh(s) of unit {unit} at each step ({len(answers)} steps of {count} captions)')
+        axes.legend(title='answer', fontsize=8)
+    return fig
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Find LSTM units whose memory tracks something in synthetic captions.')
+    parser.add_argument('--checkpoint', type=str, default='models/demo/best.pt')
+    parser.add_argument('--image_dir', type=str, default='data/synthetic/val')
+    parser.add_argument('--caption_path', type=str, default='data/synthetic/annotations/captions_val.json')
+    parser.add_argument('--out', type=str, default=None, help='PNG: the best unit for each question')
+    args = parser.parse_args(argv)
+    try:
+        encoder, decoder, vocab, config = load_captioner(args.checkpoint)
+        with open(args.caption_path) as f:
+            paths = [os.path.join(args.image_dir, image['file_name']) for image in json.load(f)['images']]
+        results = [record(path, encoder, decoder, vocab, config, 'cpu') for path in paths]
+    except (CheckpointError, ImageError) as err:
+        sys.exit(f'error: {err}')
+    except OSError as err:
+        sys.exit(f'error: {err.filename}: {err.strerror}; python demo.py makes the synthetic set and the model')
+    found = tracking_units(results)
+    for question, (r, _, answers) in found.items():
+        best = r.abs().argsort(descending=True)[:3].tolist()
+        print(f'"{question}" ({int(answers.sum())} yes, {int((answers == 0).sum())} no): '
+              + ', '.join(f'unit {u} r = {float(r[u]):+.2f}' for u in best)
+              + f'; median |r| of all {len(r)} units {float(r.abs().median()):.2f}')
+    if args.out:
+        data = io.BytesIO()
+        units_figure(found, len(results)).savefig(data, format='png', dpi=100)
+        atomic_write(args.out, lambda f: f.write(data.getvalue()))
+
+
+if __name__ == '__main__':
+    main()
