@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_evaluate import END, UNK, all_captions, sequence_log_prob, tiny_decoder, truncate
+from test_evaluate import END, START, UNK, all_captions, sequence_log_prob, tiny_decoder, truncate
 
 import synthetic
 import train as trainer
@@ -60,34 +60,40 @@ def test_exhaustive_beam_with_blocking_finds_the_best_caption_without_repeats(se
             assert has_repeated_trigram(truncate(unblocked))  # blocking had something to do
 
 
+@pytest.mark.parametrize('start', [None, START])
 @pytest.mark.parametrize('seed', range(4))
-def test_greedy_with_blocking_takes_the_best_allowed_word_at_each_step(seed):
+def test_greedy_with_blocking_takes_the_best_allowed_word_at_each_step(seed, start):
     decoder = repetitive_decoder(seed)
     features = torch.randn(3, 4)
     with torch.no_grad():
-        found = decoder.sample(features, end_id=END, unk_id=UNK, max_len=8, block_trigrams=True)
-        plain = decoder.sample(features, end_id=END, unk_id=UNK, max_len=8)
+        found = decoder.sample(features, end_id=END, unk_id=UNK, max_len=8, block_trigrams=True, start_id=start)
+        plain = decoder.sample(features, end_id=END, unk_id=UNK, max_len=8, start_id=start)
         assert any(has_repeated_trigram(truncate(row)) for row in plain)  # blocking had something to do
         for feature, row in zip(features, found):
             words = []
             while len(words) < 8 and END not in words:  # the best word whose trigram is new, tried one by one
-                scores = {w: sequence_log_prob(decoder, feature, words + [w]) for w in range(6) if w != UNK}
+                said = [w for w in words if w != start]  # <start> may come first only, and is no word
+                allowed = [w for w in range(6)
+                           if w != UNK and not (w == start and words) and not (w == END and not said)]
+                scores = {w: sequence_log_prob(decoder, feature, words + [w]) for w in allowed}
                 words.append(max((w for w in scores if w == END or not has_repeated_trigram(words + [w])),
                                  key=scores.get))
             assert truncate(row) == words and not has_repeated_trigram(words)
 
 
-def step_distribution(decoder, feature, words, temperature, top_p):
+def step_distribution(decoder, feature, words, temperature, top_p, start=None):
     """The distribution the next word is drawn from, computed by hand: tempered softmax without <unk>
-    (nor <end> as the first word: min_len is 1), cut to the most probable words holding top_p of the
-    probability, renormalised."""
+    (nor <end> before one word other than <start>: min_len is 1; nor <start> after the first step), cut to
+    the most probable words holding top_p of the probability, renormalised."""
     log_probs, states = decoder.step(feature.unsqueeze(0), None)
     for word in words:
         log_probs, states = decoder.step(decoder.embed(torch.tensor([word])), states)
     probs = torch.softmax(log_probs[0].double() / temperature, 0).numpy()
     probs[UNK] = 0.0
-    if not words:
+    if not [w for w in words if w != start]:
         probs[END] = 0.0
+    if start is not None and words:
+        probs[start] = 0.0
     probs /= probs.sum()
     kept, mass = np.zeros_like(probs), 0.0
     for word in np.argsort(-probs):
@@ -97,21 +103,22 @@ def step_distribution(decoder, feature, words, temperature, top_p):
     return kept / kept.sum()
 
 
+@pytest.mark.parametrize('start', [None, START])
 @pytest.mark.parametrize('temperature, top_p', [(1.0, 1.0), (0.7, 0.8), (1.5, 0.5)])
-def test_sampling_draws_captions_with_their_brute_force_probabilities(temperature, top_p):
+def test_sampling_draws_captions_with_their_brute_force_probabilities(temperature, top_p, start):
     decoder = tiny_decoder(1)
     feature = torch.randn(1, 4)
     expected = {}
     with torch.no_grad():
-        for words in all_captions(6, 2, min_len=1):
+        for words in all_captions(6, 2, min_len=1, start=start):
             p = 1.0
             for t, word in enumerate(words):
-                p *= step_distribution(decoder, feature[0], words[:t], temperature, top_p)[word]
+                p *= step_distribution(decoder, feature[0], words[:t], temperature, top_p, start)[word]
             expected[tuple(words)] = p
         assert sum(expected.values()) == pytest.approx(1.0)
         torch.manual_seed(0)
         n = 20000
-        words, log_probs, mask = sample(decoder, feature, n, temperature, top_p, END, UNK, max_len=2)
+        words, log_probs, mask = sample(decoder, feature, n, temperature, top_p, END, UNK, max_len=2, start_id=start)
     drawn = [tuple(row[keep].tolist()) for row, keep in zip(words, mask)]
     counts = {caption: drawn.count(caption) / n for caption in set(drawn)}
     assert all(expected.get(caption, 0.0) > 0 for caption in counts)  # nothing outside the nucleus
@@ -141,7 +148,12 @@ def test_sample_py_writes_n_different_captions(tmp_path):
     assert len(lines) == 6 and len(set(lines)) > 1  # an almost untrained model at temperature 2 varies
     result = subprocess.run(command + ['--sample', '2', '--top_p', '0'], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode == 1 and result.stderr.strip() == 'error: --top_p must be above 0 and at most 1, not 0.0'
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == \
+        'sample.py: error: argument --top_p: must be greater than 0, not 0'
+    result = subprocess.run(command + ['--sample', '2', '--top_p', '1.5'], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == \
+        'sample.py: error: --top_p is a probability: at most 1, not 1.5'
     result = subprocess.run(command + ['--block_trigrams', '--beam_size', '3'], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and len(result.stdout.splitlines()) == 1

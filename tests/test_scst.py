@@ -70,11 +70,15 @@ def test_loss_is_minus_advantage_times_log_probability_per_word(baseline):
     torch.manual_seed(1)
     loss, _, _ = scst.scst_loss(decoder, features, [0, 1, 2], FixedCider(), vocab, 4, baseline)
     torch.manual_seed(1)
-    words, _, mask = decoding.sample(decoder, features, 4, end_id=2, unk_id=[0, 1, 3])
-    rewards = np.array([float(vocab.idx2word[int(row[0])] == 'large') for row in words])
+    words, _, mask = decoding.sample(decoder, features, 4, end_id=2, unk_id=[0, 3], start_id=1)
+
+    def first_word_is_large(row):  # <start> may come first, and is not part of the caption
+        row = [int(w) for w in row if int(w) != 1]
+        return float(bool(row) and vocab.idx2word[row[0]] == 'large')
+    rewards = np.array([first_word_is_large(row) for row in words])
     if baseline == 'greedy':
-        greedy = decoder.sample(features, end_id=2, unk_id=[0, 1, 3])
-        b = np.repeat([float(vocab.idx2word[int(row[0])] == 'large') for row in greedy], 4)
+        greedy = decoder.sample(features, end_id=2, unk_id=[0, 3], start_id=1)
+        b = np.repeat([first_word_is_large(row) for row in greedy], 4)
     else:
         b = np.array([(rewards[i // 4 * 4:i // 4 * 4 + 4].sum() - rewards[i]) / 3 for i in range(12)])
     total, words_counted = 0.0, 0
@@ -83,8 +87,10 @@ def test_loss_is_minus_advantage_times_log_probability_per_word(baseline):
         log_probs, states = decoder.step(feature.unsqueeze(0), None)
         for position, word in enumerate(sequence):
             renormalised = log_probs[0].clone()
-            renormalised[[0, 1, 3]] = -float('inf')  # <pad>, <start>, <unk>
-            if position == 0:  # no empty caption: min_len is 1
+            renormalised[[0, 3]] = -float('inf')  # <pad>, <unk>
+            if position > 0:  # <start> at the first step only
+                renormalised[1] = -float('inf')
+            if all(w == 1 for w in sequence[:position]):  # no empty caption: min_len is 1, <start> is no word
                 renormalised[2] = -float('inf')
             total += -(r - base) * renormalised.log_softmax(-1)[word].item()
             log_probs, states = decoder.step(decoder.embed(torch.tensor([word])), states)
