@@ -6,20 +6,21 @@ A vocabulary is saved as JSON ({"words": [...]} in index order). load_vocab also
 original tutorial's vocab.pkl, without running any code that a pickle could smuggle in.
 """
 import argparse
-import contextlib
 import io
 import json
 import pickle
+import string
 import sys
 from collections import Counter
 
 from nltk.tokenize import NLTKWordTokenizer
-from pycocotools.coco import COCO
 from tqdm import tqdm
 
+from caption_files import load_captions
 from model import CheckpointError, positive_int, save_file
 
 SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
+PUNCTUATION = set(string.punctuation) | {'``', "''", '-lrb-', '-rrb-'}
 
 # The word tokenizer inside nltk.word_tokenize; unlike word_tokenize it needs no downloaded punkt data.
 # Without word_tokenize's sentence splitting, only the final period is split off: 'a dog. a cat.' -> 'dog.', 'cat', '.'
@@ -33,6 +34,12 @@ class VocabError(Exception):
 def tokenize(text):
     """Lower-cased word tokens, the same for building the vocabulary and for training."""
     return _tokenizer.tokenize(text.lower().strip())
+
+
+def plain_words(caption):
+    """Lower-cased words without punctuation, joined by spaces: what the caption metrics compare (when
+    Java, and with it COCO's PTB tokenizer, is missing) and what the SCST reward compares."""
+    return ' '.join(word for word in tokenize(caption) if word not in PUNCTUATION)
 
 
 class Vocabulary:
@@ -104,11 +111,11 @@ def usable_captions(coco, json):
     return kept
 
 
-def build_vocab(json_path, threshold):
-    """Words that occur at least `threshold` times, most frequent first, ties alphabetical, so builds repeat."""
+def build_vocab(json_path, threshold, split='train'):
+    """Words that occur at least `threshold` times, most frequent first, ties alphabetical, so builds repeat.
+    json_path is a COCO captions file, or a Karpathy dataset_*.json file whose split is read."""
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations into memory..."
-            coco = COCO(json_path)
+        coco = load_captions(json_path, split)
     except FileNotFoundError:
         raise VocabError(f'{json_path}: no such file') from None
     except OSError as err:
@@ -207,12 +214,14 @@ def main():
     parser = argparse.ArgumentParser(description='Build the vocabulary of a COCO captions file.',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
-                        help='COCO-format captions file')
+                        help="COCO-format captions file, or Karpathy's dataset_*.json")
+    parser.add_argument('--split', type=str, default='train', choices=['train', 'val', 'test'],
+                        help='the part of a Karpathy file to read (train includes restval)')
     parser.add_argument('--vocab_path', type=str, default='data/vocab.json', help='where to save the vocabulary')
     parser.add_argument('--threshold', type=positive_int, default=4, help='minimum word count to be kept')
     args = parser.parse_args()
     try:
-        vocab = build_vocab(args.caption_path, args.threshold)
+        vocab = build_vocab(args.caption_path, args.threshold, args.split)
         save_vocab(vocab, args.vocab_path)
     except (VocabError, CheckpointError) as err:
         print(f'error: {err}', file=sys.stderr)

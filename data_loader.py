@@ -1,6 +1,4 @@
-"""COCO-format captions as batches: (images, padded word ids, lengths), longest caption first."""
-import contextlib
-import io
+"""COCO-format (or Karpathy-split) captions as batches: (images, padded word ids, lengths), longest caption first."""
 import json
 import os
 
@@ -8,10 +6,10 @@ import numpy as np
 import torch
 import torch.utils.data as data
 from PIL import Image, ImageOps
-from pycocotools.coco import COCO
 from torchvision import transforms
 
 from build_vocab import tokenize, usable_captions
+from caption_files import load_captions
 from resize import to_rgb
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -34,12 +32,11 @@ def load_image(path):
         raise ImageError(f'{path}: cannot read image ({err})') from None
 
 
-def read_coco(path):
-    """A COCO-format captions file, without pycocotools' "loading annotations into memory..." chatter;
+def read_coco(path, split='train'):
+    """A COCO-format captions file, or one split of a Karpathy dataset_*.json (see caption_files.py);
     a file that cannot be read is a ValueError naming it. Which captions are usable is usable_captions'."""
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(path)
+        coco = load_captions(path, split)
     except (OSError, ValueError, TypeError, KeyError, AssertionError) as err:
         raise ValueError(f'{path}: not a readable COCO captions file ({type(err).__name__}: {err})') from None
     return coco
@@ -68,11 +65,13 @@ class CocoDataset(data.Dataset):
     ImageError, or with skip_unreadable or return_errors comes back as (None, reason) for collate_skipping:
     raised in a DataLoader worker, the error would reach the user wrapped in the worker's traceback, so
     training takes the reason back and decides in its own process.
+    json may also be a Karpathy dataset_*.json file, of which split ('train', 'val' or 'test') is read.
     """
 
-    def __init__(self, root, json, vocab, transform=None, max_words=50, skip_unreadable=False, return_errors=False):
+    def __init__(self, root, json, vocab, transform=None, max_words=50, skip_unreadable=False, return_errors=False,
+                 split='train'):
         self.root = root
-        self.coco = read_coco(json)
+        self.coco = read_coco(json, split)
         self.ids = usable_captions(self.coco, json)
         if root is not None:
             self._check_images(json, skip_unreadable)
@@ -139,8 +138,8 @@ class FeatureDataset(CocoDataset):
     """CocoDataset with the cached backbone features in place of images: the centre crop, or at random
     (with mirror=True) its mirror image. Captions of images extract_features.py could not read are left out."""
 
-    def __init__(self, folder, json, vocab, mirror=True):
-        super().__init__(None, json, vocab)
+    def __init__(self, folder, json, vocab, mirror=True, split='train'):
+        super().__init__(None, json, vocab, split=split)
         self.features, done, meta = open_cache(folder)
         unreadable = meta['unreadable']
         if not all(done[row] or image_id in unreadable for row, image_id in enumerate(meta['image_ids'])):

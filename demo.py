@@ -8,6 +8,12 @@
    validation images whose greedy caption names exactly the right sizes, colours and shapes, until
    that share has passed 95% and stopped improving (or --minutes have passed),
 4. captions png/example.png with the most accurate checkpoint and writes png/example_captioned.png.
+
+    python demo.py --hard
+
+does the same on the harder set of synthetic_hard.py (data/synthetic_hard, models/demo_hard), where
+content accuracy counts every object and the caption must also name how many there are; it prints a few
+held-out captions instead of captioning the example.
 """
 import argparse
 import json
@@ -17,6 +23,7 @@ import time
 import torch
 
 import synthetic
+import synthetic_hard
 import train as trainer
 from build_vocab import build_vocab, save_vocab
 from model import count, load_captioner, positive_float, positive_int, save_checkpoint
@@ -24,7 +31,8 @@ from sample import caption_images, captioned_picture
 from train import HelpFormatter
 
 
-def content_accuracy(encoder, decoder, vocab, config, caption_path, image_dir, batch_size=250):
+def content_accuracy(encoder, decoder, vocab, config, caption_path, image_dir, batch_size=250,
+                     matches=synthetic.content_matches):
     """Share of images whose greedy caption names exactly their objects (sizes, colours, shapes)."""
     with open(caption_path) as f:
         images = json.load(f)['images']
@@ -35,7 +43,7 @@ def content_accuracy(encoder, decoder, vocab, config, caption_path, image_dir, b
     for i in range(0, len(images), batch_size):
         objects = {os.path.join(image_dir, im['file_name']): im['objects'] for im in images[i:i + batch_size]}
         captions, _ = caption_images(list(objects), encoder, decoder, vocab, config, device)
-        correct += sum(synthetic.content_matches(captions.get(path, ''), objects[path]) for path in objects)
+        correct += sum(matches(captions.get(path, ''), objects[path]) for path in objects)
     encoder.train(was_training), decoder.train(was_training)
     return correct / len(images)
 
@@ -49,8 +57,11 @@ def learned_enough(accuracies, target=0.95, patience=2):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--root', default='data/synthetic', help='where the synthetic set goes')
-    parser.add_argument('--model_path', default='models/demo', help='where checkpoints go')
+    parser.add_argument('--hard', action='store_true', help='the harder set of synthetic_hard.py')
+    parser.add_argument('--root', default=None,
+                        help='where the synthetic set goes (default: data/synthetic, or data/synthetic_hard)')
+    parser.add_argument('--model_path', default=None,
+                        help='where checkpoints go (default: models/demo, or models/demo_hard)')
     parser.add_argument('--png_dir', default='png', help='where the example and its captioned picture are')
     parser.add_argument('--num_train', type=positive_int, default=8000, help='training images')
     parser.add_argument('--num_val', type=positive_int, default=500, help='held-out images')
@@ -63,10 +74,14 @@ def main():
     parser.add_argument('--hidden_size', type=positive_int, default=256, help="the decoder LSTM's hidden size")
     parser.add_argument('--seed', type=int, default=0, help='seed of the synthetic set and of training')
     args = parser.parse_args()
+    suffix = '_hard' if args.hard else ''
+    args.root = args.root or f'data/synthetic{suffix}'
+    args.model_path = args.model_path or f'models/demo{suffix}'
     start = time.time()
     torch.set_num_threads(os.cpu_count())
 
-    synthetic.make_synthetic_coco(args.root, args.num_train, args.num_val, image_size=64, seed=args.seed)
+    synthetic.make_synthetic_coco(args.root, args.num_train, args.num_val, image_size=64, seed=args.seed,
+                                  hard=args.hard)
     train_json = os.path.join(args.root, 'annotations', 'captions_train.json')
     val_json = os.path.join(args.root, 'annotations', 'captions_val.json')
     vocab_path = os.path.join(args.root, 'vocab.json')
@@ -82,7 +97,9 @@ def main():
         '--image_size', '64', '--crop_size', '64', '--no_flip',
         '--hidden_size', str(args.hidden_size), '--forget_bias', '1', '--grad_clip', '5',
         '--batch_size', '64', '--learning_rate', '3e-3', '--num_epochs', str(args.max_epochs),
-        '--num_workers', '0', '--log_step', '20', '--save_step', '0', '--seed', str(args.seed)])
+        '--num_workers', '0', '--log_step', '20', '--save_step', '0', '--seed', str(args.seed),
+        '--max_seq_length', '32' if args.hard else '20'])
+    matches = synthetic_hard.content_matches if args.hard else synthetic.content_matches
     # train.py's best.pt is the epoch of lowest validation loss; the demo keeps the most accurate one.
     best_path = os.path.join(args.model_path, 'most_accurate.pt')
     accuracies = []
@@ -90,7 +107,7 @@ def main():
 
     def on_epoch_end(epoch, encoder, decoder, checkpoint):
         accuracy = content_accuracy(encoder, decoder, vocab, checkpoint['model_args'], val_json,
-                                    os.path.join(args.root, 'val'))
+                                    os.path.join(args.root, 'val'), matches=matches)
         if accuracy > max(accuracies, default=-1.0):
             save_checkpoint(best_path, checkpoint)
         accuracies.append(accuracy)
@@ -106,13 +123,22 @@ def main():
     trainer.train(train_args, on_epoch_end)
 
     encoder, decoder, vocab, config = load_captioner(best_path)
+    print(f'\nbest held-out content accuracy: {max(accuracies):.1%}')
+    if args.hard:
+        with open(val_json) as f:
+            names = [image['file_name'] for image in json.load(f)['images'][:4]]
+        paths = [os.path.join(args.root, 'val', name) for name in names]
+        captions, _ = caption_images(paths, encoder, decoder, vocab, config, torch.device('cpu'))
+        for path in paths:
+            print(f'{path}: {captions[path]}')
+        print(f'total time: {(time.time() - start) / 60:.1f} min')
+        return
     example = os.path.join(args.png_dir, 'example.png')
     if not os.path.exists(example):
         synthetic.write_example(example)
     captions, _ = caption_images([example], encoder, decoder, vocab, config, torch.device('cpu'))
     out = os.path.join(args.png_dir, 'example_captioned.png')
     captioned_picture(example, captions[example]).save(out)
-    print(f'\nbest held-out content accuracy: {max(accuracies):.1%}')
     print(f'{example}: {captions[example]}  ->  {out}')
     print(f'total time: {(time.time() - start) / 60:.1f} min')
 

@@ -4,6 +4,9 @@ the COCO caption evaluation code (pycocoevalcap).
     # COCO, on the Karpathy test split (dataset_coco.json from Karpathy's neuraltalk2 splits)
     python evaluate.py --checkpoint models/checkpoint.pt --image_dir data/resized_val2014 \\
         --caption_path data/annotations/captions_val2014.json --split_file dataset_coco.json --split test
+    # Flickr8k's test split, from Karpathy's dataset_flickr8k.json
+    python evaluate.py --checkpoint models/flickr8k/checkpoint.pt --image_dir data/flickr8k/resized \\
+        --caption_path data/flickr8k/dataset_flickr8k.json --split test --block_trigrams
     # the synthetic set
     python evaluate.py --checkpoint models/demo/most_accurate.pt --image_dir data/synthetic/val \\
         --caption_path data/synthetic/annotations/captions_val.json --beam_size 3
@@ -15,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import string
 import sys
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -23,7 +25,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from tqdm import tqdm
 
-from build_vocab import VocabError, tokenize
+from build_vocab import VocabError, plain_words
 from data_loader import read_coco
 from model import CheckpointError, atomic_write, load_captioner, nonnegative_float, positive_int
 from sample import caption_images, check_max_len
@@ -51,8 +53,7 @@ def tokenize_for_scoring(captions):
     if shutil.which('java'):
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
         return PTBTokenizer().tokenize({k: [{'caption': c} for c in v] for k, v in captions.items()})
-    punctuation = set(string.punctuation) | {'``', "''", '-lrb-', '-rrb-'}
-    return {k: [' '.join(w for w in tokenize(c) if w not in punctuation) for c in v] for k, v in captions.items()}
+    return {k: [plain_words(c) for c in v] for k, v in captions.items()}
 
 
 def score_captions(references, results):
@@ -78,10 +79,11 @@ def main(argv=None):
     parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt', help='checkpoint from train.py')
     parser.add_argument('--image_dir', type=str, default='data/resized_val2014', help='the images to caption')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_val2014.json',
-                        help='reference captions, COCO format')
+                        help="reference captions: COCO format, or Karpathy's dataset_*.json (see --split)")
     parser.add_argument('--split_file', type=str, default=None,
                         help="Karpathy's dataset_coco.json, to score one split (None: every image of --caption_path)")
-    parser.add_argument('--split', type=str, default='test', choices=['test', 'val'], help='the split to score')
+    parser.add_argument('--split', type=str, default='test', choices=['test', 'val'],
+                        help='the split to score: of --split_file, or of a Karpathy file given as --caption_path')
     parser.add_argument('--results_path', type=str, default='results.json',
                         help='file for the captions, in COCO results format')
     parser.add_argument('--beam_size', type=positive_int, default=1, help='1 is greedy decoding')
@@ -91,6 +93,7 @@ def main(argv=None):
                         help="longest caption in words (None: the model's own, 20 unless trained otherwise)")
     parser.add_argument('--min_len', type=positive_int, default=1, help='fewest words before <end>')
     parser.add_argument('--batch_size', type=positive_int, default=64, help='images captioned at a time')
+    parser.add_argument('--block_trigrams', action='store_true', help='no trigram may repeat within a caption')
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (None: the best available)')
     args = parser.parse_args(argv)
 
@@ -103,7 +106,7 @@ def main(argv=None):
         check_max_len(args.checkpoint, config, args.max_seq_length)
         if not os.path.isfile(args.caption_path):
             raise FileNotFoundError(f'{args.caption_path}: no such file')
-        coco = read_coco(args.caption_path)
+        coco = read_coco(args.caption_path, args.split)
         image_ids = select_images(coco, args.split_file, args.split)
     except (CheckpointError, VocabError, OSError, ValueError) as err:
         sys.exit(f'error: {err}')
@@ -113,7 +116,8 @@ def main(argv=None):
         chunk = image_ids[i:i + args.batch_size]
         paths = {os.path.join(args.image_dir, coco.imgs[image_id]['file_name']): image_id for image_id in chunk}
         captions, errors = caption_images(list(paths), encoder, decoder, vocab, config, device, args.max_seq_length,
-                                          args.beam_size, args.length_penalty, args.batch_size, args.min_len)
+                                          args.beam_size, args.length_penalty, args.batch_size, args.min_len,
+                                          args.block_trigrams)
         results.update({paths[path]: caption for path, caption in captions.items()})
         for message in errors.values():
             tqdm.write(f'error: {message}', file=sys.stderr)

@@ -61,7 +61,7 @@ def save_json(path, value):
 
 def extract(args):
     device = pick_device(args.device)
-    coco = read_coco(args.caption_path)
+    coco = read_coco(args.caption_path, args.split)
     image_ids = sorted(coco.getImgIds())
     settings = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
                     crop_size=args.crop_size, caption_path=os.path.abspath(args.caption_path))
@@ -120,7 +120,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--image_dir', type=str, default='data/resized2014', help='resized images, from resize.py')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
-                        help='COCO-format captions file naming the images to cache')
+                        help="COCO-format captions file naming the images to cache, or Karpathy's dataset_*.json")
+    parser.add_argument('--split', type=str, default='train', choices=['train', 'val', 'test'],
+                        help='the part of a Karpathy file to extract (train includes restval)')
     parser.add_argument('--output_dir', '--output', type=str, default='data/features_train2014',
                         help='folder for the cache, for train.py --features')
     parser.add_argument('--backbone', type=str, default='resnet152', help='torchvision ResNet name, or smallcnn')

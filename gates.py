@@ -57,14 +57,15 @@ def replay(decoder, feature, ids):
 
 
 @torch.no_grad()
-def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0, min_len=1):
+def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0, min_len=1,
+           block_trigrams=False):
     """Caption one image as sample.py does and replay its LSTM: a dict with the caption, its words and the gates.
 
     Raises data_loader.ImageError for an unreadable image.
     """
     image = load_image(path)
     feature = encoder(eval_transform(config['image_size'], config['crop_size'])(image).unsqueeze(0).to(device))
-    special = decode_options(vocab, max_len, min_len)
+    special = dict(decode_options(vocab, max_len, min_len), block_trigrams=block_trigrams)
     if beam_size > 1:
         ids = decoder.beam_search(feature, beam_size, length_penalty=length_penalty, **special)[0]
     else:

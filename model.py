@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from decoding import repeated_trigrams
 from DIY_LSTM import LSTM
 
 
@@ -228,14 +229,17 @@ class DecoderRNN(nn.Module):
         log_probs[..., end_id] = log_probs[..., end_id].masked_fill(said < min_len, -math.inf)
 
     @torch.no_grad()
-    def sample(self, features, end_id=2, unk_id=3, max_len=None, min_len=1, start_id=None):
-        """Greedy decoding for a batch, with the rules of forbid(); stops once every caption has produced <end>."""
+    def sample(self, features, end_id=2, unk_id=3, max_len=None, min_len=1, start_id=None, block_trigrams=False):
+        """Greedy decoding for a batch, with the rules of forbid(); stops once every caption has produced <end>.
+        block_trigrams: never choose a word that repeats a trigram of the caption."""
         inputs, states = features, None
         words, finished = [], torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
         said = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
         for t in range(self.decode_length(max_len)):
             log_probs, states = self.step(inputs, states)
             self.forbid(log_probs, t, said, end_id, unk_id, start_id, min_len)
+            if block_trigrams and words:
+                log_probs[repeated_trigrams(torch.stack(words, 1), log_probs.size(1), end_id)] = -math.inf
             predicted = log_probs.argmax(1)
             words.append(predicted)
             said += predicted != start_id if start_id is not None else 1
@@ -247,13 +251,14 @@ class DecoderRNN(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, features, beam_size=3, end_id=2, unk_id=3, max_len=None, length_penalty=0.0, min_len=1,
-                    all_beams=False, start_id=None):
+                    all_beams=False, start_id=None, block_trigrams=False):
         """Batched beam search: for each image the caption of highest total log-probability among the beams.
 
         With length_penalty alpha > 0, finished captions are ranked by log p / length^alpha, which stops
         the search from favouring short captions. The rules of forbid() hold, so an empty caption never wins.
         beam_size=1 gives exactly the greedy caption.
         all_beams=True returns every beam, best first, (batch, beams, steps), and their log-probabilities.
+        block_trigrams: no beam may extend itself with a word that repeats one of its trigrams.
         """
         batch, beams = features.size(0), beam_size
         # Every beam starts from the image; only beam 0 counts at first, so the first step picks distinct words.
@@ -270,6 +275,9 @@ class DecoderRNN(nn.Module):
             log_probs = log_probs.view(batch, beams, -1)
             said = (sequences != start_id).sum(2) if start_id is not None else sequences.new_full(finished.shape, t)
             self.forbid(log_probs, t, said, end_id, unk_id, start_id, min_len)
+            if block_trigrams:
+                repeats = repeated_trigrams(sequences.flatten(0, 1), log_probs.size(2), end_id)
+                log_probs[repeats.view_as(log_probs)] = -math.inf
             # A finished beam can only repeat <end>, at no cost, so its score stays as it was.
             log_probs = log_probs.masked_fill(finished.unsqueeze(2), -math.inf)
             log_probs[:, :, end_id] = log_probs[:, :, end_id].masked_fill(finished, 0.0)

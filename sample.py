@@ -2,6 +2,7 @@
 
     python sample.py --image png/example.png
     python sample.py --image photo1.jpg photo2.jpg --output_dir captioned/
+    python sample.py --image png/example.png --sample 5 --top_p 0.9    # five different captions
     python sample.py --image photos/ --json captions.json                  # every image in a folder
     python sample.py --image png/example.png --encoder_path encoder-5-3000.pkl \\
         --decoder_path decoder-5-3000.pkl --vocab_path vocab.pkl     # the tutorial's published files
@@ -20,10 +21,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import decoding
 from build_vocab import VocabError, load_vocab
 from data_loader import ImageError, eval_transform, load_image
-from model import (CheckpointError, DecoderRNN, EncoderCNN, atomic_write, decode_options, ids_to_sentence,
-                   load_captioner, nonnegative_float, positive_int, read_checkpoint)
+from model import (CheckpointError, DecoderRNN, EncoderCNN, atomic_write, count, decode_options, ids_to_sentence,
+                   load_captioner, nonnegative_float, positive_float, positive_int, read_checkpoint)
 from train import HelpFormatter, pick_device
 
 
@@ -61,12 +63,13 @@ def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):
 
 
 def caption_batches(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
-                    batch_size=32, min_len=1):
+                    batch_size=32, min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
     """Yields (paths of the batch, {path: caption}, {path: error}) for each batch in turn: only one batch of
     images is in memory at a time. A caption has at least min_len words before <end>, so none comes out empty
-    (DecoderRNN.forbid)."""
+    (DecoderRNN.forbid). With samples=N, {path: [N sampled captions]} instead (decoding.sample, with
+    temperature and top_p)."""
     transform = eval_transform(config['image_size'], config['crop_size'])
-    special = decode_options(vocab, max_len, min_len)
+    special = dict(decode_options(vocab, max_len, min_len), block_trigrams=block_trigrams)
     for start in range(0, len(paths), batch_size):
         batch, images, captions, errors = paths[start:start + batch_size], {}, {}, {}
         for path in batch:
@@ -77,20 +80,27 @@ def caption_batches(paths, encoder, decoder, vocab, config, device, max_len=None
         if images:
             with torch.no_grad():
                 features = encoder(torch.stack(list(images.values())).to(device))
-            if beam_size > 1:
-                ids = decoder.beam_search(features, beam_size, length_penalty=length_penalty, **special)
-            else:
-                ids = decoder.sample(features, **special)
-            captions = {path: ids_to_sentence(row, vocab) for path, row in zip(images, ids.cpu())}
+                if samples:
+                    ids, _, _ = decoding.sample(decoder, features, samples, temperature, top_p, **special)
+                elif beam_size > 1:
+                    ids = decoder.beam_search(features, beam_size, length_penalty=length_penalty, **special)
+                else:
+                    ids = decoder.sample(features, **special)
+            sentences = [ids_to_sentence(row, vocab) for row in ids.cpu()]
+            if samples:  # the rows of one image are together
+                sentences = [sentences[i:i + samples] for i in range(0, len(sentences), samples)]
+            captions = dict(zip(images, sentences))
         yield batch, captions, errors
 
 
 def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
-                   batch_size=32, min_len=1):
-    """Returns {path: caption} for readable images and {path: error} for the rest."""
+                   batch_size=32, min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
+    """Returns {path: caption} (with samples=N, {path: [N sampled captions]}) for readable images and
+    {path: error} for the rest."""
     captions, errors = {}, {}
     for _, batch_captions, batch_errors in caption_batches(paths, encoder, decoder, vocab, config, device, max_len,
-                                                        beam_size, length_penalty, batch_size, min_len):
+                                                        beam_size, length_penalty, batch_size, min_len,
+                                                        block_trigrams, samples, temperature, top_p):
         captions.update(batch_captions)
         errors.update(batch_errors)
     return captions, errors
@@ -163,7 +173,8 @@ def main(argv=None):
     parser.add_argument('--output_dir', '--out', type=str, default=None,
                         help='folder for PNGs with the caption drawn beneath')
     parser.add_argument('--json', type=str, default=None,
-                        help='also write the captions to this file, as [{"file_name": ..., "caption": ...}, ...]')
+                        help='also write the captions to this file, as [{"file_name": ..., "caption": ...}, ...] '
+                             '(with --sample, "captions": [...])')
     parser.add_argument('--grid', type=str, default=None, help='also write all captioned images as one PNG grid')
     parser.add_argument('--max_seq_length', '--max_len', type=positive_int, default=None,
                         help="longest caption in words (None: the model's own, 20 unless trained otherwise)")
@@ -174,6 +185,13 @@ def main(argv=None):
     parser.add_argument('--gates', type=str, default=None, help="one image: PNG of the LSTM's gates at every word")
     parser.add_argument('--gates_json', type=str, default=None, help='one image: the gates as JSON numbers')
     parser.add_argument('--batch_size', type=positive_int, default=32, help='images captioned at a time')
+    parser.add_argument('--block_trigrams', action='store_true', help='no trigram may repeat within a caption')
+    parser.add_argument('--sample', type=count, default=0, metavar='N', help='print N sampled captions per image')
+    parser.add_argument('--temperature', type=positive_float, default=1.0,
+                        help='with --sample: below 1 safer, above 1 wilder')
+    parser.add_argument('--top_p', type=positive_float, default=1.0,
+                        help='with --sample: draw only from the most probable words holding this much probability'
+                             ' (at most 1; 1 draws from every word)')
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (None: the best available)')
     parser.add_argument('--onnx', type=str, default=None, help="export.py's folder: caption with onnxruntime on the CPU")
     args = parser.parse_args(argv)
@@ -182,6 +200,10 @@ def main(argv=None):
     if (args.gates or args.gates_json) and args.onnx:
         parser.error('--gates and --gates_json need the PyTorch model: leave out --onnx')
 
+    if args.top_p > 1:
+        parser.error(f'--top_p is a probability: at most 1, not {args.top_p}')
+    if args.sample and (args.gates or args.gates_json or args.output_dir or args.grid):
+        parser.error('--sample prints its captions (and writes --json); leave out --gates, --output_dir and --grid')
     try:
         device = pick_device('cpu' if args.onnx else args.device)
         if args.onnx:
@@ -212,7 +234,7 @@ def main(argv=None):
         import gates
         try:
             result = gates.record(args.image[0], encoder, decoder, vocab, config, device, args.max_seq_length,
-                                  args.beam_size, args.length_penalty, args.min_len)
+                                  args.beam_size, args.length_penalty, args.min_len, args.block_trigrams)
             print(result['caption'])
             gates.save(result, args.gates, args.gates_json)
         except ImageError as err:
@@ -225,10 +247,16 @@ def main(argv=None):
     results, pictures, failed = [], [], 0
     bar = tqdm(total=len(paths), unit='image', desc='captioning', disable=len(paths) <= args.batch_size)
     for batch, captions, errors in caption_batches(paths, encoder, decoder, vocab, config, device, args.max_seq_length,
-                                                   args.beam_size, args.length_penalty, args.batch_size, args.min_len):
+                                                   args.beam_size, args.length_penalty, args.batch_size, args.min_len,
+                                                   args.block_trigrams, args.sample, args.temperature, args.top_p):
         for path in batch:
             if path in errors:
                 tqdm.write(f'error: {errors[path]}', file=sys.stderr)
+                continue
+            if args.sample:  # N captions per image, printed one a line
+                results.append({'file_name': path, 'captions': captions[path]})
+                for caption in captions[path]:
+                    tqdm.write(caption if len(paths) == 1 else f'{path}: {caption}', file=sys.stdout)
                 continue
             line = captions[path] if len(paths) == 1 else f'{path}: {captions[path]}'
             results.append({'file_name': path, 'caption': captions[path]})

@@ -1,6 +1,7 @@
 """A captioning set the project makes itself: coloured shapes on light backgrounds, in COCO format.
 
     python synthetic.py --root data/synthetic
+    python synthetic.py --root data/synthetic_hard --hard     # the harder set of synthetic_hard.py
 
 Each image holds one or two non-overlapping shapes; every caption names each shape as
 "<size> <colour> <shape>", always from left to right, so a caption's content can be checked by
@@ -123,13 +124,19 @@ def content_matches(caption, objects):
 
 def _make_one(job):
     """Render and save one image; its own seed makes the result independent of worker scheduling."""
-    seed, image_id, size, captions_per_image, folder = job
+    import synthetic_hard  # here, not at the top: it builds on this module
+    seed, image_id, size, captions_per_image, folder, hard = job
     rng = np.random.default_rng([seed, image_id])
-    objects = random_scene(rng, size)
+    if hard:
+        objects = synthetic_hard.random_scene(rng, size)
+        image, captions = synthetic_hard.render_image(objects, rng, size), synthetic_hard.captions_for
+    else:
+        objects = random_scene(rng, size)
+        image, captions = render_image(objects, rng, size), captions_for
     file_name = f'{image_id:012d}.png'
-    render_image(objects, rng, size).save(os.path.join(folder, file_name), optimize=False)
+    image.save(os.path.join(folder, file_name), optimize=False)
     return ({'id': image_id, 'file_name': file_name, 'width': size, 'height': size, 'objects': objects},
-            captions_for(objects, rng, captions_per_image))
+            captions(objects, rng, captions_per_image))
 
 
 def _parameters_of(path):
@@ -142,14 +149,18 @@ def _parameters_of(path):
 
 
 def make_synthetic_coco(root, num_train=3000, num_val=300, image_size=64, seed=0, captions_per_image=5,
-                        progress=True):
+                        progress=True, hard=False):
     """Write root/{train,val}/*.png and root/annotations/captions_{train,val}.json; return the JSON paths.
+    hard=True makes the harder set of synthetic_hard.py instead.
 
     Does nothing if both JSON files already record the same parameters. Val ids follow the train ids,
     so ids are unique across splits; the same seed gives the same bytes.
     """
     parameters = {'version': VERSION, 'num_train': num_train, 'num_val': num_val, 'image_size': image_size,
                   'seed': seed, 'captions_per_image': captions_per_image}
+    if hard:
+        import synthetic_hard
+        parameters['hard'] = synthetic_hard.VERSION
     paths = tuple(os.path.join(root, 'annotations', f'captions_{split}.json') for split in ('train', 'val'))
     if all(_parameters_of(path) == parameters for path in paths):
         return paths
@@ -159,7 +170,7 @@ def make_synthetic_coco(root, num_train=3000, num_val=300, image_size=64, seed=0
         for (split, ids), path in zip(splits, paths):
             folder = os.path.join(root, split)
             os.makedirs(folder, exist_ok=True)
-            jobs = [(seed, image_id, image_size, captions_per_image, folder) for image_id in ids]
+            jobs = [(seed, image_id, image_size, captions_per_image, folder, hard) for image_id in ids]
             images, annotations = [], []
             for image, captions in tqdm(pool.imap(_make_one, jobs, chunksize=64), total=len(jobs),
                                         desc=f'synthetic {split}', disable=not progress):
@@ -167,7 +178,8 @@ def make_synthetic_coco(root, num_train=3000, num_val=300, image_size=64, seed=0
                 for k, caption in enumerate(captions):
                     annotations.append({'id': (image['id'] - 1) * captions_per_image + k + 1,
                                         'image_id': image['id'], 'caption': caption})
-            dataset = {'info': {'description': f'synthetic shapes, {split} split (synthetic.py)',
+            kind = 'synthetic shapes, hard' if hard else 'synthetic shapes'
+            dataset = {'info': {'description': f'{kind}, {split} split (synthetic.py)',
                                 'parameters': parameters},
                        'licenses': [], 'images': images, 'annotations': annotations}
             with open(path + '.tmp', 'w') as f:  # written last and renamed: a JSON means a finished split
@@ -196,8 +208,10 @@ def main():
     parser.add_argument('--num_val', type=count, default=300, help='held-out images')
     parser.add_argument('--image_size', type=positive_int, default=64, help='side of the square images')
     parser.add_argument('--seed', type=int, default=0, help='the same seed makes the same files')
+    parser.add_argument('--hard', action='store_true',
+                        help='1-4 objects, fills, relations, counts (synthetic_hard.py)')
     args = parser.parse_args()
-    paths = make_synthetic_coco(args.root, args.num_train, args.num_val, args.image_size, args.seed)
+    paths = make_synthetic_coco(args.root, args.num_train, args.num_val, args.image_size, args.seed, hard=args.hard)
     print(f'images in {os.path.join(args.root, "train")} and {os.path.join(args.root, "val")}')
     print(f'captions in {paths[0]} and {paths[1]}')
 

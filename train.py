@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=4 train.py ...             # several GPUs (or CPU processes), one per process
     python train.py --resume                             # continue models/checkpoint.pt where it stopped
     tensorboard --logdir models/tensorboard              # watch the losses and sample captions
+    python train.py --scst --init_from models/best.pt    # self-critical fine-tuning for CIDEr-D (scst.py)
 
 Everything sample.py needs (model sizes, vocabulary, weights) goes into one checkpoint file, and with a
 validation set best.pt keeps the epoch of lowest validation loss. Ctrl-C or SIGTERM saves a checkpoint
@@ -27,6 +28,7 @@ from torch.utils.data import Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+import scst
 from build_vocab import VocabError, load_vocab
 from data_loader import (CocoDataset, FeatureDataset, ImageError, batches, collate_skipping, eval_transform,
                          open_cache, train_transform)
@@ -53,7 +55,9 @@ def parse_args(argv=None):
     parser.add_argument('--vocab_path', type=str, default='data/vocab.json', help='vocabulary from build_vocab.py')
     parser.add_argument('--image_dir', type=str, default='data/resized2014', help='resized training images')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
-                        help='training captions, COCO format')
+                        help="training captions: COCO format, or Karpathy's dataset_*.json (its val split validates)")
+    parser.add_argument('--split', type=str, default='train', choices=['train', 'val', 'test'],
+                        help='the part of a Karpathy --caption_path to train on (train includes restval)')
     parser.add_argument('--features', type=str, default=None, help='train from this extract_features.py cache')
     parser.add_argument('--val_image_dir', type=str, default=None, help='resized validation images')
     parser.add_argument('--val_caption_path', type=str, default=None, help='validation captions, for held-out loss')
@@ -98,6 +102,7 @@ def parse_args(argv=None):
                              "in --model_path)")
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (None: the best available)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the weights, the shuffle and the crops')
+    scst.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.weights.lower() == 'none':
         args.weights = None
@@ -372,11 +377,11 @@ def train(args, on_epoch_end=None, on_step=None):
     vocab = load_vocab(args.vocab_path)
     encoder, decoder, model_args = build_model(args, len(vocab))
     if args.features:
-        dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip)
+        dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
     else:
         dataset = CocoDataset(args.image_dir, args.caption_path, vocab,
                               train_transform(args.crop_size, not args.no_flip), skip_unreadable=not args.strict,
-                              return_errors=True)
+                              return_errors=True, split=args.split)
     sampler = ResumableSampler(dataset, args.batch_size, rank, world_size, args.seed)
     loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=sampler,
                      collate=collate_skipping)
@@ -384,7 +389,7 @@ def train(args, on_epoch_end=None, on_step=None):
     if args.val_caption_path and main_process:
         val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
                               eval_transform(args.image_size, args.crop_size), skip_unreadable=not args.strict,
-                              return_errors=True)
+                              return_errors=True, split='val')
         val_loader = batches(first_images(val_set, args.val_max_images), args.batch_size, shuffle=False,
                              num_workers=args.num_workers, collate=collate_skipping)
 
@@ -575,8 +580,8 @@ def any_process(flag, device, world_size):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
-    except Interrupted as err:
+        (scst.train if args.scst else train)(args)
+    except (Interrupted, scst.Stopped) as err:
         print(err, file=sys.stderr)
         sys.exit(130)
     except (VocabError, ImageError, CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError) as err:
