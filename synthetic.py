@@ -75,16 +75,26 @@ def random_scene(rng, size=64):
             return sorted(objects, key=lambda obj: obj['x'])
 
 
-def render_image(objects, rng, size=64):
-    """Draw the objects over a light background that is either a flat tint or a noisy texture."""
+def background(rng, size):
+    """A light background that is either a flat tint or a noisy texture, and a pen to draw on it."""
     tint = rng.integers(205, 250, size=3)
     pixels = np.broadcast_to(tint, (size, size, 3)).astype(np.float32)
     if rng.random() < 0.5:
         pixels = pixels + rng.normal(0, 10, (size, size, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
+    return image, ImageDraw.Draw(image)
+
+
+def shade(rgb, rng):
+    """A colour varied a little, so that no two objects of one colour are exactly alike."""
+    return tuple(int(c) for c in np.clip(np.array(rgb) + rng.integers(-12, 13, 3), 0, 255))
+
+
+def render_image(objects, rng, size=64):
+    """Draw the objects over a light background."""
+    image, draw = background(rng, size)
     for obj in objects:
-        colour = tuple(int(c) for c in np.clip(np.array(COLOURS[obj['colour']]) + rng.integers(-12, 13, 3), 0, 255))
+        colour = shade(COLOURS[obj['colour']], rng)
         x0, y0, x1, y1 = _box(obj)
         if obj['shape'] == 'circle':
             draw.ellipse((x0, y0, x1, y1), fill=colour)

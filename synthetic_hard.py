@@ -7,11 +7,9 @@ and relations, and, when its first two groups are single objects, often says whe
 to the other ("to the left of", "above", "under", "next to"...). parse_caption reads back which
 objects a caption names, whatever the wording, so content_matches can score a caption.
 """
-import numpy as np
-from PIL import Image, ImageDraw
 
 from synthetic import COLOURS as EASY_COLOURS
-from synthetic import _apart, _pick
+from synthetic import _apart, _pick, background, shade
 
 VERSION = 1  # bump when the images or captions change, so cached sets are regenerated
 SHAPES = ('circle', 'square', 'triangle', 'diamond')
@@ -63,15 +61,10 @@ def random_scene(rng, size=64):
 
 def render_image(objects, rng, size=64):
     """Light flat or noisy background; solid shapes filled, hollow ones drawn as a 2 px outline (at 64 px)."""
-    tint = rng.integers(205, 250, size=3)
-    pixels = np.broadcast_to(tint, (size, size, 3)).astype(np.float32)
-    if rng.random() < 0.5:
-        pixels = pixels + rng.normal(0, 10, (size, size, 3))
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
+    image, draw = background(rng, size)
     width = max(1, round(2 * size / 64))
     for obj in objects:
-        colour = tuple(int(c) for c in np.clip(np.array(COLOURS[obj['colour']]) + rng.integers(-12, 13, 3), 0, 255))
+        colour = shade(COLOURS[obj['colour']], rng)
         style = {'fill': colour} if obj['fill'] == 'solid' else {'outline': colour, 'width': width}
         x0, y0, x1, y1 = _box(obj)
         xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
