@@ -17,8 +17,7 @@ import torch
 
 import gates
 from data_loader import ImageError, eval_transform
-from model import CheckpointError, count, decode_options, ids_to_sentence, load_captioner, positive_int
-from train import HelpFormatter
+from model import CheckpointError, HelpFormatter, count, decode_options, ids_to_sentence, load_captioner, positive_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = [os.path.join(HERE, 'png', name) for name in ('example.png', 'example_single.png')]

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import DIY_LSTM
 from DIY_LSTM import LSTM
-from model import positive_int
+from model import HelpFormatter, positive_int
 
 
 def sync(device):
@@ -95,8 +95,6 @@ def cpu_libraries():
     return text
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default, and the docstring's examples as they are written."""
 
 
 def main(argv=None):

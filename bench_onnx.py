@@ -16,8 +16,7 @@ import time
 import torch
 
 from export import export, load_onnx_captioner
-from model import DecoderRNN, EncoderCNN, load_captioner, positive_int, save_checkpoint
-from train import HelpFormatter
+from model import DecoderRNN, EncoderCNN, HelpFormatter, load_captioner, positive_int, save_checkpoint
 
 
 def main(argv=None):

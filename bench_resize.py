@@ -25,8 +25,8 @@ import time
 import PIL
 from PIL import Image, ImageChops, ImageStat
 
-from model import positive_int
-from resize import SAVE_OPTIONS, HelpFormatter, resize_folder
+from model import HelpFormatter, positive_int
+from resize import SAVE_OPTIONS, resize_folder
 
 
 def make_photos(folder, count, size, seed):

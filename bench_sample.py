@@ -18,8 +18,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from model import DecoderRNN, EncoderCNN, positive_int, save_checkpoint
-from train import HelpFormatter
+from model import DecoderRNN, EncoderCNN, HelpFormatter, positive_int, save_checkpoint
 
 
 def write_checkpoint(path, backbone, vocab_size=10000):

@@ -26,9 +26,8 @@ import synthetic
 import synthetic_hard
 import train as trainer
 from build_vocab import build_vocab, save_vocab
-from model import count, load_captioner, positive_float, positive_int, save_checkpoint
+from model import HelpFormatter, count, load_captioner, positive_float, positive_int, save_checkpoint
 from sample import caption_images, captioned_picture
-from train import HelpFormatter
 
 
 def content_accuracy(encoder, decoder, vocab, config, caption_path, image_dir, batch_size=250,

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from build_vocab import VocabError, plain_words
 from data_loader import read_coco
-from model import CheckpointError, atomic_write, load_captioner, nonnegative_float, positive_int
+from model import CheckpointError, HelpFormatter, atomic_write, load_captioner, nonnegative_float, positive_int
 from sample import caption_images, check_max_len
-from train import HelpFormatter, pick_device
+from train import pick_device
 
 
 def select_images(coco, split_file=None, split='test'):

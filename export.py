@@ -16,8 +16,7 @@ import sys
 import torch
 from torch import nn
 
-from model import CheckpointError, DecoderRNN, load_captioner
-from train import HelpFormatter
+from model import CheckpointError, DecoderRNN, HelpFormatter, load_captioner
 
 FILES = ('encoder.onnx', 'decoder_step.onnx', 'captioner.json')
 

@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data_loader import ImageError, eval_transform, load_image, open_cache, read_coco
-from model import CheckpointError, EncoderCNN, count, positive_int, read_checkpoint, save_checkpoint, save_file
-from train import HelpFormatter, pick_device
+from model import (CheckpointError, EncoderCNN, HelpFormatter, count, positive_int, read_checkpoint, save_checkpoint,
+                   save_file)
+from train import pick_device
 
 
 class ImageFolderByIds(Dataset):

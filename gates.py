@@ -22,8 +22,7 @@ from PIL import Image
 
 import synthetic
 from data_loader import ImageError, eval_transform, load_image
-from model import CheckpointError, atomic_write, decode_options, ids_to_sentence, load_captioner
-from train import HelpFormatter
+from model import CheckpointError, HelpFormatter, atomic_write, decode_options, ids_to_sentence, load_captioner
 
 # What each heatmap shows, in the letters of DIY_LSTM.py, its colour map and its range.
 PANELS = (('g', 'input gate g', 'viridis', 0, 1), ('f', 'forget gate f', 'viridis', 0, 1),

@@ -43,6 +43,10 @@ positive_float = at_least(float, 0, above=True)  # learning rates, clip values
 nonnegative_float = at_least(float, 0)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, and the docstring's examples as they are written."""
+
+
 def atomic_write(path, write):
     """write(file) into a temporary file beside path, then rename it over path: whatever happens, path
     holds either the old content or the new, never half of it."""

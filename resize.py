@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from model import positive_int
+from model import HelpFormatter, positive_int
 
 # File extension -> the format it is saved in, so an output's name always matches its content.
 FORMATS = {'.jpg': 'JPEG', '.jpeg': 'JPEG', '.png': 'PNG', '.bmp': 'BMP', '.gif': 'GIF', '.webp': 'WEBP'}
@@ -110,8 +110,6 @@ def resize_folder(image_dir, output_dir, size, workers=None):
     return len(todo) - len(failed), len(names) - len(todo), failed
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default, and the docstring's examples as they are written."""
 
 
 def main():

@@ -24,9 +24,9 @@ from tqdm import tqdm
 import decoding
 from build_vocab import VocabError, load_vocab
 from data_loader import ImageError, eval_transform, load_image
-from model import (CheckpointError, DecoderRNN, EncoderCNN, atomic_write, count, decode_options, ids_to_sentence,
-                   load_captioner, nonnegative_float, positive_float, positive_int, read_checkpoint)
-from train import HelpFormatter, pick_device
+from model import (CheckpointError, DecoderRNN, EncoderCNN, HelpFormatter, atomic_write, count, decode_options,
+                   ids_to_sentence, load_captioner, nonnegative_float, positive_float, positive_int, read_checkpoint)
+from train import pick_device
 
 
 def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from model import count, positive_int
+from model import HelpFormatter, count, positive_int
 
 SHAPES = ('circle', 'square', 'triangle')
 COLOURS = {'red': (220, 40, 40), 'green': (40, 160, 60), 'blue': (40, 80, 220),
@@ -207,8 +207,6 @@ def write_example(path, seed=0):
     return objects
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default, and the docstring's examples as they are written."""
 
 
 def main():

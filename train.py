@@ -32,8 +32,9 @@ import scst
 from build_vocab import VocabError, load_vocab
 from data_loader import (CocoDataset, FeatureDataset, ImageError, batches, collate_skipping, eval_transform,
                          open_cache, train_transform)
-from model import (CheckpointError, DecoderRNN, EncoderCNN, atomic_write, count, ids_to_sentence, nonnegative_float,
-                   positive_float, positive_int, read_checkpoint, remove_stale_temporaries, save_checkpoint, save_file)
+from model import (CheckpointError, DecoderRNN, EncoderCNN, HelpFormatter, atomic_write, count, ids_to_sentence,
+                   nonnegative_float, positive_float, positive_int, read_checkpoint, remove_stale_temporaries,
+                   save_checkpoint, save_file)
 
 # What --resume takes from the checkpoint when the flag is not given again. The model's settings must
 # match the weights, so contradicting them is an error; the schedule's may change on purpose.
@@ -42,8 +43,6 @@ MODEL_SETTINGS = ('embed_size', 'hidden_size', 'num_layers', 'max_seq_length', '
 SCHEDULE_SETTINGS = ('num_epochs', 'batch_size', 'learning_rate', 'lr_schedule', 'grad_clip', 'seed', 'no_flip')
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default, and the docstring's examples as they are written."""
 
 
 def parse_args(argv=None):
