@@ -86,7 +86,8 @@ class LSTMCell(nn.Module):
             raise RuntimeError(f'input has inconsistent input_size: got {input.size(1)} expected {self.input_size}')
         for i, state in enumerate(hx):  # nn.LSTMCell's checks and wording
             if state.size(0) != input.size(0):
-                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {state.size(0)}")
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size "
+                                   f"{state.size(0)}")
             if state.size(1) != self.hidden_size:
                 raise RuntimeError(f'hidden{i} has inconsistent hidden_size: got {state.size(1)}, '
                                    f'expected {self.hidden_size}')
@@ -454,27 +455,19 @@ class LSTM(nn.Module):
             batch_sizes = batch_sizes.tolist()
             unbatched = False
         else:
-            if input.dim() not in (2, 3):
-                raise ValueError(f'LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead')
-            unbatched = input.dim() == 2
-            if unbatched:
-                input = input.unsqueeze(1)
-            elif self.batch_first:
-                input = input.transpose(0, 1)
-            seq_len, batch = input.shape[:2]
-            if seq_len == 0:
-                raise RuntimeError('Expected sequence length to be larger than 0 in RNN')
-            data = input.reshape(seq_len * batch, input.size(2))
+            data, unbatched, (seq_len, batch) = self._time_major_rows(input)
             batch_sizes, sorted_indices, unsorted_indices = [batch] * seq_len, None, None
         batch = batch_sizes[0]
         self._check_input(data)
         h0, s0 = self._initial_state(hx, batch, data, unbatched, sorted_indices)
 
         compiled = self._compiled_steps is not None and len(batch_sizes) >= self.steps_per_call and batch > 0
+        directions = range(self.num_directions)
+        grids = schedules = last_rows = [None] * self.num_directions
         if compiled:
-            grids = [self._grid(batch_sizes, direction == 1, data.device) for direction in range(self.num_directions)]
+            grids = [self._grid(batch_sizes, direction == 1, data.device) for direction in directions]
         else:
-            schedules = [_schedule(batch_sizes, direction == 1) for direction in range(self.num_directions)]
+            schedules = [_schedule(batch_sizes, direction == 1) for direction in directions]
             # Rows holding each sequence's final state: for a plain tensor, the last and first steps' blocks.
             last_rows = (self._last_rows(batch_sizes, data.device) if packed
                          else (slice((seq_len - 1) * batch, seq_len * batch), slice(0, batch)))
@@ -493,17 +486,8 @@ class LSTM(nn.Module):
                 loop_args = [getattr(self, 'weight_hh' + suffix), weight_hr, h0[index], s0[index]]
                 loop_args = [t if t is None or t.dtype == z_x.dtype else t.to(z_x.dtype) for t in loop_args]
                 with torch.autocast(data.device.type, enabled=False) if autocast else contextlib.nullcontext():
-                    if compiled:
-                        h_all, h_last, s_last = self._compiled_loop(z_x, *loop_args, *grids[direction])
-                    else:
-                        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [z_x, *loop_args]):
-                            h_all, s_all = _Recurrence.apply(z_x, *loop_args, schedules[direction])
-                        elif _is_exporting():  # torch.export / ONNX: out-of-place ops, no Function
-                            h_all, s_all = _plain_loop(z_x, *loop_args, schedules[direction])
-                        else:  # inference: the fast loop, without the autograd.Function around it
-                            with torch.no_grad():  # nothing to record, so oneDNN's products may run
-                                _, _, h_all, s_all, _ = _forward_loop(z_x, *loop_args, schedules[direction])
-                        h_last, s_last = h_all[last_rows[direction]], s_all[last_rows[direction]]
+                    h_all, h_last, s_last = self._time_loop(z_x, loop_args, grids[direction], schedules[direction],
+                                                            last_rows[direction])
                 h_n.append(h_last)
                 s_n.append(s_last)
                 outputs.append(h_all)
@@ -518,6 +502,34 @@ class LSTM(nn.Module):
         if unbatched:
             return output.squeeze(1), (h_n.squeeze(1), s_n.squeeze(1))
         return (output.transpose(0, 1) if self.batch_first else output), (h_n, s_n)
+
+    def _time_major_rows(self, input):
+        """A plain input as (time x batch) rows of features, whether it was unbatched, and (steps, batch)."""
+        if input.dim() not in (2, 3):
+            raise ValueError(f'LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead')
+        unbatched = input.dim() == 2
+        if unbatched:
+            input = input.unsqueeze(1)
+        elif self.batch_first:
+            input = input.transpose(0, 1)
+        seq_len, batch = input.shape[:2]
+        if seq_len == 0:
+            raise RuntimeError('Expected sequence length to be larger than 0 in RNN')
+        return input.reshape(seq_len * batch, input.size(2)), unbatched, (seq_len, batch)
+
+    def _time_loop(self, z_x, loop_args, grid, schedule, last_rows):
+        """One layer and direction through time: (h at every step, h and s at each sequence's end), by the
+        compiled loop (given its grid), the autograd.Function, the export-friendly loop or the inference loop."""
+        if grid is not None:
+            return self._compiled_loop(z_x, *loop_args, *grid)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [z_x, *loop_args]):
+            h_all, s_all = _Recurrence.apply(z_x, *loop_args, schedule)
+        elif _is_exporting():  # torch.export / ONNX: out-of-place ops, no Function
+            h_all, s_all = _plain_loop(z_x, *loop_args, schedule)
+        else:  # inference: the fast loop, without the autograd.Function around it
+            with torch.no_grad():  # nothing to record, so oneDNN's products may run
+                _, _, h_all, s_all, _ = _forward_loop(z_x, *loop_args, schedule)
+        return h_all, h_all[last_rows], s_all[last_rows]
 
     def _check_input(self, data):
         if data.dim() != 2:

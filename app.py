@@ -16,8 +16,10 @@ import gradio as gr
 import torch
 
 import gates
-from data_loader import ImageError, eval_transform
-from model import CheckpointError, HelpFormatter, count, decode_options, ids_to_sentence, load_captioner, positive_int
+from data_loader import eval_transform
+from files import CheckpointError, ImageError
+from flags import HelpFormatter, count, positive_int
+from model import decode_options, ids_to_sentence, load_captioner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = [os.path.join(HERE, 'png', name) for name in ('example.png', 'example_single.png')]
@@ -33,7 +35,7 @@ def describe(path, encoder, decoder, vocab, config, beam_size):
         name = os.path.basename(path)
         return f'error: {name} is not an image this page can read; upload a PNG or JPEG', '', '', None
     with torch.no_grad():
-        feature = encoder(eval_transform(config['image_size'], config['crop_size'])(result['image'])[None])
+        feature = encoder(eval_transform(config.image_size, config.crop_size)(result['image'])[None])
         beams, scores = decoder.beam_search(feature, beam_size, all_beams=True, **decode_options(vocab))
     rows = [f'| {rank} | {ids_to_sentence(ids, vocab)} | {score:.3f} |'
             for rank, (ids, score) in enumerate(zip(beams[0], scores[0].tolist()), start=1) if score > -float('inf')]

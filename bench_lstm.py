@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import DIY_LSTM
 from DIY_LSTM import LSTM
-from model import HelpFormatter, positive_int
+from flags import HelpFormatter, positive_int
 
 
 def sync(device):
@@ -95,6 +95,20 @@ def cpu_libraries():
     return text
 
 
+def median_times(case, runs, repeats, device):
+    """{module: median milliseconds of runs[module]()}, timed back to back in rotating order, after a
+    warm-up (in which the compiled loop compiles, then records CUDA graphs) and a check that all agree."""
+    results = {}
+    for key, fn in runs.items():
+        for _ in range(3):
+            results[key] = fn()
+    check_same(results, case)
+    times = {key: [] for key in runs}
+    keys = list(runs)
+    for i in range(repeats):
+        for key in keys[i % 3:] + keys[:i % 3]:
+            times[key].append(timed(runs[key], device))
+    return {key: 1000 * statistics.median(times[key]) for key in keys}
 
 
 def main(argv=None):
@@ -149,18 +163,7 @@ def main(argv=None):
     print('| case | nn.LSTM (ms) | DIY_LSTM (ms) | compiled (ms) | DIY / nn.LSTM | compiled / nn.LSTM |')
     print('|---|---:|---:|---:|---:|---:|')
     for case, make in cases:
-        runs = {key: make(module) for key, module in modules.items()}
-        results = {}
-        for key, fn in runs.items():  # warm up; the compiled loop compiles, then records CUDA graphs
-            for _ in range(3):
-                results[key] = fn()
-        check_same(results, case)
-        times = {key: [] for key in runs}
-        keys = list(runs)
-        for i in range(args.repeats):
-            for key in keys[i % 3:] + keys[:i % 3]:
-                times[key].append(timed(runs[key], device))
-        ms = {key: 1000 * statistics.median(times[key]) for key in keys}
+        ms = median_times(case, {key: make(module) for key, module in modules.items()}, args.repeats, device)
         print(f'| {case} | {ms["nn.LSTM"]:.3f} | {ms["DIY_LSTM"]:.3f} | {ms["compiled"]:.3f} | '
               f'{ms["DIY_LSTM"] / ms["nn.LSTM"]:.2f} | {ms["compiled"] / ms["nn.LSTM"]:.2f} |', flush=True)
 

@@ -12,11 +12,14 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 
 import torch
 
-from export import export, load_onnx_captioner
-from model import DecoderRNN, EncoderCNN, HelpFormatter, load_captioner, positive_int, save_checkpoint
+from export import export
+from flags import HelpFormatter, positive_int
+from model import CaptionerConfig, build_captioner, load_captioner, save_checkpoint
+from onnx_captioner import load_onnx_captioner
 
 
 def main(argv=None):
@@ -35,14 +38,12 @@ def main(argv=None):
     torch.manual_seed(0)
 
     words = ['<pad>', '<start>', '<end>', '<unk>'] + [f'word{i}' for i in range(args.vocab_size - 4)]
-    config = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, vocab_size=args.vocab_size, num_layers=1,
-                  max_seq_length=20, backbone=args.backbone, train_backbone=False, bn_momentum=0.01,
-                  image_size=args.image_size, crop_size=args.image_size)
-    encoder = EncoderCNN(args.embed_size, args.backbone, weights=None)
-    decoder = DecoderRNN(args.embed_size, args.hidden_size, args.vocab_size, 1)
+    config = CaptionerConfig(args.vocab_size, args.embed_size, args.hidden_size, backbone=args.backbone,
+                             image_size=args.image_size, crop_size=args.image_size)
+    encoder, decoder = build_captioner(config)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = os.path.join(folder, 'checkpoint.pt')
-        save_checkpoint(checkpoint, dict(model_args=config, vocab=words, encoder=encoder.state_dict(),
+        save_checkpoint(checkpoint, dict(model_args=asdict(config), vocab=words, encoder=encoder.state_dict(),
                                          decoder=decoder.state_dict()))
         export(checkpoint, folder)
         captioners = {'PyTorch': load_captioner(checkpoint)[:2],
@@ -68,7 +69,8 @@ def main(argv=None):
                 times[name].append(time.perf_counter() - start)
     print(f'backbone={args.backbone} image={args.image_size} embed={args.embed_size} hidden={args.hidden_size} '
           f'vocab={args.vocab_size} batch={args.batch_size} beam={args.beam_size} threads={args.threads} '
-          f'words={results["PyTorch"].size(1)} cpu={torch.backends.cpu.get_cpu_capability()} torch={torch.__version__}\n')
+          f'words={results["PyTorch"].size(1)} cpu={torch.backends.cpu.get_cpu_capability()} '
+          f'torch={torch.__version__}\n')
     print('| captioner | images/s (median) | relative |')
     print('|---|---:|---:|')
     base = statistics.median(times['PyTorch'])

@@ -25,7 +25,7 @@ import time
 import PIL
 from PIL import Image, ImageChops, ImageStat
 
-from model import HelpFormatter, positive_int
+from flags import HelpFormatter, positive_int
 from resize import SAVE_OPTIONS, resize_folder
 
 

@@ -14,20 +14,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 
 import numpy as np
 from PIL import Image
 
-from model import DecoderRNN, EncoderCNN, HelpFormatter, positive_int, save_checkpoint
+from flags import HelpFormatter, positive_int
+from model import CaptionerConfig, build_captioner, save_checkpoint
 
 
 def write_checkpoint(path, backbone, vocab_size=10000):
     """A train.py-style checkpoint with random weights and a vocabulary of made-up words."""
-    encoder, decoder = EncoderCNN(256, backbone, weights=None), DecoderRNN(256, 512, vocab_size, 1)
+    config = CaptionerConfig(vocab_size, backbone=backbone)
+    encoder, decoder = build_captioner(config)
     words = ['<pad>', '<start>', '<end>', '<unk>'] + [f'word{i}' for i in range(vocab_size - 4)]
-    model_args = dict(embed_size=256, hidden_size=512, vocab_size=vocab_size, num_layers=1, max_seq_length=20,
-                      backbone=backbone, train_backbone=False, bn_momentum=0.01, image_size=256, crop_size=224)
-    save_checkpoint(path, {'model_args': model_args, 'vocab': words, 'encoder': encoder.state_dict(),
+    save_checkpoint(path, {'model_args': asdict(config), 'vocab': words, 'encoder': encoder.state_dict(),
                            'decoder': decoder.state_dict()})
 
 

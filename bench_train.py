@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 
 import bench_lstm
-import train as trainer
-from data_loader import FeatureDataset, batches, eval_transform, load_image, train_transform
-from model import DecoderRNN, EncoderCNN, positive_int
+from data_loader import FeatureDataset, batches, eval_transform, train_transform
+from files import load_image
+from flags import HelpFormatter, positive_int
+from model import Captioner, CaptionerConfig, build_captioner, caption_loss
 
 COCO_CAPTIONS = 414113
 
@@ -60,73 +61,66 @@ def timed(fn, device, repeats):
     return statistics.median(bench_lstm.timed(fn, device) for _ in range(repeats))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=trainer.HelpFormatter)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                        help='cuda or cpu; the default is the GPU where there is one')
-    parser.add_argument('--batch_size', type=positive_int, default=128,
-                        help='batch of the cache and decoder benchmarks')
-    parser.add_argument('--pipeline_batch', type=positive_int, default=16, help='batch of the slow tutorial pipeline')
-    parser.add_argument('--vocab_size', type=positive_int, default=10000, help="the decoder's vocabulary size")
-    parser.add_argument('--repeats', type=positive_int, default=5, help='timed repeats; the table reports their median')
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
+class Trainer:
+    """The decoder and the encoder's head, trained as train.py trains them, on any batch."""
 
-    encoder = EncoderCNN(256, 'resnet152', weights=None).to(device).train()
-    decoder = DecoderRNN(256, 512, args.vocab_size, 1).to(device).train()
-    params = list(encoder.linear.parameters()) + list(encoder.bn.parameters()) + list(decoder.parameters())
-    optimizer = torch.optim.Adam(params, lr=1e-3)
+    def __init__(self, encoder, decoder, vocab_size, device, generator):
+        params = list(encoder.linear.parameters()) + list(encoder.bn.parameters()) + list(decoder.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=1e-3)
+        self.on_images, self.on_features = Captioner(encoder, decoder), Captioner(encoder, decoder, from_features=True)
+        self.vocab_size, self.device, self.generator = vocab_size, device, generator
 
-    def train_step(model, inputs, captions=None, lengths=None, amp=False):
+    def step(self, model, inputs, captions=None, lengths=None, amp=False):
         """One optimizer step; without captions, random ones of COCO-like lengths."""
         if captions is None:
-            lengths = coco_like_lengths(inputs.size(0), generator)
-            captions = torch.randint(4, args.vocab_size, (inputs.size(0), lengths[0]), generator=generator)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = trainer.caption_loss(model, inputs.to(device), captions.to(device), lengths)
-        optimizer.zero_grad()
+            lengths = coco_like_lengths(inputs.size(0), self.generator)
+            captions = torch.randint(4, self.vocab_size, (inputs.size(0), lengths[0]), generator=self.generator)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = caption_loss(model, inputs.to(self.device), captions.to(self.device), lengths)
+        self.optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
 
+
+def write_cache(folder, images=2000):
+    """A feature cache with the layout extract_features.py writes, and its captions file."""
+    cache = os.path.join(folder, 'cache')
+    os.makedirs(cache)
+    np.save(os.path.join(cache, 'features.npy'),
+            np.random.default_rng(0).standard_normal((images, 2, 2048)).astype(np.float16))
+    np.save(os.path.join(cache, 'done.npy'), np.ones(images, dtype=bool))
+    with open(os.path.join(cache, 'meta.json'), 'w') as f:
+        f.write('{"image_ids": %s}' % list(range(1, images + 1)))
+    captions = os.path.join(folder, 'captions.json')
+    with open(captions, 'w') as f:
+        json.dump({'images': [{'id': i, 'file_name': f'{i}.jpg'} for i in range(1, images + 1)],
+                   'annotations': [{'id': 5 * i + k, 'image_id': i,  # 7 to 15 words, as most of COCO's
+                                    'caption': ' '.join(['a man riding a horse', *['word'] * (2 + 2 * k)])}
+                                   for i in range(1, images + 1) for k in range(5)]}, f)
+    return cache, captions
+
+
+def training_rates(args, trainer, decoder, device):
+    """[(row name, captions per second)] for (a)-(d), and the seconds of one decoder step."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         make_jpegs(folder, args.pipeline_batch)
         transform = train_transform(224)
-        on_images = trainer.Captioner(encoder, decoder)
 
         def tutorial_batch():
             images = torch.stack([transform(load_image(os.path.join(folder, f'{i}.jpg')))
                                   for i in range(args.pipeline_batch)])
-            train_step(on_images, images)
+            trainer.step(trainer.on_images, images)
 
         tutorial_batch()  # warm-up
         seconds = timed(tutorial_batch, device, max(2, args.repeats // 2))
-        pipeline_rate = args.pipeline_batch / seconds
-        rows.append(('(a) tutorial pipeline: JPEG + crop + ResNet-152 + decoder', pipeline_rate))
+        rows.append(('(a) tutorial pipeline: JPEG + crop + ResNet-152 + decoder', args.pipeline_batch / seconds))
 
-        cache = os.path.join(folder, 'cache')  # a cache with the layout extract_features.py writes
-        os.makedirs(cache)
-        images = 2000
-        np.save(os.path.join(cache, 'features.npy'),
-                np.random.default_rng(0).standard_normal((images, 2, 2048)).astype(np.float16))
-        np.save(os.path.join(cache, 'done.npy'), np.ones(images, dtype=bool))
-        with open(os.path.join(cache, 'meta.json'), 'w') as f:
-            f.write('{"image_ids": %s}' % list(range(1, images + 1)))
-        captions = os.path.join(folder, 'captions.json')
-        with open(captions, 'w') as f:
-            json.dump({'images': [{'id': i, 'file_name': f'{i}.jpg'} for i in range(1, images + 1)],
-                       'annotations': [{'id': 5 * i + k, 'image_id': i,  # 7 to 15 words, as most of COCO's
-                                        'caption': ' '.join(['a man riding a horse', *['word'] * (2 + 2 * k)])}
-                                       for i in range(1, images + 1) for k in range(5)]}, f)
-        dataset = FeatureDataset(cache, captions, FakeVocab(args.vocab_size))
-        loader = batches(dataset, args.batch_size, shuffle=True, num_workers=0)
-        on_features = trainer.Captioner(encoder, decoder, from_features=True)
-        iterator = iter(loader)
+        dataset = FeatureDataset(*write_cache(folder), FakeVocab(args.vocab_size))
+        iterator = iter(batches(dataset, args.batch_size, shuffle=True, num_workers=0))
 
         def cache_batch(amp):
-            train_step(on_features, *next(iterator), amp=amp)
+            trainer.step(trainer.on_features, *next(iterator), amp=amp)
 
         for amp, name in ((False, '(b) from the feature cache: float16 features + decoder'),
                           (True, '(c) the same with --amp (bf16 autocast)')):
@@ -134,14 +128,18 @@ def main():
             rows.append((name, args.batch_size / timed(lambda: cache_batch(amp), device, args.repeats)))
 
         features = torch.randn(args.batch_size, 2048, device=device)
-        decoder_seconds = timed(lambda: train_step(on_features, features), device, args.repeats)
+        decoder_seconds = timed(lambda: trainer.step(trainer.on_features, features), device, args.repeats)
         if device.type == 'cuda':
             decoder.lstm.compile_loop(mode='reduce-overhead')
             for _ in range(10):  # compile, then record CUDA graphs for the usual numbers of calls
                 cache_batch(True)
             rows.append(('(d) the same as (c) with --compile reduce-overhead',
                          args.batch_size / timed(lambda: cache_batch(True), device, args.repeats)))
+    return rows, decoder_seconds
 
+
+def captioning_speed(args, encoder, decoder, device, eval_batch=32):
+    """(seconds to caption one photo, images per second in batches of eval_batch), as sample.py does it."""
     encoder.eval(), decoder.eval()
     transform = eval_transform(256, 224)
     photo = Image.fromarray(np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8))
@@ -153,8 +151,27 @@ def main():
 
     caption(1)
     latency = timed(lambda: caption(1), device, args.repeats)
-    eval_batch = 32
-    throughput = eval_batch / timed(lambda: caption(eval_batch), device, max(2, args.repeats // 2))
+    return latency, eval_batch / timed(lambda: caption(eval_batch), device, max(2, args.repeats // 2))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cuda or cpu; the default is the GPU where there is one')
+    parser.add_argument('--batch_size', type=positive_int, default=128,
+                        help='batch of the cache and decoder benchmarks')
+    parser.add_argument('--pipeline_batch', type=positive_int, default=16, help='batch of the slow tutorial pipeline')
+    parser.add_argument('--vocab_size', type=positive_int, default=10000, help="the decoder's vocabulary size")
+    parser.add_argument('--repeats', type=positive_int, default=5, help='timed repeats; the table reports their median')
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    encoder, decoder = build_captioner(CaptionerConfig(vocab_size=args.vocab_size))  # the tutorial's model
+    encoder, decoder = encoder.to(device).train(), decoder.to(device).train()
+    rows, decoder_seconds = training_rates(args, Trainer(encoder, decoder, args.vocab_size, device, generator), decoder,
+                                           device)
+    latency, throughput = captioning_speed(args, encoder, decoder, device)
 
     print(f'device={device} threads={torch.get_num_threads()} torch={torch.__version__} '
           f'vocab={args.vocab_size} batch={args.batch_size} (pipeline batch {args.pipeline_batch})\n')
@@ -162,12 +179,13 @@ def main():
     print('|---|---:|---:|')
     for name, rate in rows:
         print(f'| {name} | {rate:.1f} | {COCO_CAPTIONS / rate / 3600:.1f} h |')
-    print('\n' + ', '.join(f'{name[:3]} {rate / pipeline_rate:.0f}x' for name, rate in rows[1:]), 'faster than (a).\n')
+    print('\n' + ', '.join(f'{name[:3]} {rate / rows[0][1]:.0f}x' for name, rate in rows[1:]), 'faster than (a).\n')
     print('| step | time |')
     print('|---|---:|')
-    print(f'| decoder forward+backward, batch {args.batch_size}, vocab {args.vocab_size} | {1000 * decoder_seconds:.0f} ms |')
+    print(f'| decoder forward+backward, batch {args.batch_size}, vocab {args.vocab_size} '
+          f'| {1000 * decoder_seconds:.0f} ms |')
     print(f'| sample.py: one image (ResNet-152 + 20 greedy steps) | {1000 * latency:.0f} ms |')
-    print(f'| batched captioning, {eval_batch} images at a time | {throughput:.1f} images/s |')
+    print(f'| batched captioning, 32 images at a time | {throughput:.1f} images/s |')
     if device.type == 'cuda':
         print('\nDIY_LSTM against cuDNN at the decoder shape:\n')
         bench_lstm.main(['--device', 'cuda', '--threads', str(torch.get_num_threads())])

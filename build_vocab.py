@@ -17,7 +17,8 @@ from nltk.tokenize import NLTKWordTokenizer
 from tqdm import tqdm
 
 from caption_files import load_captions
-from model import CheckpointError, positive_int, save_file
+from files import CheckpointError, save_file
+from flags import HelpFormatter, positive_int
 
 SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
 PUNCTUATION = set(string.punctuation) | {'``', "''", '-lrb-', '-rrb-'}
@@ -212,7 +213,7 @@ def load_vocab(path):
 
 def main():
     parser = argparse.ArgumentParser(description='Build the vocabulary of a COCO captions file.',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
                         help="COCO-format captions file, or Karpathy's dataset_*.json")
     parser.add_argument('--split', type=str, default='train', choices=['train', 'val', 'test'],

@@ -5,31 +5,14 @@ import os
 import numpy as np
 import torch
 import torch.utils.data as data
-from PIL import Image, ImageOps
+from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
 
 from build_vocab import tokenize, usable_captions
 from caption_files import load_captions
-from resize import to_rgb
+from files import ImageError, load_image
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class ImageError(Exception):
-    """An image that cannot be read; the message names the file and the reason."""
-
-
-def load_image(path):
-    """Open an image upright and in RGB, whatever its mode; transparent areas become white."""
-    try:
-        with Image.open(path) as image:
-            return to_rgb(ImageOps.exif_transpose(image))
-    except FileNotFoundError:
-        raise ImageError(f'{path}: no such file') from None
-    except IsADirectoryError:
-        raise ImageError(f'{path}: is a directory, not an image') from None
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
-        raise ImageError(f'{path}: cannot read image ({err})') from None
 
 
 def read_coco(path, split='train'):
@@ -195,3 +178,31 @@ def batches(dataset, batch_size, shuffle, num_workers, sampler=None, collate=col
     return data.DataLoader(dataset=dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                            sampler=sampler, num_workers=num_workers, collate_fn=collate,
                            persistent_workers=num_workers > 0, generator=torch.Generator())
+
+
+class ResumableSampler(DistributedSampler):
+    """Each process's share of a fresh shuffle every epoch (seeded, so reproducible), able to start
+    part-way through an epoch: after the batches a resumed run has already done."""
+
+    def __init__(self, dataset, batch_size, rank, world_size, seed):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.skip = batch_size, 0
+
+    def start(self, epoch, batches_done):
+        self.set_epoch(epoch)
+        self.skip = batches_done * self.batch_size
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def first_images(dataset, count=None):
+    """The captions of the first `count` images of a dataset, by image id: a fixed subset (all with None)."""
+    if count is None:
+        return dataset
+    image_of = {index: dataset.coco.anns[ann_id]['image_id'] for index, ann_id in enumerate(dataset.ids)}
+    kept = set(sorted(set(image_of.values()))[:count])
+    return data.Subset(dataset, [index for index, image_id in image_of.items() if image_id in kept])

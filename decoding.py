@@ -1,21 +1,13 @@
-"""Decoding beyond the most probable caption: trigram blocking, and sampling with a temperature and
-nucleus (top-p) truncation, for sample.py --sample and for self-critical training (scst.py)."""
+"""From a trained model to captions: image files captioned in batches (greedy, beam search, or sampled),
+and sampling with a temperature and nucleus (top-p) truncation, for sample.py --sample and for
+self-critical training (scst.py)."""
 import math
 
 import torch
 
-
-def repeated_trigrams(sequences, vocab_size, end_id):
-    """(N, vocab_size) bool mask of the words that would repeat a trigram already in each row of the
-    (N, t) word ids: the trigram (last two words, w) occurred before. <end> is never blocked."""
-    mask = torch.zeros(sequences.size(0), vocab_size, dtype=torch.bool, device=sequences.device)
-    if sequences.size(1) < 3:
-        return mask
-    same = (sequences[:, :-2] == sequences[:, -2:-1]) & (sequences[:, 1:-1] == sequences[:, -1:])
-    hits = torch.zeros(mask.shape, device=sequences.device).scatter_add_(1, sequences[:, 2:], same.float())
-    mask = hits > 0
-    mask[:, end_id] = False
-    return mask
+from data_loader import eval_transform
+from files import CheckpointError, ImageError, load_image
+from model import decode_options, ids_to_sentence, repeated_trigrams
 
 
 def nucleus(log_probs, top_p):
@@ -59,3 +51,55 @@ def sample(decoder, features, n=1, temperature=1.0, top_p=1.0, end_id=2, unk_id=
             break
         inputs = decoder.embed(word)
     return torch.stack(words, 1), torch.stack(log_probs, 1), torch.stack(mask, 1)
+
+
+@torch.no_grad()
+def caption_batches(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
+                    batch_size=32, min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
+    """Yields (paths of the batch, {path: caption}, {path: error}) for each batch in turn: only one batch of
+    images is in memory at a time. A caption has at least min_len words before <end>, so none comes out empty
+    (DecoderRNN.forbid). With samples=N, {path: [N sampled captions]} instead (sample(), with
+    temperature and top_p)."""
+    transform = eval_transform(config.image_size, config.crop_size)
+    special = dict(decode_options(vocab, max_len, min_len), block_trigrams=block_trigrams)
+    for start in range(0, len(paths), batch_size):
+        batch, images, captions, errors = paths[start:start + batch_size], {}, {}, {}
+        for path in batch:
+            try:
+                images[path] = transform(load_image(path))
+            except ImageError as err:
+                errors[path] = str(err)
+        if images:
+            features = encoder(torch.stack(list(images.values())).to(device))
+            if samples:
+                ids, _, _ = sample(decoder, features, samples, temperature, top_p, **special)
+            elif beam_size > 1:
+                ids = decoder.beam_search(features, beam_size, length_penalty=length_penalty, **special)
+            else:
+                ids = decoder.sample(features, **special)
+            sentences = [ids_to_sentence(row, vocab) for row in ids.cpu()]
+            if samples:  # the rows of one image are together
+                sentences = [sentences[i:i + samples] for i in range(0, len(sentences), samples)]
+            captions = dict(zip(images, sentences))
+        yield batch, captions, errors
+
+
+def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
+                   batch_size=32, min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
+    """Returns {path: caption} (with samples=N, {path: [N sampled captions]}) for readable images and
+    {path: error} for the rest."""
+    captions, errors = {}, {}
+    for _, batch_captions, batch_errors in caption_batches(paths, encoder, decoder, vocab, config, device, max_len,
+                                                        beam_size, length_penalty, batch_size, min_len,
+                                                        block_trigrams, samples, temperature, top_p):
+        captions.update(batch_captions)
+        errors.update(batch_errors)
+    return captions, errors
+
+
+def check_max_len(checkpoint, config, max_len):
+    """A checkpoint trained with --max_seq_length 0 (before that was refused) sets no usable caption length."""
+    trained = config.max_seq_length
+    if max_len is None and not (isinstance(trained, int) and trained >= 1):
+        raise CheckpointError(f'{checkpoint} was trained with --max_seq_length {trained}, which allows no words; '
+                              'pass --max_seq_length N, the longest caption in words')

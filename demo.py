@@ -26,8 +26,10 @@ import synthetic
 import synthetic_hard
 import train as trainer
 from build_vocab import build_vocab, save_vocab
-from model import HelpFormatter, count, load_captioner, positive_float, positive_int, save_checkpoint
-from sample import caption_images, captioned_picture
+from decoding import caption_images
+from flags import HelpFormatter, count, positive_float, positive_int
+from model import CaptionerConfig, load_captioner, save_checkpoint
+from sample import captioned_picture
 
 
 def content_accuracy(encoder, decoder, vocab, config, caption_path, image_dir, batch_size=250,
@@ -54,7 +56,7 @@ def learned_enough(accuracies, target=0.95, patience=2):
     return best >= target and len(accuracies) - 1 - accuracies.index(best) >= patience
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--hard', action='store_true', help='the harder set of synthetic_hard.py')
     parser.add_argument('--root', default=None,
@@ -76,21 +78,16 @@ def main():
     suffix = '_hard' if args.hard else ''
     args.root = args.root or f'data/synthetic{suffix}'
     args.model_path = args.model_path or f'models/demo{suffix}'
-    start = time.time()
-    torch.set_num_threads(os.cpu_count())
+    return args
 
-    synthetic.make_synthetic_coco(args.root, args.num_train, args.num_val, image_size=64, seed=args.seed,
-                                  hard=args.hard)
-    train_json = os.path.join(args.root, 'annotations', 'captions_train.json')
-    val_json = os.path.join(args.root, 'annotations', 'captions_val.json')
-    vocab_path = os.path.join(args.root, 'vocab.json')
-    vocab = build_vocab(train_json, threshold=1)
-    save_vocab(vocab, vocab_path)
-    print(f'{len(vocab)} words in the vocabulary ({time.time() - start:.0f} s so far)')
 
-    train_args = trainer.parse_args([
-        '--image_dir', os.path.join(args.root, 'train'), '--caption_path', train_json,
-        '--val_image_dir', os.path.join(args.root, 'val'), '--val_caption_path', val_json,
+def train_args(args, vocab_path):
+    """train.py's flags for the synthetic set: the small CNN learns the shapes in minutes on a CPU."""
+    return trainer.parse_args([
+        '--image_dir', os.path.join(args.root, 'train'),
+        '--caption_path', os.path.join(args.root, 'annotations', 'captions_train.json'),
+        '--val_image_dir', os.path.join(args.root, 'val'),
+        '--val_caption_path', os.path.join(args.root, 'annotations', 'captions_val.json'),
         '--vocab_path', vocab_path, '--model_path', args.model_path,
         '--backbone', 'smallcnn', '--weights', 'none', '--train_backbone', '--bn_momentum', '0.1',
         '--image_size', '64', '--crop_size', '64', '--no_flip',
@@ -98,15 +95,19 @@ def main():
         '--batch_size', '64', '--learning_rate', '3e-3', '--num_epochs', str(args.max_epochs),
         '--num_workers', '0', '--log_step', '20', '--save_step', '0', '--seed', str(args.seed),
         '--max_seq_length', '32' if args.hard else '20'])
+
+
+def train_most_accurate(args, vocab, best_path):
+    """Train until held-out content accuracy has passed --target and stopped improving, or --minutes
+    have passed, keeping the most accurate epoch in best_path (train.py's best.pt is the epoch of lowest
+    validation loss); returns the accuracy of each epoch."""
+    val_json = os.path.join(args.root, 'annotations', 'captions_val.json')
     matches = synthetic_hard.content_matches if args.hard else synthetic.content_matches
-    # train.py's best.pt is the epoch of lowest validation loss; the demo keeps the most accurate one.
-    best_path = os.path.join(args.model_path, 'most_accurate.pt')
-    accuracies = []
-    train_start = time.time()
+    accuracies, train_start = [], time.time()
 
     def on_epoch_end(epoch, encoder, decoder, checkpoint):
-        accuracy = content_accuracy(encoder, decoder, vocab, checkpoint['model_args'], val_json,
-                                    os.path.join(args.root, 'val'), matches=matches)
+        accuracy = content_accuracy(encoder, decoder, vocab, CaptionerConfig.from_dict(checkpoint['model_args']),
+                                    val_json, os.path.join(args.root, 'val'), matches=matches)
         if accuracy > max(accuracies, default=-1.0):
             save_checkpoint(best_path, checkpoint)
         accuracies.append(accuracy)
@@ -119,26 +120,39 @@ def main():
             return False
         return elapsed * (epoch + 2) / (epoch + 1) <= args.minutes * 60
 
-    trainer.train(train_args, on_epoch_end)
+    trainer.train(train_args(args, os.path.join(args.root, 'vocab.json')), on_epoch_end)
+    return accuracies
 
+
+def main():
+    args = parse_args()
+    start = time.time()
+    torch.set_num_threads(os.cpu_count())
+    synthetic.make_synthetic_coco(args.root, args.num_train, args.num_val, image_size=64, seed=args.seed,
+                                  hard=args.hard)
+    vocab = build_vocab(os.path.join(args.root, 'annotations', 'captions_train.json'), threshold=1)
+    save_vocab(vocab, os.path.join(args.root, 'vocab.json'))
+    print(f'{len(vocab)} words in the vocabulary ({time.time() - start:.0f} s so far)')
+
+    best_path = os.path.join(args.model_path, 'most_accurate.pt')
+    accuracies = train_most_accurate(args, vocab, best_path)
     encoder, decoder, vocab, config = load_captioner(best_path)
     print(f'\nbest held-out content accuracy: {max(accuracies):.1%}')
     if args.hard:
-        with open(val_json) as f:
+        with open(os.path.join(args.root, 'annotations', 'captions_val.json')) as f:
             names = [image['file_name'] for image in json.load(f)['images'][:4]]
         paths = [os.path.join(args.root, 'val', name) for name in names]
         captions, _ = caption_images(paths, encoder, decoder, vocab, config, torch.device('cpu'))
         for path in paths:
             print(f'{path}: {captions[path]}')
-        print(f'total time: {(time.time() - start) / 60:.1f} min')
-        return
-    example = os.path.join(args.png_dir, 'example.png')
-    if not os.path.exists(example):
-        synthetic.write_example(example)
-    captions, _ = caption_images([example], encoder, decoder, vocab, config, torch.device('cpu'))
-    out = os.path.join(args.png_dir, 'example_captioned.png')
-    captioned_picture(example, captions[example]).save(out)
-    print(f'{example}: {captions[example]}  ->  {out}')
+    else:
+        example = os.path.join(args.png_dir, 'example.png')
+        if not os.path.exists(example):
+            synthetic.write_example(example)
+        captions, _ = caption_images([example], encoder, decoder, vocab, config, torch.device('cpu'))
+        out = os.path.join(args.png_dir, 'example_captioned.png')
+        captioned_picture(example, captions[example]).save(out)
+        print(f'{example}: {captions[example]}  ->  {out}')
     print(f'total time: {(time.time() - start) / 60:.1f} min')
 
 

@@ -27,9 +27,11 @@ from tqdm import tqdm
 
 from build_vocab import VocabError, plain_words
 from data_loader import read_coco
-from model import CheckpointError, HelpFormatter, atomic_write, load_captioner, nonnegative_float, positive_int
-from sample import caption_images, check_max_len
-from train import pick_device
+from decoding import caption_images, check_max_len
+from devices import pick_device
+from files import CheckpointError, atomic_write
+from flags import HelpFormatter, nonnegative_float, positive_int
+from model import load_captioner
 
 
 def select_images(coco, split_file=None, split='test'):
@@ -74,7 +76,7 @@ def score_captions(references, results):
     return scores, notes
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt', help='checkpoint from train.py')
     parser.add_argument('--image_dir', type=str, default='data/resized_val2014', help='the images to caption')
@@ -95,8 +97,11 @@ def main(argv=None):
     parser.add_argument('--batch_size', type=positive_int, default=64, help='images captioned at a time')
     parser.add_argument('--block_trigrams', action='store_true', help='no trigram may repeat within a caption')
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (None: the best available)')
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         device = pick_device(args.device)
         if not os.path.exists(args.checkpoint):

@@ -25,10 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data_loader import ImageError, eval_transform, load_image, open_cache, read_coco
-from model import (CheckpointError, EncoderCNN, HelpFormatter, count, positive_int, read_checkpoint, save_checkpoint,
-                   save_file)
-from train import pick_device
+from data_loader import eval_transform, open_cache, read_coco
+from devices import pick_device
+from files import CheckpointError, ImageError, load_image, save_file
+from flags import HelpFormatter, count, positive_int
+from model import EncoderCNN, read_checkpoint, save_checkpoint
 
 
 class ImageFolderByIds(Dataset):

@@ -21,8 +21,10 @@ import torch
 from PIL import Image
 
 import synthetic
-from data_loader import ImageError, eval_transform, load_image
-from model import CheckpointError, HelpFormatter, atomic_write, decode_options, ids_to_sentence, load_captioner
+from data_loader import eval_transform
+from files import CheckpointError, ImageError, atomic_write, load_image
+from flags import HelpFormatter
+from model import decode_options, ids_to_sentence, load_captioner
 
 # What each heatmap shows, in the letters of DIY_LSTM.py, its colour map and its range.
 PANELS = (('g', 'input gate g', 'viridis', 0, 1), ('f', 'forget gate f', 'viridis', 0, 1),
@@ -63,7 +65,7 @@ def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_siz
     Raises data_loader.ImageError for an unreadable image.
     """
     image = load_image(path)
-    feature = encoder(eval_transform(config['image_size'], config['crop_size'])(image).unsqueeze(0).to(device))
+    feature = encoder(eval_transform(config.image_size, config.crop_size)(image).unsqueeze(0).to(device))
     special = dict(decode_options(vocab, max_len, min_len), block_trigrams=block_trigrams)
     if beam_size > 1:
         ids = decoder.beam_search(feature, beam_size, length_penalty=length_penalty, **special)[0]
@@ -82,7 +84,8 @@ def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_siz
 def top_units(layer, top=32):
     """The `top` units whose g, f, q and tanh(s) change most over the caption: the largest sum of their
     standard deviations over the steps, most varying first."""
-    score = sum(layer[key].std(0, correction=0) for key in ('g', 'f', 'q')) + torch.tanh(layer['s']).std(0, correction=0)
+    spread = [layer[key].std(0, correction=0) for key in ('g', 'f', 'q')]
+    score = sum(spread) + torch.tanh(layer['s']).std(0, correction=0)
     return score.argsort(descending=True, stable=True)[:top]
 
 

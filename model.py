@@ -2,125 +2,77 @@
 that writes the caption word by word starting from that embedding (Vinyals et al., "Show and Tell",
 CVPR 2015). Parameter names match the PyTorch tutorial's model, so its checkpoints load as they are.
 """
-import argparse
 import math
 import os
-import re
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torchvision
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from decoding import repeated_trigrams
+from build_vocab import Vocabulary, load_vocab
 from DIY_LSTM import LSTM
+from files import CheckpointError, save_file
+from flags import nonnegative_float, positive_int
 
 
-class CheckpointError(Exception):
-    """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
+def setting(default, help, type=None):
+    """A CaptionerConfig field that is also a train.py flag of the same name (type None: a switch)."""
+    return field(default=default, metadata={'help': help, 'type': type})
 
 
-def at_least(kind, low, above=False):
-    """An argparse type= for a finite int or float that is >= low (> low with above=True), so that a bad
-    value gets argparse's own one-line error instead of a traceback or a silent run that does nothing."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not {"a whole number" if kind is int else "a number"}')
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f'must be a finite number, not {text}')
-        if value < low or (above and value == low):
-            raise argparse.ArgumentTypeError(f'must be {"greater than" if above else "at least"} {low}, not {text}')
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
-    return parse
+@dataclass
+class CaptionerConfig:
+    """Everything that shapes the model and the images it takes in. train.py has a flag for each field
+    but vocab_size, and every checkpoint stores them all, so sample.py rebuilds the model from it alone.
+    A new hyper-parameter is a field here and its use in build_captioner."""
+    vocab_size: int = 0  # the vocabulary's, not a flag
+    embed_size: int = setting(256, 'dimension of word embedding vectors', positive_int)
+    hidden_size: int = setting(512, 'dimension of lstm hidden states', positive_int)
+    num_layers: int = setting(1, 'number of layers in lstm', positive_int)
+    max_seq_length: int = setting(20, 'longest caption the model writes, in words', positive_int)
+    backbone: str = setting('resnet152', 'torchvision ResNet name, or smallcnn', str)
+    train_backbone: bool = setting(False, 'train the CNN too instead of freezing it')
+    bn_momentum: float = setting(0.01, "momentum of the encoder head's BatchNorm", nonnegative_float)
+    image_size: int = setting(256, 'size resize.py gave the images', positive_int)
+    crop_size: int = setting(224, 'size for randomly cropping images', positive_int)
+    forget_bias: float | None = setting(None, 'initial forget-gate bias (None: random)', float)
+
+    @classmethod
+    def flags(cls):
+        return [f for f in fields(cls) if 'help' in f.metadata]
+
+    @classmethod
+    def from_args(cls, args, vocab_size):
+        return cls(vocab_size=vocab_size, **{f.name: getattr(args, f.name) for f in cls.flags()})
+
+    @classmethod
+    def from_dict(cls, saved):
+        """The config a checkpoint stored: fields it predates keep their defaults, so old checkpoints load."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in saved.items() if name in known})
 
 
-positive_int = at_least(int, 1)  # sizes, lengths, steps, epochs, beam sizes
-count = at_least(int, 0)  # --num_workers, --save_step (0: only at the end of each epoch)
-positive_float = at_least(float, 0, above=True)  # learning rates, clip values
-nonnegative_float = at_least(float, 0)
+def add_config_arguments(parser):
+    """train.py's model flags, one for each CaptionerConfig field."""
+    group = parser.add_argument_group('model (stored in the checkpoint)')
+    for f in CaptionerConfig.flags():
+        if f.metadata['type'] is None:
+            group.add_argument(f'--{f.name}', action='store_true', help=f.metadata['help'])
+        else:
+            group.add_argument(f'--{f.name}', type=f.metadata['type'], default=f.default, help=f.metadata['help'])
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default, and the docstring's examples as they are written."""
-
-
-def atomic_write(path, write):
-    """write(file) into a temporary file beside path, then rename it over path: whatever happens, path
-    holds either the old content or the new, never half of it."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    temporary = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(temporary, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def save_file(path, write):
-    """atomic_write, with a full disk or any other write failure as one CheckpointError line."""
-    try:
-        atomic_write(path, write)
-    except OSError as err:
-        raise CheckpointError(f'could not write {path} ({err.strerror or err}); '
-                              f'the previous {os.path.basename(path)}, if any, is intact') from None
-
-
-def save_checkpoint(path, checkpoint):
-    save_file(path, lambda f: torch.save(checkpoint, f))
-
-
-def remove_stale_temporaries(folder):
-    """Delete the NAME.tmpPID files that atomic_write leaves when a process is killed mid-save, if that
-    process is gone: each can be as large as a checkpoint. Returns (files removed, bytes freed)."""
-    removed, freed = 0, 0
-    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
-        match = re.fullmatch(r'.+\.tmp(\d+)', entry.name)
-        if not match or not entry.is_file(follow_symlinks=False) or process_alive(int(match.group(1))):
-            continue
-        try:
-            size = entry.stat().st_size
-            os.remove(entry.path)
-        except FileNotFoundError:
-            continue  # another run removed it first
-        removed, freed = removed + 1, freed + size
-    return removed, freed
-
-
-def process_alive(pid):
-    """Whether a process with this id exists (signal 0 checks without sending anything)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # alive but someone else's, or not a real pid: leave the file alone
-    return True
-
-
-def read_checkpoint(path):
-    """torch.load with weights_only=True: tensors and plain data load, code never runs. Every file this
-    project reads this way holds a dict (a checkpoint or a state dict), so anything else is refused."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f'{path}: no such file')
-    try:
-        loaded = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f'{path}: not a readable checkpoint ({reason})') from None
-    if not isinstance(loaded, dict):
-        raise CheckpointError(f'{path}: holds a {type(loaded).__name__}, not a checkpoint (a dict of weights '
-                              'and settings); pass a checkpoint.pt written by train.py')
-    return loaded
+def build_captioner(config, weights=None):
+    """(encoder, decoder) as config describes them. weights: where the backbone's starting weights come
+    from (see backbone_trunk); a checkpoint's own weights are loaded afterwards."""
+    encoder = EncoderCNN(config.embed_size, config.backbone, weights, config.train_backbone, config.bn_momentum)
+    decoder = DecoderRNN(config.embed_size, config.hidden_size, config.vocab_size, config.num_layers,
+                         config.max_seq_length)
+    if config.forget_bias is not None:
+        set_forget_bias(decoder.lstm, config.forget_bias)
+    return encoder, decoder
 
 
 def small_cnn(width=16):
@@ -188,6 +140,19 @@ class EncoderCNN(nn.Module):
 
     def head(self, pooled):
         return self.bn(self.linear(pooled))
+
+
+def repeated_trigrams(sequences, vocab_size, end_id):
+    """(N, vocab_size) bool mask of the words that would repeat a trigram already in each row of the
+    (N, t) word ids: the trigram (last two words, w) occurred before. <end> is never blocked."""
+    mask = torch.zeros(sequences.size(0), vocab_size, dtype=torch.bool, device=sequences.device)
+    if sequences.size(1) < 3:
+        return mask
+    same = (sequences[:, :-2] == sequences[:, -2:-1]) & (sequences[:, 1:-1] == sequences[:, -1:])
+    hits = torch.zeros(mask.shape, device=sequences.device).scatter_add_(1, sequences[:, 2:], same.float())
+    mask = hits > 0
+    mask[:, end_id] = False
+    return mask
 
 
 class DecoderRNN(nn.Module):
@@ -303,23 +268,103 @@ class DecoderRNN(nn.Module):
         best = ranking.argmax(1)
         return sequences[torch.arange(batch), best]
 
+
+def set_forget_bias(lstm, value):
+    """Start with the forget gate open so memory survives early training (Gers et al., 2000)."""
+    hidden = lstm.hidden_size
+    for name, bias in lstm.named_parameters():
+        if name.startswith('bias_'):
+            with torch.no_grad():
+                bias[hidden:2 * hidden] = value if name.startswith('bias_ih') else 0.0
+
+
+class Captioner(nn.Module):
+    """Encoder and decoder as one module, so that DistributedDataParallel sees a single forward."""
+
+    def __init__(self, encoder, decoder, from_features=False):
+        super().__init__()
+        self.encoder, self.decoder, self.from_features = encoder, decoder, from_features
+
+    def forward(self, inputs, captions, lengths):
+        features = self.encoder.head(inputs) if self.from_features else self.encoder(inputs)
+        return self.decoder(features, captions, lengths)
+
+
+def caption_loss(model, inputs, captions, lengths):
+    """Mean cross-entropy over the real (packed) words of the batch, and how many words that was."""
+    outputs = model(inputs, captions, lengths)
+    targets = pack_padded_sequence(captions, lengths, batch_first=True).data
+    return nn.functional.cross_entropy(outputs.float(), targets), targets.numel()
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain data load, code never runs. Every file this
+    project reads this way holds a dict (a checkpoint or a state dict), so anything else is refused."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{path}: no such file')
+    try:
+        loaded = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f'{path}: not a readable checkpoint ({reason})') from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f'{path}: holds a {type(loaded).__name__}, not a checkpoint (a dict of weights '
+                              'and settings); pass a checkpoint.pt written by train.py')
+    return loaded
+
+
+def save_checkpoint(path, checkpoint):
+    save_file(path, lambda f: torch.save(checkpoint, f))
+
+
 def load_captioner(path, device='cpu'):
-    """Rebuild encoder, decoder and vocabulary from a train.py checkpoint, on any device."""
-    from build_vocab import Vocabulary
+    """Encoder, decoder, vocabulary and CaptionerConfig from a train.py checkpoint, on any device, ready to caption."""
     checkpoint = read_checkpoint(path)
     try:
-        config, words = checkpoint['model_args'], checkpoint['vocab']
-        encoder = EncoderCNN(config['embed_size'], config['backbone'], weights=None, bn_momentum=config['bn_momentum'])
-        decoder = DecoderRNN(config['embed_size'], config['hidden_size'], config['vocab_size'], config['num_layers'],
-                             config['max_seq_length'])
+        config = CaptionerConfig.from_dict(checkpoint['model_args'])
+        encoder, decoder = build_captioner(replace(config, train_backbone=False))  # scst.py unfreezes what it trains
         encoder.load_state_dict(checkpoint['encoder'])
         decoder.load_state_dict(checkpoint['decoder'])
-        vocab = Vocabulary.from_words(words)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        vocab = Vocabulary.from_words(checkpoint['vocab'])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f'{path}: not a train.py checkpoint ({str(err).splitlines()[0]})') from None
-    if len(vocab) != config['vocab_size']:
-        raise CheckpointError(f'{path}: holds {len(vocab)} words but its decoder expects {config["vocab_size"]}')
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f'{path}: holds {len(vocab)} words but its decoder expects {config.vocab_size}')
     return encoder.to(device).eval(), decoder.to(device).eval(), vocab, config
+
+
+def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):
+    """The tutorial's separate encoder and decoder state dicts; sizes are read off the weights, and
+    sizes given as flags ({'embed_size': 256, ...}) are only checked against them."""
+    vocab = load_vocab(vocab_path)
+    encoder_state, decoder_state = read_checkpoint(encoder_path), read_checkpoint(decoder_path)
+    try:
+        vocab_size, embed_size = decoder_state['embed.weight'].shape
+        hidden_size = decoder_state['lstm.weight_hh_l0'].shape[1]
+        num_layers = sum(1 for key in decoder_state if key.startswith('lstm.weight_ih_l'))
+        encoder_embed = encoder_state['linear.weight'].shape[0]
+    except (KeyError, AttributeError, TypeError):
+        raise CheckpointError(f'{decoder_path}, {encoder_path}: not the tutorial decoder and encoder '
+                              'state dicts') from None
+    for name, actual in (('embed_size', embed_size), ('hidden_size', hidden_size), ('num_layers', num_layers)):
+        given = (sizes or {}).get(name)
+        if given is not None and given != actual:
+            raise CheckpointError(f'{decoder_path} has {name} {actual} but --{name} {given} was given: '
+                                  f'drop --{name} (sizes are read off the weights) or pass --{name} {actual}')
+    if vocab_size != len(vocab):
+        raise CheckpointError(f'{decoder_path} was trained with {vocab_size} words but {vocab_path} has {len(vocab)}: '
+                              'pass the vocabulary the decoder was trained with')
+    if encoder_embed != embed_size:
+        raise CheckpointError(f'{encoder_path} makes {encoder_embed}-d features but {decoder_path} expects '
+                              f'{embed_size}: pass the encoder trained with this decoder')
+    config = CaptionerConfig(vocab_size, embed_size, hidden_size, num_layers, image_size=224, crop_size=224)
+    encoder, decoder = build_captioner(config)
+    try:
+        encoder.load_state_dict(encoder_state)
+        decoder.load_state_dict(decoder_state)
+    except RuntimeError as err:
+        raise CheckpointError(f'{encoder_path}: does not fit the tutorial model ({str(err).splitlines()[0]})') from None
+    return encoder.eval(), decoder.eval(), vocab, config
 
 
 def decode_options(vocab, max_len=None, min_len=1):

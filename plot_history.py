@@ -12,6 +12,8 @@ import numpy as np
 matplotlib.use('Agg')  # draw to a file; no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from flags import HelpFormatter  # noqa: E402
+
 
 def plot(history, out):
     fig, loss_axis = plt.subplots(figsize=(7, 4), dpi=120)
@@ -29,10 +31,6 @@ def plot(history, out):
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default, and the docstring's examples as they are written."""
 
 
 def main(argv=None):

@@ -12,36 +12,22 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from model import HelpFormatter, positive_int
+from files import atomic_write, to_rgb
+from flags import HelpFormatter, positive_int
 
 # File extension -> the format it is saved in, so an output's name always matches its content.
 FORMATS = {'.jpg': 'JPEG', '.jpeg': 'JPEG', '.png': 'PNG', '.bmp': 'BMP', '.gif': 'GIF', '.webp': 'WEBP'}
 SAVE_OPTIONS = {'JPEG': {'quality': 90}, 'WEBP': {'quality': 90}}
 
 
-def to_rgb(image):
-    """RGB whatever the mode; transparent areas become white, not black, and 16-bit greys are scaled
-    to 8 bits rather than clipped to white."""
-    if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
-        grey = np.asarray(image, dtype=np.float32)
-        scale = 255.0 / (65535.0 if grey.max() > 255 or image.mode.startswith('I;16') else 255.0)
-        image = Image.fromarray(np.clip(grey * scale, 0, 255).astype(np.uint8), 'L')
-    if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
-        image = image.convert('RGBA')
-        background = Image.new('RGBA', image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert('RGB')
-    return image if image.mode == 'RGB' else image.convert('RGB')  # a needless copy costs ~25% here
-
-
 def resize_image(src_path, dst_path, size):
     """Write src_path as a size x size RGB image at dst_path, in the format its extension names.
 
-    The image goes to a temporary name first and is then renamed, so dst_path is either complete or
-    absent: a killed run never leaves a half-written file that the next run would skip.
+    Written atomically, so dst_path is either complete or absent: a killed run never leaves a
+    half-written file that the next run would skip.
     """
     fmt = FORMATS[os.path.splitext(dst_path)[1].lower()]
     with Image.open(src_path) as image:
@@ -52,15 +38,7 @@ def resize_image(src_path, dst_path, size):
         # LANCZOS rather than BICUBIC: it is the sharpest filter for shrinking, and the extra cost is
         # small next to decoding.
         image = to_rgb(image).resize((size, size), Image.Resampling.LANCZOS)
-    folder, name = os.path.split(dst_path)
-    temp_path = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
-    try:
-        image.save(temp_path, fmt, **SAVE_OPTIONS.get(fmt, {}))
-        os.replace(temp_path, dst_path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    atomic_write(dst_path, lambda f: image.save(f, fmt, **SAVE_OPTIONS.get(fmt, {})), sync=False)
 
 
 def try_resize(job):
@@ -108,8 +86,6 @@ def resize_folder(image_dir, output_dir, size, workers=None):
                     failed.append((name, reason))
                     tqdm.write(f'cannot resize {name}: {reason}', file=sys.stderr)
     return len(todo) - len(failed), len(names) - len(todo), failed
-
-
 
 
 def main():

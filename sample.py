@@ -17,101 +17,16 @@ import os
 import sys
 import textwrap
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-import decoding
 from build_vocab import VocabError, load_vocab
-from data_loader import ImageError, eval_transform, load_image
-from model import (CheckpointError, DecoderRNN, EncoderCNN, HelpFormatter, atomic_write, count, decode_options,
-                   ids_to_sentence, load_captioner, nonnegative_float, positive_float, positive_int, read_checkpoint)
-from train import pick_device
-
-
-def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):
-    """The tutorial's separate encoder and decoder state dicts; sizes are read off the weights, and
-    sizes given as flags ({'embed_size': 256, ...}) are only checked against them."""
-    vocab = load_vocab(vocab_path)
-    encoder_state, decoder_state = read_checkpoint(encoder_path), read_checkpoint(decoder_path)
-    try:
-        vocab_size, embed_size = decoder_state['embed.weight'].shape
-        hidden_size = decoder_state['lstm.weight_hh_l0'].shape[1]
-        num_layers = sum(1 for key in decoder_state if key.startswith('lstm.weight_ih_l'))
-        encoder_embed = encoder_state['linear.weight'].shape[0]
-    except (KeyError, AttributeError, TypeError):
-        raise CheckpointError(f'{decoder_path}, {encoder_path}: not the tutorial decoder and encoder state dicts') from None
-    for name, actual in (('embed_size', embed_size), ('hidden_size', hidden_size), ('num_layers', num_layers)):
-        given = (sizes or {}).get(name)
-        if given is not None and given != actual:
-            raise CheckpointError(f'{decoder_path} has {name} {actual} but --{name} {given} was given: '
-                                  f'drop --{name} (sizes are read off the weights) or pass --{name} {actual}')
-    if vocab_size != len(vocab):
-        raise CheckpointError(f'{decoder_path} was trained with {vocab_size} words but {vocab_path} has {len(vocab)}: '
-                              'pass the vocabulary the decoder was trained with')
-    if encoder_embed != embed_size:
-        raise CheckpointError(f'{encoder_path} makes {encoder_embed}-d features but {decoder_path} expects '
-                              f'{embed_size}: pass the encoder trained with this decoder')
-    encoder = EncoderCNN(embed_size, 'resnet152', weights=None)
-    decoder = DecoderRNN(embed_size, hidden_size, vocab_size, num_layers)
-    try:
-        encoder.load_state_dict(encoder_state)
-        decoder.load_state_dict(decoder_state)
-    except RuntimeError as err:
-        raise CheckpointError(f'{encoder_path}: does not fit the tutorial model ({str(err).splitlines()[0]})') from None
-    return encoder.eval(), decoder.eval(), vocab, dict(image_size=224, crop_size=224)
-
-
-def caption_batches(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
-                    batch_size=32, min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
-    """Yields (paths of the batch, {path: caption}, {path: error}) for each batch in turn: only one batch of
-    images is in memory at a time. A caption has at least min_len words before <end>, so none comes out empty
-    (DecoderRNN.forbid). With samples=N, {path: [N sampled captions]} instead (decoding.sample, with
-    temperature and top_p)."""
-    transform = eval_transform(config['image_size'], config['crop_size'])
-    special = dict(decode_options(vocab, max_len, min_len), block_trigrams=block_trigrams)
-    for start in range(0, len(paths), batch_size):
-        batch, images, captions, errors = paths[start:start + batch_size], {}, {}, {}
-        for path in batch:
-            try:
-                images[path] = transform(load_image(path))
-            except ImageError as err:
-                errors[path] = str(err)
-        if images:
-            with torch.no_grad():
-                features = encoder(torch.stack(list(images.values())).to(device))
-                if samples:
-                    ids, _, _ = decoding.sample(decoder, features, samples, temperature, top_p, **special)
-                elif beam_size > 1:
-                    ids = decoder.beam_search(features, beam_size, length_penalty=length_penalty, **special)
-                else:
-                    ids = decoder.sample(features, **special)
-            sentences = [ids_to_sentence(row, vocab) for row in ids.cpu()]
-            if samples:  # the rows of one image are together
-                sentences = [sentences[i:i + samples] for i in range(0, len(sentences), samples)]
-            captions = dict(zip(images, sentences))
-        yield batch, captions, errors
-
-
-def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
-                   batch_size=32, min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
-    """Returns {path: caption} (with samples=N, {path: [N sampled captions]}) for readable images and
-    {path: error} for the rest."""
-    captions, errors = {}, {}
-    for _, batch_captions, batch_errors in caption_batches(paths, encoder, decoder, vocab, config, device, max_len,
-                                                        beam_size, length_penalty, batch_size, min_len,
-                                                        block_trigrams, samples, temperature, top_p):
-        captions.update(batch_captions)
-        errors.update(batch_errors)
-    return captions, errors
-
-
-def check_max_len(checkpoint, config, max_len):
-    """A checkpoint trained with --max_seq_length 0 (before that was refused) sets no usable caption length."""
-    trained = config.get('max_seq_length', 1)
-    if max_len is None and not (isinstance(trained, int) and trained >= 1):
-        raise CheckpointError(f'{checkpoint} was trained with --max_seq_length {trained}, which allows no words; '
-                              'pass --max_seq_length N, the longest caption in words')
+from decoding import caption_batches, check_max_len
+from devices import pick_device
+from files import CheckpointError, ImageError, atomic_write, load_image
+from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
+from model import load_captioner, load_tutorial
+from onnx_captioner import load_onnx_captioner
 
 
 def image_paths(names):
@@ -158,7 +73,7 @@ def grid(pictures, columns=4):
     return sheet
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--image', type=str, nargs='+', required=True,
                         help='images to caption; a folder stands for every image file in it')
@@ -193,56 +108,56 @@ def main(argv=None):
                         help='with --sample: draw only from the most probable words holding this much probability'
                              ' (at most 1; 1 draws from every word)')
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (None: the best available)')
-    parser.add_argument('--onnx', type=str, default=None, help="export.py's folder: caption with onnxruntime on the CPU")
+    parser.add_argument('--onnx', type=str, default=None,
+                        help="export.py's folder: caption with onnxruntime on the CPU")
     args = parser.parse_args(argv)
     if (args.gates or args.gates_json) and len(args.image) != 1:
         parser.error('--gates and --gates_json take one --image')
     if (args.gates or args.gates_json) and args.onnx:
         parser.error('--gates and --gates_json need the PyTorch model: leave out --onnx')
-
     if args.top_p > 1:
         parser.error(f'--top_p is a probability: at most 1, not {args.top_p}')
     if args.sample and (args.gates or args.gates_json or args.output_dir or args.grid):
         parser.error('--sample prints its captions (and writes --json); leave out --gates, --output_dir and --grid')
+    return args
+
+
+def load_model(args):
+    """(encoder, decoder, vocab, config) from --onnx, the tutorial's three files, or a --checkpoint."""
+    if args.onnx:
+        return load_onnx_captioner(args.onnx)
+    if args.encoder_path or args.decoder_path:
+        if not (args.encoder_path and args.decoder_path and args.vocab_path):
+            raise CheckpointError('the tutorial format needs --encoder_path, --decoder_path and --vocab_path')
+        sizes = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, num_layers=args.num_layers)
+        return load_tutorial(args.encoder_path, args.decoder_path, args.vocab_path, sizes)
+    if not os.path.exists(args.checkpoint):
+        raise CheckpointError(f'{args.checkpoint}: no such file; train a model first (python train.py), '
+                              'or pass --checkpoint PATH')
+    encoder, decoder, vocab, config = load_captioner(args.checkpoint)
+    given = len(load_vocab(args.vocab_path)) if args.vocab_path else len(vocab)
+    if given != len(vocab):
+        raise CheckpointError(f'{args.checkpoint} was trained with {len(vocab)} words but {args.vocab_path} '
+                              f'has {given}: leave out --vocab_path, since the checkpoint carries its own vocabulary')
+    check_max_len(args.checkpoint, config, args.max_seq_length)
+    return encoder, decoder, vocab, config
+
+
+def show_gates(args, encoder, decoder, vocab, config, device):
+    import gates
     try:
-        device = pick_device('cpu' if args.onnx else args.device)
-        if args.onnx:
-            from export import load_onnx_captioner
-            encoder, decoder, vocab, config = load_onnx_captioner(args.onnx)
-        elif args.encoder_path or args.decoder_path:
-            if not (args.encoder_path and args.decoder_path and args.vocab_path):
-                raise CheckpointError('the tutorial format needs --encoder_path, --decoder_path and --vocab_path')
-            sizes = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, num_layers=args.num_layers)
-            encoder, decoder, vocab, config = load_tutorial(args.encoder_path, args.decoder_path, args.vocab_path, sizes)
-        else:
-            if not os.path.exists(args.checkpoint):
-                raise CheckpointError(f'{args.checkpoint}: no such file; train a model first (python train.py), '
-                                      'or pass --checkpoint PATH')
-            encoder, decoder, vocab, config = load_captioner(args.checkpoint)
-            given = len(load_vocab(args.vocab_path)) if args.vocab_path else len(vocab)
-            if given != len(vocab):
-                raise CheckpointError(f'{args.checkpoint} was trained with {len(vocab)} words but {args.vocab_path} '
-                                      f'has {given}: leave out --vocab_path, since the checkpoint carries its own '
-                                      'vocabulary')
-            check_max_len(args.checkpoint, config, args.max_seq_length)
-    except (CheckpointError, VocabError, ValueError) as err:
+        result = gates.record(args.image[0], encoder, decoder, vocab, config, device, args.max_seq_length,
+                              args.beam_size, args.length_penalty, args.min_len, args.block_trigrams)
+        print(result['caption'])
+        gates.save(result, args.gates, args.gates_json)
+    except ImageError as err:
         sys.exit(f'error: {err}')
-    if not args.onnx:
-        encoder, decoder = encoder.to(device), decoder.to(device)
+    except OSError as err:
+        sys.exit(f'error: could not write {err.filename or args.gates or args.gates_json} ({err.strerror or err})')
 
-    if args.gates or args.gates_json:
-        import gates
-        try:
-            result = gates.record(args.image[0], encoder, decoder, vocab, config, device, args.max_seq_length,
-                                  args.beam_size, args.length_penalty, args.min_len, args.block_trigrams)
-            print(result['caption'])
-            gates.save(result, args.gates, args.gates_json)
-        except ImageError as err:
-            sys.exit(f'error: {err}')
-        except OSError as err:
-            sys.exit(f'error: could not write {err.filename or args.gates or args.gates_json} ({err.strerror or err})')
-        return
 
+def caption_all(args, encoder, decoder, vocab, config, device):
+    """Print every image's caption and write the files asked for; returns how many images failed."""
     paths = image_paths(args.image)
     results, pictures, failed = [], [], 0
     bar = tqdm(total=len(paths), unit='image', desc='captioning', disable=len(paths) <= args.batch_size)
@@ -252,23 +167,13 @@ def main(argv=None):
         for path in batch:
             if path in errors:
                 tqdm.write(f'error: {errors[path]}', file=sys.stderr)
-                continue
-            if args.sample:  # N captions per image, printed one a line
+            elif args.sample:  # N captions per image, printed one a line
                 results.append({'file_name': path, 'captions': captions[path]})
-                for caption in captions[path]:
-                    tqdm.write(caption if len(paths) == 1 else f'{path}: {caption}', file=sys.stdout)
-                continue
-            line = captions[path] if len(paths) == 1 else f'{path}: {captions[path]}'
-            results.append({'file_name': path, 'caption': captions[path]})
-            if args.output_dir or args.grid:
-                picture = captioned_picture(path, captions[path])
-            if args.output_dir:
-                out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + '_captioned.png')
-                atomic_write(out, lambda f: picture.save(f, format='PNG'))
-                line += f'  ->  {out}'
-            if args.grid:
-                pictures.append(picture)
-            tqdm.write(line, file=sys.stdout)
+                lines = [caption if len(paths) == 1 else f'{path}: {caption}' for caption in captions[path]]
+                tqdm.write('\n'.join(lines), file=sys.stdout)
+            else:
+                results.append({'file_name': path, 'caption': captions[path]})
+                tqdm.write(write_picture(args, path, captions[path], pictures, single=len(paths) == 1), file=sys.stdout)
         failed += len(errors)
         bar.update(len(batch))
     bar.close()
@@ -278,7 +183,36 @@ def main(argv=None):
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=1).encode()))
         print(f'captions of {len(results)} images: {args.json}')
-    if failed:
+    return failed
+
+
+def write_picture(args, path, caption, pictures, single):
+    """The line to print for one image, after writing its captioned picture to --output_dir and keeping
+    it for --grid, as asked."""
+    line = caption if single else f'{path}: {caption}'
+    if args.output_dir or args.grid:
+        picture = captioned_picture(path, caption)
+    if args.output_dir:
+        out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + '_captioned.png')
+        atomic_write(out, lambda f: picture.save(f, format='PNG'))
+        line += f'  ->  {out}'
+    if args.grid:
+        pictures.append(picture)
+    return line
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = pick_device('cpu' if args.onnx else args.device)
+        encoder, decoder, vocab, config = load_model(args)
+    except (CheckpointError, VocabError, ValueError) as err:
+        sys.exit(f'error: {err}')
+    if not args.onnx:
+        encoder, decoder = encoder.to(device), decoder.to(device)
+    if args.gates or args.gates_json:
+        return show_gates(args, encoder, decoder, vocab, config, device)
+    if caption_all(args, encoder, decoder, vocab, config, device):
         sys.exit(1)
 
 

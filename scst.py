@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -28,20 +29,13 @@ from torch import nn
 from tqdm import tqdm
 
 import decoding
-import train as trainer
 from build_vocab import plain_words
-from data_loader import CocoDataset, FeatureDataset, batches, eval_transform, train_transform
-from model import (
-    CheckpointError,
-    atomic_write,
-    decode_options,
-    ids_to_sentence,
-    load_captioner,
-    positive_float,
-    positive_int,
-    read_checkpoint,
-    save_checkpoint,
-)
+from data_loader import CocoDataset, FeatureDataset, ResumableSampler, batches, eval_transform, train_transform
+from devices import pick_device
+from files import CheckpointError, atomic_write
+from flags import positive_float, positive_int
+from model import decode_options, ids_to_sentence, load_captioner, read_checkpoint, save_checkpoint
+from runs import StopRequest, check_paths, restore_settings, resume
 
 
 class Stopped(Exception):
@@ -161,113 +155,169 @@ def check_arguments(args):
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         raise ValueError('--scst runs in one process: start it with python, not torchrun')
     args.vocab_path = None  # the checkpoint carries its vocabulary
-    trainer.check_paths(args)
+    check_paths(args)
+
+
+@dataclass
+class Run:
+    """What self-critical training holds: its settings, model, data, optimizer and position."""
+    args: object
+    device: torch.device
+    vocab: object
+    config: object
+    encoder: nn.Module
+    decoder: nn.Module
+    from_images: bool = True
+    dataset: PerImage = None
+    cider: CiderD = None
+    val_loader: object = None
+    val_cider: CiderD = None
+    params: list = None
+    optimizer: torch.optim.Optimizer = None
+    history: dict = field(default_factory=lambda: {'scst': [], 'val': []})
+    epoch: int = 0
+    batches_done: int = 0
+    step: int = 0
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.args.model_path, 'checkpoint.pt')
+
+
+def load_data(run):
+    """Each training image once with its references (from images, or from the feature cache the checkpoint's
+    backbone made), and the validation images, if any."""
+    args, config, vocab = run.args, run.config, run.vocab
+    if run.from_images:
+        transform = train_transform(config.crop_size, not args.no_flip)
+        captions = CocoDataset(args.image_dir, args.caption_path, vocab, transform, skip_unreadable=not args.strict,
+                               split=args.split)
+    else:
+        cached = read_checkpoint(os.path.join(args.features, 'backbone.pt'))
+        if any(not torch.equal(cached[k], v) for k, v in run.encoder.resnet.state_dict().items()):
+            raise CheckpointError(f'{args.features} was made with another backbone than {args.init_from} has: '
+                                  'train from images, or from a cache of the backbone the checkpoint was trained with')
+        captions = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
+    run.dataset = PerImage(captions)
+    run.cider = CiderD(run.dataset.references())
+    if args.val_caption_path:
+        val_set = PerImage(CocoDataset(args.val_image_dir, args.val_caption_path, vocab, skip_unreadable=True,
+                                       transform=eval_transform(config.image_size, config.crop_size), split='val'))
+        run.val_loader = batches(val_set, args.batch_size, False, args.num_workers, collate=collate)
+        run.val_cider = CiderD(val_set.references())
+
+
+def build_optimizer(run):
+    """Adam over what cross-entropy training trained; the encoder stays in eval mode, so its BatchNorm
+    keeps the statistics of cross-entropy training."""
+    encoder, decoder = run.encoder, run.decoder
+    encoder.to(run.device).eval()
+    decoder.to(run.device).train()
+    trained = [encoder.linear, encoder.bn, decoder]
+    if run.config.train_backbone and run.from_images:
+        trained.append(encoder.resnet)
+        encoder.resnet.requires_grad_(True)
+        encoder.train_backbone = True
+    run.params = [p for module in trained for p in module.parameters()]
+    run.optimizer = torch.optim.Adam(run.params, lr=run.args.learning_rate)
+
+
+def start_run(args):
+    """A run from --init_from's weights, or where --resume's checkpoint left it."""
+    check_arguments(args)
+    resume_path = os.path.join(args.model_path, 'checkpoint.pt') if args.resume == 'latest' else args.resume
+    resumed = restore_settings(args, resume_path) if resume_path else None  # the run's own settings
+    encoder, decoder, vocab, config = load_captioner(resume_path or args.init_from)
+    run = Run(args, pick_device(args.device), vocab, config, encoder, decoder, from_images=args.features is None)
+    torch.manual_seed(args.seed)
+    load_data(run)
+    build_optimizer(run)
+    if resumed:
+        run.epoch, run.batches_done, run.step, run.history = resume(resumed, resume_path, None, config,
+                                                                    (encoder, decoder, run.optimizer))
+        print(f'resuming from {resume_path}: epoch {run.epoch + 1}, step {run.step}')
+    return run
+
+
+def save(run):
+    """checkpoint.pt, in train.py's format (so sample.py, evaluate.py and --resume read it), and history.json."""
+    vocab = run.vocab
+    checkpoint = {'model_args': asdict(run.config), 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
+                  'encoder': run.encoder.state_dict(), 'decoder': run.decoder.state_dict(),
+                  'optimizer': run.optimizer.state_dict(), 'scheduler': None, 'scaler': None,  # SCST has neither
+                  'epoch': run.epoch, 'batches_done': run.batches_done, 'step': run.step, 'history': run.history,
+                  'rng': torch.get_rng_state(), 'args': vars(run.args), 'scst': True}
+    save_checkpoint(run.checkpoint_path, checkpoint)
+    atomic_write(os.path.join(run.args.model_path, 'history.json'), lambda f: f.write(json.dumps(run.history).encode()))
+
+
+def scst_step(run, inputs, image_ids):
+    """One optimizer step on a batch of images; returns the mean rewards of the samples and greedy captions."""
+    args = run.args
+    inputs = inputs.to(run.device)
+    features = run.encoder(inputs) if run.from_images else run.encoder.head(inputs)
+    loss, reward, greedy = scst_loss(run.decoder, features, image_ids, run.cider, run.vocab, args.scst_samples,
+                                     args.scst_baseline)
+    if not torch.isfinite(loss):
+        raise ValueError(f'the SCST loss became {loss.item()} at step {run.step + 1}; {run.checkpoint_path} '
+                         'is the last good checkpoint. Try a lower --learning_rate or --grad_clip')
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip:
+        nn.utils.clip_grad_norm_(run.params, args.grad_clip)
+    run.optimizer.step()
+    run.step += 1
+    if run.step % args.log_step == 0:
+        run.history['scst'].append({'epoch': run.epoch, 'step': run.step, 'reward': float(reward),
+                                    'greedy_reward': float(greedy), 'loss': loss.item()})
+    return reward, greedy
+
+
+def scst_epoch(run, loader, stop, deadline):
+    """The rest of the current epoch; returns False when --scst_minutes ran out (after saving)."""
+    args = run.args
+    bar = tqdm(loader, desc=f'scst epoch {run.epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
+               initial=run.batches_done, total=-(-len(run.dataset) // args.batch_size))
+    for inputs, image_ids, errors in bar:
+        for reason in errors:
+            tqdm.write(f'skipped: {reason}', file=sys.stderr)
+        run.batches_done += 1
+        if inputs is None:
+            continue
+        reward, greedy = scst_step(run, inputs, image_ids)
+        bar.set_postfix(reward=f'{reward:.3f}', greedy=f'{greedy:.3f}')
+        out_of_time = deadline is not None and time.time() > deadline
+        if stop.requested or out_of_time:
+            save(run)
+            message = f'stopped at epoch {run.epoch + 1}, step {run.step}; checkpoint saved to {run.checkpoint_path}'
+            if stop.requested:
+                raise Stopped(message + '; continue with --resume')
+            print(f'{message} after {args.scst_minutes:g} minutes', flush=True)
+            return False
+        if args.save_step and run.step % args.save_step == 0:
+            save(run)
+    return True
 
 
 def train(args):
     """Self-critical training from --init_from (or --resume); writes checkpoint.pt and history.json in
     --model_path, like cross-entropy training. Returns (encoder, decoder, vocab, history)."""
-    check_arguments(args)
-    checkpoint_path = os.path.join(args.model_path, 'checkpoint.pt')
-    resume_path = (checkpoint_path if args.resume == 'latest' else args.resume) if args.resume else None
-    resumed = trainer.restore_settings(args, resume_path) if resume_path else None  # the run's own settings
-    encoder, decoder, vocab, model_args = load_captioner(resume_path or args.init_from)
-    device = trainer.pick_device(args.device)
-    torch.manual_seed(args.seed)
-    from_images = args.features is None
-    if from_images:
-        transform = train_transform(model_args['crop_size'], not args.no_flip)
-        captions = CocoDataset(args.image_dir, args.caption_path, vocab, transform, skip_unreadable=not args.strict,
-                               split=args.split)
-    else:
-        cached = read_checkpoint(os.path.join(args.features, 'backbone.pt'))
-        if any(not torch.equal(cached[k], v) for k, v in encoder.resnet.state_dict().items()):
-            raise CheckpointError(f'{args.features} was made with another backbone than {args.init_from} has: '
-                                  'train from images, or from a cache of the backbone the checkpoint was trained with')
-        captions = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
-    dataset = PerImage(captions)
-    cider = CiderD(dataset.references())
-    val_loader = None
-    if args.val_caption_path:
-        val_set = PerImage(CocoDataset(args.val_image_dir, args.val_caption_path, vocab, skip_unreadable=True,
-                                       transform=eval_transform(model_args['image_size'], model_args['crop_size']),
-                                       split='val'))
-        val_loader, val_cider = batches(val_set, args.batch_size, False, args.num_workers, collate=collate), \
-            CiderD(val_set.references())
-
-    encoder.to(device).eval()  # BatchNorm keeps the statistics of cross-entropy training
-    decoder.to(device).train()
-    trained = [encoder.linear, encoder.bn, decoder]
-    if model_args['train_backbone'] and from_images:
-        trained.append(encoder.resnet)
-        encoder.resnet.requires_grad_(True)
-        encoder.train_backbone = True
-    params = [p for module in trained for p in module.parameters()]
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate)
-    sampler = trainer.ResumableSampler(dataset, args.batch_size, 0, 1, args.seed)
-    loader = batches(dataset, args.batch_size, False, args.num_workers, sampler=sampler, collate=collate)
-
-    epoch, batches_done, step, history = 0, 0, 0, {'scst': [], 'val': []}
-    if resume_path:
-        stateful = (encoder, decoder, optimizer)
-        epoch, batches_done, step, history = trainer.resume(resumed, resume_path, None, model_args, stateful)
-        print(f'resuming from {resume_path}: epoch {epoch + 1}, step {step}')
-
-    def save(completed_epochs, batches):
-        checkpoint = {'model_args': model_args, 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
-                      'encoder': encoder.state_dict(), 'decoder': decoder.state_dict(),
-                      'optimizer': optimizer.state_dict(), 'scheduler': None, 'scaler': None,  # SCST has neither
-                      'epoch': completed_epochs, 'batches_done': batches,
-                      'step': step, 'history': history, 'rng': torch.get_rng_state(), 'args': vars(args), 'scst': True}
-        save_checkpoint(checkpoint_path, checkpoint)
-        atomic_write(os.path.join(args.model_path, 'history.json'), lambda f: f.write(json.dumps(history).encode()))
-
-    start, stop = time.time(), trainer.StopRequest()
-    steps_per_epoch = -(-len(dataset) // args.batch_size)
+    run = start_run(args)
+    sampler = ResumableSampler(run.dataset, args.batch_size, 0, 1, args.seed)
+    loader = batches(run.dataset, args.batch_size, False, args.num_workers, sampler=sampler, collate=collate)
+    deadline = time.time() + 60 * args.scst_minutes if args.scst_minutes is not None else None
+    stop = StopRequest()
     try:
-        while epoch < args.num_epochs:
-            sampler.start(epoch, batches_done)
-            bar = tqdm(loader, desc=f'scst epoch {epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
-                       initial=batches_done, total=steps_per_epoch)
-            for inputs, image_ids, errors in bar:
-                for reason in errors:
-                    tqdm.write(f'skipped: {reason}', file=sys.stderr)
-                batches_done += 1
-                if inputs is None:
-                    continue
-                inputs = inputs.to(device)
-                features = encoder(inputs) if from_images else encoder.head(inputs)
-                loss, reward, greedy = scst_loss(decoder, features, image_ids, cider, vocab, args.scst_samples,
-                                                 args.scst_baseline)
-                if not torch.isfinite(loss):
-                    raise ValueError(f'the SCST loss became {loss.item()} at step {step + 1}; {checkpoint_path} '
-                                     'is the last good checkpoint. Try a lower --learning_rate or --grad_clip')
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.grad_clip:
-                    nn.utils.clip_grad_norm_(params, args.grad_clip)
-                optimizer.step()
-                step += 1
-                bar.set_postfix(reward=f'{reward:.3f}', greedy=f'{greedy:.3f}')
-                if step % args.log_step == 0:
-                    history['scst'].append({'epoch': epoch, 'step': step, 'reward': float(reward),
-                                            'greedy_reward': float(greedy), 'loss': loss.item()})
-                out_of_time = args.scst_minutes is not None and time.time() - start > 60 * args.scst_minutes
-                if stop.requested or out_of_time:
-                    save(epoch, batches_done)
-                    message = f'stopped at epoch {epoch + 1}, step {step}; checkpoint saved to {checkpoint_path}'
-                    if stop.requested:
-                        raise Stopped(message + '; continue with --resume')
-                    print(f'{message} after {args.scst_minutes:g} minutes', flush=True)
-                    return encoder, decoder, vocab, history
-                if args.save_step and step % args.save_step == 0:
-                    save(epoch, batches_done)
-            epoch, batches_done = epoch + 1, 0
-            if val_loader is not None:
-                value = greedy_cider(encoder, decoder, vocab, val_loader, val_cider, device)
-                history['val'].append({'epoch': epoch - 1, 'step': step, 'cider': value})
-                print(f'epoch {epoch}: validation CIDEr-D of greedy captions {value:.3f}', flush=True)
-            save(epoch, 0)
+        while run.epoch < args.num_epochs:
+            sampler.start(run.epoch, run.batches_done)
+            if not scst_epoch(run, loader, stop, deadline):
+                break
+            run.epoch, run.batches_done = run.epoch + 1, 0
+            if run.val_loader is not None:
+                value = greedy_cider(run.encoder, run.decoder, run.vocab, run.val_loader, run.val_cider, run.device)
+                run.history['val'].append({'epoch': run.epoch - 1, 'step': run.step, 'cider': value})
+                print(f'epoch {run.epoch}: validation CIDEr-D of greedy captions {value:.3f}', flush=True)
+            save(run)
     finally:
         stop.restore()
-    return encoder, decoder, vocab, history
+    return run.encoder, run.decoder, run.vocab, run.history

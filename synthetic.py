@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from model import HelpFormatter, count, positive_int
+from files import atomic_write
+from flags import HelpFormatter, count, positive_int
 
 SHAPES = ('circle', 'square', 'triangle')
 COLOURS = {'red': (220, 40, 40), 'green': (40, 160, 60), 'blue': (40, 80, 220),
@@ -192,9 +193,8 @@ def make_synthetic_coco(root, num_train=3000, num_val=300, image_size=64, seed=0
             dataset = {'info': {'description': f'{kind}, {split} split (synthetic.py)',
                                 'parameters': parameters},
                        'licenses': [], 'images': images, 'annotations': annotations}
-            with open(path + '.tmp', 'w') as f:  # written last and renamed: a JSON means a finished split
-                json.dump(dataset, f)
-            os.replace(path + '.tmp', path)
+            # Written last, atomically: a JSON file means a finished split.
+            atomic_write(path, lambda f: f.write(json.dumps(dataset).encode()))
     return paths
 
 

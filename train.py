@@ -16,41 +16,48 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils.rnn import pack_padded_sequence
-from torch.utils.data import Subset
-from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import scst
 from build_vocab import VocabError, load_vocab
-from data_loader import (CocoDataset, FeatureDataset, ImageError, batches, collate_skipping, eval_transform,
-                         open_cache, train_transform)
-from model import (CheckpointError, DecoderRNN, EncoderCNN, HelpFormatter, atomic_write, count, ids_to_sentence,
-                   nonnegative_float, positive_float, positive_int, read_checkpoint, remove_stale_temporaries,
-                   save_checkpoint, save_file)
-
-# What --resume takes from the checkpoint when the flag is not given again. The model's settings must
-# match the weights, so contradicting them is an error; the schedule's may change on purpose.
-MODEL_SETTINGS = ('embed_size', 'hidden_size', 'num_layers', 'max_seq_length', 'backbone', 'train_backbone',
-                  'bn_momentum', 'image_size', 'crop_size')
-SCHEDULE_SETTINGS = ('num_epochs', 'batch_size', 'learning_rate', 'lr_schedule', 'grad_clip', 'seed', 'no_flip')
-
-
+from data_loader import (
+    CocoDataset,
+    FeatureDataset,
+    ResumableSampler,
+    batches,
+    collate_skipping,
+    eval_transform,
+    first_images,
+    open_cache,
+    train_transform,
+)
+from devices import any_process, setup_distributed
+from files import CheckpointError, ImageError, save_file
+from flags import HelpFormatter, count, positive_float, positive_int
+from model import (
+    Captioner,
+    CaptionerConfig,
+    add_config_arguments,
+    build_captioner,
+    caption_loss,
+    ids_to_sentence,
+    read_checkpoint,
+    save_checkpoint,
+)
+from runs import StopRequest, check_paths, restore_settings, resume
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--model_path', type=str, default='models/',
                         help='folder for checkpoint.pt, best.pt, history.json and TensorBoard logs')
-    parser.add_argument('--crop_size', type=positive_int, default=224, help='size for randomly cropping images')
-    parser.add_argument('--image_size', type=positive_int, default=256, help='size resize.py gave the images')
     parser.add_argument('--vocab_path', type=str, default='data/vocab.json', help='vocabulary from build_vocab.py')
     parser.add_argument('--image_dir', type=str, default='data/resized2014', help='resized training images')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
@@ -67,18 +74,9 @@ def parse_args(argv=None):
     parser.add_argument('--log_step', type=positive_int, default=10, help='steps between logged losses')
     parser.add_argument('--save_step', type=count, default=1000, help='steps between checkpoints (also every epoch)')
 
-    parser.add_argument('--embed_size', type=positive_int, default=256, help='dimension of word embedding vectors')
-    parser.add_argument('--hidden_size', type=positive_int, default=512, help='dimension of lstm hidden states')
-    parser.add_argument('--num_layers', type=positive_int, default=1, help='number of layers in lstm')
-    parser.add_argument('--max_seq_length', type=positive_int, default=20,
-                        help='longest caption the model writes, in words')
-    parser.add_argument('--backbone', type=str, default='resnet152', help='torchvision ResNet name, or smallcnn')
+    add_config_arguments(parser)  # --embed_size, --hidden_size, ... : one flag per CaptionerConfig field
     parser.add_argument('--weights', type=str, default='DEFAULT',
                         help="backbone weights: DEFAULT (ImageNet, downloaded), none, or a local .pth file")
-    parser.add_argument('--train_backbone', action='store_true', help='train the CNN too instead of freezing it')
-    parser.add_argument('--bn_momentum', type=nonnegative_float, default=0.01,
-                        help="momentum of the encoder head's BatchNorm")
-    parser.add_argument('--forget_bias', type=float, default=None, help='initial forget-gate bias (None: random)')
     parser.add_argument('--no_flip', action='store_true', help='no random mirroring (when captions say left/right)')
 
     parser.add_argument('--num_epochs', type=positive_int, default=5, help='passes over the training captions')
@@ -113,48 +111,322 @@ def parse_args(argv=None):
     return args
 
 
-def devices_here():
-    return [f'cuda:{i}' for i in range(torch.cuda.device_count())] + \
-        (['mps'] if torch.backends.mps.is_available() else []) + ['cpu']
+class Interrupted(Exception):
+    """Training stopped on request, after saving a checkpoint."""
 
 
-def pick_device(name=None):
-    """The device named, if this machine has it (else a ValueError that lists those it has), or the best one."""
-    if not name:
-        return torch.device('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available()
-                            else 'cpu')
+class NonFiniteLoss(Exception):
+    """The loss became NaN or inf; training stopped without saving, so the last checkpoint stays good."""
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: its settings, model, data, optimizer, logs and position."""
+    args: argparse.Namespace
+    rank: int
+    world_size: int
+    device: torch.device
+    vocab: object
+    config: CaptionerConfig
+    encoder: nn.Module
+    decoder: nn.Module
+    model: nn.Module = None  # encoder and decoder as one Captioner; ddp_model is it, or it wrapped for DDP
+    ddp_model: nn.Module = None
+    sampler: ResumableSampler = None
+    loader: object = None
+    val_set: object = None
+    val_loader: object = None
+    params: list = None
+    optimizer: torch.optim.Optimizer = None
+    scheduler: object = None
+    scaler: object = None
+    amp_dtype: torch.dtype = None
+    writer: object = None
+    history: dict = field(default_factory=lambda: {'train': [], 'val': []})
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # batches of the current epoch, trained or skipped
+    step: int = 0  # optimizer steps
+    skipped: int = 0  # batches of this epoch with a NaN or inf loss
+    unreadable: set = field(default_factory=set)  # every unreadable image is reported once
+    unreadable_this_epoch: int = 0
+
+    @property
+    def main_process(self):
+        return self.rank == 0
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.args.model_path, 'checkpoint.pt')
+
+    @property
+    def log_dir(self):
+        return self.args.tensorboard or os.path.join(self.args.model_path, 'tensorboard')
+
+
+def build_model(args, vocab_size):
+    """(encoder, decoder, config); from a feature cache, the backbone and image sizes are the cache's."""
+    config = CaptionerConfig.from_args(args, vocab_size)
+    if not args.features:
+        return (*build_captioner(config, args.weights), config)
+    _, _, meta = open_cache(args.features)
+    config = replace(config, backbone=meta['backbone'], image_size=meta['image_size'], crop_size=meta['crop_size'])
+    encoder, decoder = build_captioner(config)
+    encoder.resnet.load_state_dict(read_checkpoint(os.path.join(args.features, 'backbone.pt')))
+    return encoder, decoder, config
+
+
+def build_loaders(run):
+    """The training loader (each process its own share) and, in the main process, the validation loader."""
+    args, config, vocab = run.args, run.config, run.vocab
+    if args.features:
+        dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
+    else:
+        dataset = CocoDataset(args.image_dir, args.caption_path, vocab,
+                              train_transform(config.crop_size, not args.no_flip), skip_unreadable=not args.strict,
+                              return_errors=True, split=args.split)
+    run.sampler = ResumableSampler(dataset, args.batch_size, run.rank, run.world_size, args.seed)
+    run.loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=run.sampler,
+                         collate=collate_skipping)
+    if args.val_caption_path and run.main_process:
+        run.val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
+                                  eval_transform(config.image_size, config.crop_size), skip_unreadable=not args.strict,
+                                  return_errors=True, split='val')
+        run.val_loader = batches(first_images(run.val_set, args.val_max_images), args.batch_size, shuffle=False,
+                                 num_workers=args.num_workers, collate=collate_skipping)
+
+
+def lr_factor(step, schedule, total_steps):
+    """Factor on the learning rate: constant, or a cosine from 1 down to 0 at the last step."""
+    if schedule == 'constant':
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
+
+
+def build_optimizer(run):
+    """Adam over what trains (the encoder's head and the decoder, the backbone too with --train_backbone),
+    the learning-rate schedule, and the gradient scaler that fp16 autocast needs."""
+    args, encoder, device = run.args, run.encoder, run.device
+    trained = [encoder.linear, encoder.bn, run.decoder] + ([encoder.resnet] if args.train_backbone else [])
+    run.params = [p for module in trained for p in module.parameters()]
+    run.optimizer = torch.optim.Adam(run.params, lr=args.learning_rate)
+    total_steps = math.ceil(run.sampler.num_samples / args.batch_size) * args.num_epochs
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, lambda step: lr_factor(step, args.lr_schedule, total_steps))
+    if args.amp:
+        fp16 = device.type == 'cuda' and not torch.cuda.is_bf16_supported()
+        run.amp_dtype = torch.float16 if fp16 else torch.bfloat16
+    run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
+
+
+def start_run(args):
+    """A run from scratch, or where its checkpoint left it (--resume): model, data, optimizer and logs."""
+    resume_path = os.path.join(args.model_path, 'checkpoint.pt') if args.resume == 'latest' else args.resume
+    resumed = restore_settings(args, resume_path) if args.resume else None
+    check_paths(args)
+    rank, world_size, device = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    vocab = load_vocab(args.vocab_path)
+    encoder, decoder, config = build_model(args, len(vocab))
+    run = Run(args, rank, world_size, device, vocab, config, encoder, decoder)
+    build_loaders(run)
+    run.model = run.ddp_model = Captioner(encoder, decoder, from_features=bool(args.features)).to(device)
+    if args.compile:
+        decoder.lstm.compile_loop(mode=args.compile)
+    build_optimizer(run)
+    if resumed:
+        stateful = (encoder, decoder, run.optimizer, run.scheduler, run.scaler)
+        run.epoch, run.batches_done, run.step, run.history = resume(resumed, resume_path, args.vocab_path, config,
+                                                                    stateful)
+        del resumed  # the weights now live in the model; the optimizer state may be large
+        report_resumed(run, resume_path)
+    if run.main_process and args.tensorboard != 'none':
+        # Imported here: only training logs, and TensorBoard takes a while to import.
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step drops what a run that stopped after its last checkpoint logged past it.
+        run.writer = tensorboard(lambda: SummaryWriter(run.log_dir, purge_step=run.step if args.resume else None),
+                                 run.log_dir)
+    if world_size > 1:
+        run.ddp_model = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == 'cuda' else None)
+    return run
+
+
+def report_resumed(run, resume_path):
+    if run.main_process and run.epoch >= run.args.num_epochs:
+        print(f'{resume_path} has already finished its run of {run.epoch} epochs. To train longer, resume with '
+              f'--num_epochs N, for N more than {run.epoch}', flush=True)
+    elif run.main_process:
+        print(f'resuming from {resume_path}: epoch {run.epoch + 1}, step {run.step}')
+
+
+def checkpoint_state(run):
+    """Everything sample.py needs (config, vocabulary, weights) and everything --resume needs (optimizer,
+    schedule, scaler, position, history, random state, settings), as one dict."""
+    return {'model_args': asdict(run.config), 'vocab': [run.vocab.idx2word[i] for i in range(len(run.vocab))],
+            'encoder': run.encoder.state_dict(), 'decoder': run.decoder.state_dict(),
+            'optimizer': run.optimizer.state_dict(), 'scheduler': run.scheduler.state_dict(),
+            'scaler': run.scaler.state_dict(), 'epoch': run.epoch, 'batches_done': run.batches_done,
+            'step': run.step, 'history': run.history, 'rng': torch.get_rng_state(), 'args': vars(run.args)}
+
+
+def save_run(run):
+    """checkpoint.pt and history.json, written by the main process only; returns the checkpoint."""
+    checkpoint = checkpoint_state(run)
+    if run.main_process:
+        save_checkpoint(run.checkpoint_path, checkpoint)
+        history = json.dumps(run.history).encode()
+        save_file(os.path.join(run.args.model_path, 'history.json'), lambda f: f.write(history))
+    return checkpoint
+
+
+def report_unreadable(run, errors):
+    """Each unreadable image once, or with --strict the first as an error."""
+    for reason in errors:
+        if run.args.strict:
+            raise ImageError(unreadable_message(reason))
+        if reason not in run.unreadable:
+            run.unreadable.add(reason)
+            tqdm.write(f'skipped: {reason}', file=sys.stderr)
+    run.unreadable_this_epoch += len(errors)
+
+
+def train_step(run, inputs, captions, lengths):
+    """One optimizer step on a batch; returns its loss, or None for a NaN or inf loss skipped with
+    --skip_nonfinite (all processes skip it together)."""
+    args, device = run.args, run.device
+    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        loss, _ = caption_loss(run.ddp_model, inputs.to(device), captions.to(device), lengths)
+    nonfinite = not torch.isfinite(loss)
+    if any_process(nonfinite, device, run.world_size):
+        if not args.skip_nonfinite:
+            value = loss.item() if nonfinite else 'NaN or inf in another process'
+            raise NonFiniteLoss(f'the loss became {value} at epoch {run.epoch + 1}, step {run.step + 1}; '
+                                f'{run.checkpoint_path} is the last good checkpoint. Try a lower '
+                                '--learning_rate, --grad_clip, or --skip_nonfinite')
+        run.skipped += 1
+        return None
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if args.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.params, args.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.step += 1
+    return loss
+
+
+def log_loss(run, loss, bar):
+    value = loss.item()
+    run.history['train'].append({'epoch': run.epoch, 'step': run.step, 'loss': value, 'perplexity': math.exp(value)})
+    bar.set_postfix(loss=f'{value:.4f}', perplexity=f'{math.exp(value):.2f}')
+    if run.writer is not None:
+        run.writer.add_scalar('train/loss', value, run.step)
+        run.writer.add_scalar('train/perplexity', math.exp(value), run.step)
+        run.writer.add_scalar('train/learning_rate', run.scheduler.get_last_lr()[0], run.step)
+
+
+def train_epoch(run, stop, on_step=None):
+    """The rest of the current epoch, from the batch a resumed run stopped at."""
+    args = run.args
+    run.sampler.start(run.epoch, run.batches_done)
+    start_step, start_batches = run.step, run.batches_done
+    bar = tqdm(run.loader, desc=f'epoch {run.epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
+               initial=run.batches_done, total=math.ceil(run.sampler.num_samples / args.batch_size),
+               disable=not run.main_process)
+    for inputs, captions, lengths, errors in bar:
+        if args.compile == 'reduce-overhead':
+            torch.compiler.cudagraph_mark_step_begin()  # a skipped batch leaves a backward pending
+        report_unreadable(run, errors)
+        run.batches_done += 1
+        # Under DDP every process must skip the same steps, or the others wait for it forever.
+        if any_process(inputs is None, run.device, run.world_size):
+            continue
+        loss = train_step(run, inputs, captions, lengths)
+        if loss is None:
+            continue
+        if run.step % args.log_step == 0:
+            log_loss(run, loss, bar)
+        if on_step is not None:
+            on_step(run.step)
+        if any_process(stop.requested, run.device, run.world_size):
+            save_run(run)
+            raise Interrupted(f'stopped at epoch {run.epoch + 1}, step {run.step}; checkpoint saved to '
+                              f'{run.checkpoint_path}; continue with --resume')
+        if args.save_step and run.step % args.save_step == 0:
+            save_run(run)
+    check_something_trained(run, run.batches_done - start_batches, run.step > start_step)
+
+
+def check_something_trained(run, seen, trained):
+    """An epoch that saw batches but trained on none of them is an error. step, batches_done and skipped
+    agree in every process, so all of them stop together."""
+    if not seen or trained:
+        return
+    if not run.skipped:
+        raise ImageError(f'epoch {run.epoch + 1}: no image could be read, so nothing was trained; check the '
+                         f'images in {run.args.image_dir}')
+    raise NonFiniteLoss(f'epoch {run.epoch + 1}: nothing was trained: {run.skipped} of its {seen} batches had a '
+                        'NaN or inf loss (the others no readable image); try a lower --learning_rate or --grad_clip')
+
+
+def end_epoch(run):
+    """Count the epoch done, report its skips, validate, log and save; returns the checkpoint."""
+    run.epoch, run.batches_done = run.epoch + 1, 0
+    if run.skipped and run.main_process:
+        print(f'epoch {run.epoch}: skipped {run.skipped} batches whose loss was NaN or inf', flush=True)
+    if run.unreadable_this_epoch and run.main_process:
+        print(f'epoch {run.epoch}: skipped {run.unreadable_this_epoch} captions of unreadable images', flush=True)
+    run.skipped = run.unreadable_this_epoch = 0
+    improved = validate(run) if run.val_loader is not None else False
+    if run.writer is not None:
+        run.writer.add_text('captions', sample_captions(run.model, run.val_set or run.loader.dataset, run.vocab,
+                                                        run.device), run.step)
+        tensorboard(run.writer.flush, run.log_dir)
+    checkpoint = save_run(run)
+    if improved and run.main_process:
+        save_checkpoint(os.path.join(run.args.model_path, 'best.pt'), checkpoint)
+    return checkpoint
+
+
+def validate(run):
+    """The held-out loss, into the history and the logs; returns whether it is the lowest so far."""
+    value = validation_loss(run.model, run.val_loader, run.device, run.args.strict)
+    improved = value < min((entry['loss'] for entry in run.history['val']), default=math.inf)
+    run.history['val'].append({'epoch': run.epoch - 1, 'step': run.step, 'loss': value, 'perplexity': math.exp(value)})
+    print(f'epoch {run.epoch}: validation loss {value:.4f}, perplexity {math.exp(value):.2f}', flush=True)
+    if run.writer is not None:
+        run.writer.add_scalar('val/loss', value, run.step)
+        run.writer.add_scalar('val/perplexity', math.exp(value), run.step)
+    return improved
+
+
+def train(args, on_epoch_end=None, on_step=None):
+    """Train, writing checkpoint.pt and history.json; returns (encoder, decoder, vocab, history).
+
+    on_epoch_end(epoch, encoder, decoder, checkpoint) runs after each epoch; returning False stops
+    training. on_step(step) runs after each optimizer step.
+    """
+    run = start_run(args)
+    stop = StopRequest()
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f'--device {name}: not a device name; the devices here are: '
-                         f'{", ".join(devices_here())}') from None
-    missing = {'cuda': device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count(),
-               'mps': device.type == 'mps' and not torch.backends.mps.is_available()}
-    if any(missing.values()):
-        kind = 'CUDA device' if device.type == 'cuda' else 'MPS (Apple GPU) device'
-        if device.index:
-            kind = f'{kind} {device.index}'
-        raise ValueError(f'--device {name}: there is no {kind} here; the devices here are: {", ".join(devices_here())}')
-    return device
-
-
-class Captioner(nn.Module):
-    """Encoder and decoder as one module, so that DistributedDataParallel sees a single forward."""
-
-    def __init__(self, encoder, decoder, from_features=False):
-        super().__init__()
-        self.encoder, self.decoder, self.from_features = encoder, decoder, from_features
-
-    def forward(self, inputs, captions, lengths):
-        features = self.encoder.head(inputs) if self.from_features else self.encoder(inputs)
-        return self.decoder(features, captions, lengths)
-
-
-def caption_loss(model, inputs, captions, lengths):
-    """Mean cross-entropy over the real (packed) words of the batch, and how many words that was."""
-    outputs = model(inputs, captions, lengths)
-    targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-    return nn.functional.cross_entropy(outputs.float(), targets), targets.numel()
+        run.model.train()
+        while run.epoch < args.num_epochs:
+            train_epoch(run, stop, on_step)
+            checkpoint = end_epoch(run)
+            if on_epoch_end is not None and on_epoch_end(run.epoch - 1, run.encoder, run.decoder, checkpoint) is False:
+                break
+        if run.writer is not None:
+            tensorboard(run.writer.close, run.log_dir)
+            run.writer = None
+    finally:
+        stop.restore()
+        if run.writer is not None:  # an error is on its way out already: it, not this, is what the user sees
+            with contextlib.suppress(OSError):
+                run.writer.close()
+        if run.world_size > 1:
+            dist.destroy_process_group()
+    return run.encoder, run.decoder, run.vocab, run.history
 
 
 @torch.no_grad()
@@ -199,355 +471,6 @@ def unreadable_message(reason):
     return f'{reason} (--strict stops at an unreadable image; without it, the image is skipped)'
 
 
-def set_forget_bias(lstm, value):
-    """Start with the forget gate open so memory survives early training (Gers et al., 2000)."""
-    hidden = lstm.hidden_size
-    for name, bias in lstm.named_parameters():
-        if name.startswith('bias_'):
-            with torch.no_grad():
-                bias[hidden:2 * hidden] = value if name.startswith('bias_ih') else 0.0
-
-
-class ResumableSampler(DistributedSampler):
-    """Each process's share of a fresh shuffle every epoch (seeded, so reproducible), able to start
-    part-way through an epoch: after the batches a resumed run has already done."""
-
-    def __init__(self, dataset, batch_size, rank, world_size, seed):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        self.batch_size, self.skip = batch_size, 0
-
-    def start(self, epoch, batches_done):
-        self.set_epoch(epoch)
-        self.skip = batches_done * self.batch_size
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return self.num_samples - self.skip
-
-
-class StopRequest:
-    """Ctrl-C and SIGTERM set a flag; training saves a checkpoint after the current step and stops."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class Interrupted(Exception):
-    """Training stopped on request, after saving a checkpoint."""
-
-
-class NonFiniteLoss(Exception):
-    """The loss became NaN or inf; training stopped without saving, so the last checkpoint stays good."""
-
-
-def setup_distributed(args):
-    """(rank, world size, device): torchrun's environment variables choose DDP, NCCL on GPU, gloo on CPU."""
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    if world_size == 1:
-        return 0, 1, pick_device(args.device)
-    local_rank = int(os.environ['LOCAL_RANK'])
-    if torch.cuda.is_available() and args.device != 'cpu':
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device('cuda', local_rank), 'nccl'
-    else:
-        device, backend = torch.device('cpu'), 'gloo'
-    dist.init_process_group(backend)
-    return dist.get_rank(), world_size, device
-
-
-def check_paths(args):
-    """Missing inputs and an unwritable --model_path fail here, before any time is spent."""
-    probe = os.path.join(args.model_path, f'.write_test{os.getpid()}')
-    try:
-        atomic_write(probe, lambda f: f.write(b'ok'))
-        os.remove(probe)
-    except OSError as err:
-        raise CheckpointError(f'cannot write checkpoints to {args.model_path} ({err.strerror or err})') from None
-    removed, freed = remove_stale_temporaries(args.model_path)
-    if removed:
-        print(f'removed {removed} temporary files ({freed / 2**20:.1f} MiB) that killed runs left in {args.model_path}')
-    inputs = [(args.vocab_path, 'run build_vocab.py first, or pass --vocab_path'),
-              (args.caption_path, 'run download.sh first, or pass --caption_path'),
-              (args.features, 'run extract_features.py first, or pass another --features folder'),
-              (args.val_caption_path, 'pass another --val_caption_path'),
-              (args.val_image_dir, 'run resize.py on the validation images, or pass another --val_image_dir')]
-    if args.features is None:
-        inputs.append((args.image_dir, 'run resize.py first, or pass --image_dir'))
-    for path, fix in inputs:
-        if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(f'not found: {path}: {fix}')
-    if (args.val_caption_path is None) != (args.val_image_dir is None):
-        raise ValueError('give both --val_caption_path and --val_image_dir, or neither')
-    if args.features is None and args.crop_size > args.image_size:
-        raise ValueError(f'--crop_size {args.crop_size} is larger than --image_size {args.image_size}: '
-                         'give a crop no larger than the resized images')
-
-
-def build_model(args, vocab_size):
-    """(encoder, decoder, model_args); from a feature cache, the backbone is the one that made it."""
-    if args.features:
-        _, _, meta = open_cache(args.features)
-        args.backbone, args.image_size, args.crop_size = meta['backbone'], meta['image_size'], meta['crop_size']
-        encoder = EncoderCNN(args.embed_size, args.backbone, weights=None, bn_momentum=args.bn_momentum)
-        encoder.resnet.load_state_dict(read_checkpoint(os.path.join(args.features, 'backbone.pt')))
-    else:
-        encoder = EncoderCNN(args.embed_size, args.backbone, args.weights, args.train_backbone, args.bn_momentum)
-    decoder = DecoderRNN(args.embed_size, args.hidden_size, vocab_size, args.num_layers, args.max_seq_length)
-    if args.forget_bias is not None:
-        set_forget_bias(decoder.lstm, args.forget_bias)
-    model_args = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, vocab_size=vocab_size,
-                      num_layers=args.num_layers, max_seq_length=args.max_seq_length, backbone=args.backbone,
-                      train_backbone=args.train_backbone, bn_momentum=args.bn_momentum,
-                      image_size=args.image_size, crop_size=args.crop_size)
-    return encoder, decoder, model_args
-
-
-def restore_settings(args, path):
-    """The checkpoint at path, after copying the run's settings from it into args, except those given as
-    flags: a given model flag that contradicts the checkpoint is an error, a given schedule flag wins."""
-    checkpoint = read_checkpoint(path)
-    lacking = [key for key in ('model_args', 'encoder', 'decoder', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch',
-                               'batches_done', 'step', 'history') if key not in checkpoint]
-    if not lacking and not isinstance(checkpoint['model_args'], dict):
-        lacking = ['model settings']
-    if lacking:
-        raise CheckpointError(f'{path}: not a checkpoint written by train.py (it has no {", ".join(lacking)}); '
-                              'resume from the checkpoint.pt in a --model_path')
-    given = set(getattr(args, 'flags_given', vars(args)))
-    saved = dict(checkpoint.get('args') or {}, **checkpoint['model_args'])
-    contradicted = []
-    for name in MODEL_SETTINGS + SCHEDULE_SETTINGS:
-        if name not in saved:
-            continue
-        if name not in given:
-            setattr(args, name, saved[name])
-        elif name in MODEL_SETTINGS and getattr(args, name) != saved[name]:
-            contradicted.append(f'--{name} {saved[name]} (not {getattr(args, name)})')
-    if contradicted:
-        raise CheckpointError(f'{path} was trained with ' + ', '.join(contradicted) + ': leave these flags out '
-                              'to resume with its settings, or start a new run in another --model_path')
-    return checkpoint
-
-
-def resume(checkpoint, path, vocab_path, model_args, stateful):
-    """Load a checkpoint into (encoder, decoder, optimizer, scheduler, scaler) and the random-number
-    generator; returns the position (epoch, batches done in it, step) and the history."""
-    trained_with = checkpoint['model_args']
-    if trained_with.get('vocab_size', model_args['vocab_size']) != model_args['vocab_size']:
-        raise CheckpointError(f'{path} was trained with a vocabulary of {trained_with["vocab_size"]} words '
-                              f'but {vocab_path} has {model_args["vocab_size"]}: pass the vocabulary it was trained with')
-    changed = [f'{k} {trained_with[k]} (now {v})' for k, v in model_args.items()
-               if k in trained_with and k != 'vocab_size' and trained_with[k] != v]
-    if changed:
-        raise CheckpointError(f'{path} was trained with ' + ', '.join(changed) +
-                              ': resume with the settings it was trained with')
-    try:
-        for name, thing in zip(('encoder', 'decoder', 'optimizer', 'scheduler', 'scaler'), stateful):
-            thing.load_state_dict(checkpoint[name])
-        torch.set_rng_state(checkpoint['rng'])
-        return checkpoint['epoch'], checkpoint['batches_done'], checkpoint['step'], checkpoint['history']
-    except (KeyError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f'{path}: cannot resume with these settings ({str(err).splitlines()[0]})') from None
-
-
-def train(args, on_epoch_end=None, on_step=None):
-    """Train, writing checkpoint.pt and history.json; returns (encoder, decoder, vocab, history).
-
-    on_epoch_end(epoch, encoder, decoder, checkpoint) runs after each epoch; returning False stops
-    training. on_step(step) runs after each optimizer step.
-    """
-    checkpoint_path = os.path.join(args.model_path, 'checkpoint.pt')
-    resume_path = checkpoint_path if args.resume == 'latest' else args.resume
-    resumed = restore_settings(args, resume_path) if args.resume else None
-    check_paths(args)
-    rank, world_size, device = setup_distributed(args)
-    main_process = rank == 0
-    torch.manual_seed(args.seed)
-    vocab = load_vocab(args.vocab_path)
-    encoder, decoder, model_args = build_model(args, len(vocab))
-    if args.features:
-        dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
-    else:
-        dataset = CocoDataset(args.image_dir, args.caption_path, vocab,
-                              train_transform(args.crop_size, not args.no_flip), skip_unreadable=not args.strict,
-                              return_errors=True, split=args.split)
-    sampler = ResumableSampler(dataset, args.batch_size, rank, world_size, args.seed)
-    loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=sampler,
-                     collate=collate_skipping)
-    val_set = val_loader = None
-    if args.val_caption_path and main_process:
-        val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
-                              eval_transform(args.image_size, args.crop_size), skip_unreadable=not args.strict,
-                              return_errors=True, split='val')
-        val_loader = batches(first_images(val_set, args.val_max_images), args.batch_size, shuffle=False,
-                             num_workers=args.num_workers, collate=collate_skipping)
-
-    model = Captioner(encoder, decoder, from_features=bool(args.features)).to(device)
-    if args.compile:
-        decoder.lstm.compile_loop(mode=args.compile)
-    trained = [encoder.linear, encoder.bn, decoder] + ([encoder.resnet] if args.train_backbone else [])
-    params = [p for module in trained for p in module.parameters()]
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate)
-    steps_per_epoch = math.ceil(sampler.num_samples / args.batch_size)
-    total_steps = steps_per_epoch * args.num_epochs
-
-    def schedule(step):
-        """Factor on the learning rate: constant, or a cosine from 1 down to 0 at the last step."""
-        if args.lr_schedule == 'constant':
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    amp_dtype = None
-    if args.amp:
-        amp_dtype = torch.float16 if device.type == 'cuda' and not torch.cuda.is_bf16_supported() else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    history = {'train': [], 'val': []}
-    epoch, batches_done, step, skipped = 0, 0, 0, 0
-    unreadable, unreadable_this_epoch = set(), 0  # each unreadable image is reported once
-    if resumed:
-        epoch, batches_done, step, history = resume(resumed, resume_path, args.vocab_path, model_args,
-                                                    (encoder, decoder, optimizer, scheduler, scaler))
-        del resumed  # the weights now live in the model; the optimizer state may be large
-        if main_process and epoch >= args.num_epochs:
-            print(f'{resume_path} has already finished its run of {epoch} epochs. To train longer, resume with '
-                  f'--num_epochs N, for N more than {epoch}', flush=True)
-        elif main_process:
-            print(f'resuming from {resume_path}: epoch {epoch + 1}, step {step}')
-    writer, log_dir = None, args.tensorboard or os.path.join(args.model_path, 'tensorboard')
-    if main_process and args.tensorboard != 'none':
-        # Imported here: sample.py and evaluate.py import this module, and only training logs.
-        from torch.utils.tensorboard import SummaryWriter
-        # purge_step drops what a run that stopped after its last checkpoint logged past it.
-        writer = tensorboard(lambda: SummaryWriter(log_dir, purge_step=step if args.resume else None), log_dir)
-
-    def save(completed_epochs, batches):
-        checkpoint = {'model_args': model_args, 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
-                      'encoder': encoder.state_dict(), 'decoder': decoder.state_dict(),
-                      'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                      'scaler': scaler.state_dict(), 'epoch': completed_epochs, 'batches_done': batches,
-                      'step': step, 'history': history, 'rng': torch.get_rng_state(), 'args': vars(args)}
-        if main_process:
-            save_checkpoint(checkpoint_path, checkpoint)
-            save_file(os.path.join(args.model_path, 'history.json'), lambda f: f.write(json.dumps(history).encode()))
-        return checkpoint
-
-    ddp_model = model
-    if world_size > 1:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    stop = StopRequest()
-    try:
-        model.train()
-        while epoch < args.num_epochs:
-            sampler.start(epoch, batches_done)
-            epoch_start_step, epoch_start_batches = step, batches_done
-            bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
-                       initial=batches_done, total=steps_per_epoch, disable=not main_process)
-            for inputs, captions, lengths, errors in bar:
-                if args.compile == 'reduce-overhead':
-                    torch.compiler.cudagraph_mark_step_begin()  # a skipped batch leaves a backward pending
-                for reason in errors:
-                    if args.strict:
-                        raise ImageError(unreadable_message(reason))
-                    if reason not in unreadable:
-                        unreadable.add(reason)
-                        tqdm.write(f'skipped: {reason}', file=sys.stderr)
-                unreadable_this_epoch += len(errors)
-                # Under DDP every process must skip the same steps, or the others wait for it forever.
-                if any_process(inputs is None, device, world_size):
-                    batches_done += 1
-                    continue
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss, _ = caption_loss(ddp_model, inputs.to(device), captions.to(device), lengths)
-                nonfinite = not torch.isfinite(loss)
-                if any_process(nonfinite, device, world_size):
-                    if not args.skip_nonfinite:
-                        value = loss.item() if nonfinite else 'NaN or inf in another process'
-                        raise NonFiniteLoss(f'the loss became {value} at epoch {epoch + 1}, step {step + 1}; '
-                                            f'{checkpoint_path} is the last good checkpoint. Try a lower '
-                                            '--learning_rate, --grad_clip, or --skip_nonfinite')
-                    skipped += 1
-                    batches_done += 1
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if args.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(params, args.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step, batches_done = step + 1, batches_done + 1
-                if step % args.log_step == 0:
-                    value = loss.item()
-                    history['train'].append({'epoch': epoch, 'step': step, 'loss': value, 'perplexity': math.exp(value)})
-                    bar.set_postfix(loss=f'{value:.4f}', perplexity=f'{math.exp(value):.2f}')
-                    if writer is not None:
-                        writer.add_scalar('train/loss', value, step)
-                        writer.add_scalar('train/perplexity', math.exp(value), step)
-                        writer.add_scalar('train/learning_rate', scheduler.get_last_lr()[0], step)
-                if on_step is not None:
-                    on_step(step)
-                if any_process(stop.requested, device, world_size):
-                    save(epoch, batches_done)
-                    raise Interrupted(f'stopped at epoch {epoch + 1}, step {step}; checkpoint saved to '
-                                      f'{checkpoint_path}; continue with --resume')
-                if args.save_step and step % args.save_step == 0:
-                    save(epoch, batches_done)
-            seen = batches_done - epoch_start_batches  # step, batches_done and skipped agree in every process
-            if seen and step == epoch_start_step and not skipped:
-                raise ImageError(f'epoch {epoch + 1}: no image could be read, so nothing was trained; check the '
-                                 f'images in {args.image_dir}')
-            if seen and step == epoch_start_step:
-                raise NonFiniteLoss(f'epoch {epoch + 1}: nothing was trained: {skipped} of its {seen} batches had a '
-                                    'NaN or inf loss (the others no readable image); try a lower --learning_rate '
-                                    'or --grad_clip')
-            epoch, batches_done = epoch + 1, 0
-            if skipped and main_process:
-                print(f'epoch {epoch}: skipped {skipped} batches whose loss was NaN or inf', flush=True)
-            if unreadable_this_epoch and main_process:
-                print(f'epoch {epoch}: skipped {unreadable_this_epoch} captions of unreadable images', flush=True)
-            skipped = unreadable_this_epoch = 0
-            improved = False
-            if val_loader is not None:
-                value = validation_loss(model, val_loader, device, args.strict)
-                improved = value < min((entry['loss'] for entry in history['val']), default=math.inf)
-                history['val'].append({'epoch': epoch - 1, 'step': step, 'loss': value, 'perplexity': math.exp(value)})
-                print(f'epoch {epoch}: validation loss {value:.4f}, perplexity {math.exp(value):.2f}', flush=True)
-                if writer is not None:
-                    writer.add_scalar('val/loss', value, step)
-                    writer.add_scalar('val/perplexity', math.exp(value), step)
-            if writer is not None:
-                writer.add_text('captions', sample_captions(model, val_set or dataset, vocab, device), step)
-                tensorboard(writer.flush, log_dir)
-            checkpoint = save(epoch, 0)
-            if improved and main_process:
-                save_checkpoint(os.path.join(args.model_path, 'best.pt'), checkpoint)
-            if on_epoch_end is not None and on_epoch_end(epoch - 1, encoder, decoder, checkpoint) is False:
-                break
-        if writer is not None:
-            tensorboard(writer.close, log_dir)
-            writer = None
-    finally:
-        stop.restore()
-        if writer is not None:  # an error is on its way out already: it, not this, is what the user sees
-            with contextlib.suppress(OSError):
-                writer.close()
-        if world_size > 1:
-            dist.destroy_process_group()
-    return encoder, decoder, vocab, history
-
-
 def tensorboard(action, folder):
     """action() on the TensorBoard writer; a full disk or an unwritable folder is the same one-line error
     as for any other file training writes."""
@@ -556,24 +479,6 @@ def tensorboard(action, folder):
     except OSError as err:
         raise CheckpointError(f'could not write TensorBoard logs to {folder} ({err.strerror or err}); '
                               'free some space, or pass --tensorboard none') from None
-
-
-def first_images(dataset, count=None):
-    """The captions of the first `count` images of a dataset, by image id: a fixed subset (all with None)."""
-    if count is None:
-        return dataset
-    image_of = {index: dataset.coco.anns[ann_id]['image_id'] for index, ann_id in enumerate(dataset.ids)}
-    kept = set(sorted(set(image_of.values()))[:count])
-    return Subset(dataset, [index for index, image_id in image_of.items() if image_id in kept])
-
-
-def any_process(flag, device, world_size):
-    """Whether flag is true in any process, so that all of them take the same branch at the same step."""
-    if world_size == 1:
-        return flag
-    tensor = torch.tensor(float(flag), device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
 
 
 def main(argv=None):

@@ -1,7 +1,74 @@
+"""What many test files share: synthetic sets made once per session, tiny training runs, and the scripts'
+command lines."""
 import contextlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+import synthetic
+import train as trainer
+from build_vocab import build_vocab, save_vocab
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=REPO, env=None, timeout=300):
+    """A script's command line, run as a user would: python SCRIPT ARGS..., output captured as text."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope='session')
+def synthetic_sets(tmp_path_factory):
+    """make(num_train, num_val, seed): a synthetic set of 32-pixel images in COCO format, with its vocab.json,
+    made once per session for each size. Shared by every test that asks for it: copy before changing anything."""
+    made = {}
+
+    def make(num_train=48, num_val=12, seed=1):
+        if (num_train, num_val, seed) not in made:
+            root = tmp_path_factory.mktemp(f'synthetic_{num_train}_{num_val}_{seed}')
+            synthetic.make_synthetic_coco(str(root), num_train, num_val, image_size=32, seed=seed, progress=False)
+            save_vocab(build_vocab(str(root / 'annotations' / 'captions_train.json'), threshold=1),
+                       str(root / 'vocab.json'))
+            made[num_train, num_val, seed] = root
+        return made[num_train, num_val, seed]
+    return make
+
+
+@pytest.fixture(scope='session')
+def synthetic_set(synthetic_sets):
+    """The usual set: 48 training images (240 captions) and 12 held out."""
+    return synthetic_sets()
+
+
+def tiny_args(data, model_path, *extra, validate=False, **overrides):
+    """train.py's arguments for a small, fast run on the synthetic set at data: a small CNN and decoder on
+    32-pixel images. overrides replace a flag's value (True: a switch on; None: the flag left out); extra
+    flags go last, as on a command line; validate=True adds the held-out images."""
+    flags = dict(image_dir=data / 'train', caption_path=data / 'annotations' / 'captions_train.json',
+                 vocab_path=data / 'vocab.json', model_path=model_path, backbone='smallcnn', weights='none',
+                 image_size=32, crop_size=32, embed_size=16, hidden_size=24, batch_size=16, num_workers=0,
+                 log_step=1, learning_rate=3e-3)
+    if validate:
+        flags.update(val_image_dir=data / 'val', val_caption_path=data / 'annotations' / 'captions_val.json')
+    flags.update(overrides)
+    argv = []
+    for name, value in flags.items():
+        if value is True:
+            argv.append(f'--{name}')
+        elif value is not None and value is not False:
+            argv += [f'--{name}', str(value)]
+    return trainer.parse_args(argv + [str(flag) for flag in extra])
+
+
+def learning_args(data, model_path, *extra, **overrides):
+    """tiny_args for a run that learns something: the backbone trains too, captions keep left and right,
+    and the held-out loss is reported every epoch."""
+    settings = dict(validate=True, train_backbone=True, no_flip=True, embed_size=32, hidden_size=48)
+    return tiny_args(data, model_path, *extra, **{**settings, **overrides})
 
 
 @pytest.fixture

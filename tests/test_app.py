@@ -11,12 +11,13 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 import train as trainer
-from test_pipeline import REPO, dataset, small_args  # noqa: F401  (dataset is a fixture)
+from conftest import REPO, learning_args, run
 
 CHROMIUM = next((path for path in (os.environ.get('CHROMIUM'), shutil.which('chromium'),
-                                   shutil.which('chromium-browser'), '/usr/bin/chromium') if path and os.path.exists(path)),
-                None)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason='no Chromium found: apt-get install -y chromium, or set CHROMIUM')
+                                   shutil.which('chromium-browser'), '/usr/bin/chromium')
+                 if path and os.path.exists(path)), None)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None,
+                                    reason='no Chromium found: apt-get install -y chromium, or set CHROMIUM')
 FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
          '--no-first-run']
 
@@ -28,9 +29,9 @@ def free_port():
 
 
 @pytest.fixture(scope='module')
-def checkpoint(dataset, tmp_path_factory):  # noqa: F811
+def checkpoint(synthetic_set, tmp_path_factory):
     model_path = tmp_path_factory.mktemp('app_model')
-    trainer.train(small_args(dataset, model_path, '--num_epochs', '2'))
+    trainer.train(learning_args(synthetic_set, model_path, '--num_epochs', '2'))
     return model_path / 'checkpoint.pt'
 
 
@@ -62,7 +63,8 @@ def page(server):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={'width': 1200, 'height': 900})
         page.outside = []  # every request the page makes to another host
-        page.on('request', lambda r: None if r.url.startswith((server, 'data:', 'blob:')) else page.outside.append(r.url))
+        page.on('request',
+                lambda r: None if r.url.startswith((server, 'data:', 'blob:')) else page.outside.append(r.url))
         page.goto(server, timeout=120_000)
         page.wait_for_selector('#upload input[type=file]', state='attached', timeout=120_000)
         yield page
@@ -74,10 +76,9 @@ def upload(page, path):
 
 
 @needs_chromium
-def test_page_shows_the_caption_sample_py_prints_and_the_gate_picture(page, dataset, checkpoint, tmp_path):  # noqa: F811
-    image = sorted((dataset / 'val').iterdir())[2]
-    printed = subprocess.run([sys.executable, 'sample.py', '--image', str(image), '--checkpoint', str(checkpoint)],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_page_shows_the_caption_sample_py_prints_and_the_gate_picture(page, synthetic_set, checkpoint, tmp_path):
+    image = sorted((synthetic_set / 'val').iterdir())[2]
+    printed = run('sample.py', '--image', str(image), '--checkpoint', str(checkpoint))
     assert printed.returncode == 0, printed.stderr
     upload(page, image)
     page.wait_for_function("document.querySelector('#greedy textarea')?.value", timeout=120_000)
@@ -94,7 +95,7 @@ def test_page_shows_the_caption_sample_py_prints_and_the_gate_picture(page, data
 
 
 @needs_chromium
-def test_unreadable_upload_shows_one_line_and_the_server_keeps_serving(page, dataset, tmp_path):  # noqa: F811
+def test_unreadable_upload_shows_one_line_and_the_server_keeps_serving(page, synthetic_set, tmp_path):
     bad = tmp_path / 'broken.png'
     bad.write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a picture' * 10)
     upload(page, bad)
@@ -104,13 +105,12 @@ def test_unreadable_upload_shows_one_line_and_the_server_keeps_serving(page, dat
     assert 'Traceback' not in page.content()
     page.reload()  # the server keeps serving: a fresh page's upload gets its caption
     page.wait_for_selector('#upload input[type=file]', state='attached', timeout=120_000)
-    upload(page, sorted((dataset / 'val').iterdir())[0])
+    upload(page, sorted((synthetic_set / 'val').iterdir())[0])
     page.wait_for_function("document.querySelector('#greedy textarea')?.value", timeout=120_000)
     assert page.inner_text('#message').strip() == ''
 
 
 def test_app_without_a_checkpoint_says_how_to_make_one(tmp_path):
-    result = subprocess.run([sys.executable, 'app.py', '--checkpoint', str(tmp_path / 'best.pt')], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = run('app.py', '--checkpoint', str(tmp_path / 'best.pt'))
     assert result.returncode == 1
     assert result.stderr.count('\n') == 1 and 'python demo.py' in result.stderr and 'Traceback' not in result.stderr

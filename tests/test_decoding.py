@@ -3,7 +3,6 @@ on a tiny vocabulary."""
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +12,8 @@ from test_evaluate import END, START, UNK, all_captions, sequence_log_prob, tiny
 import synthetic
 import train as trainer
 from build_vocab import build_vocab, save_vocab
+from conftest import REPO
 from decoding import repeated_trigrams, sample
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def has_repeated_trigram(words):

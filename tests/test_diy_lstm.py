@@ -8,13 +8,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import DIY_LSTM
 from DIY_LSTM import LSTM, LSTMCell
-
 
 
 @pytest.fixture(autouse=True, scope='module')

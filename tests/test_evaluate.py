@@ -4,19 +4,16 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import synthetic
 import train as trainer
-from build_vocab import build_vocab, save_vocab
+from conftest import REPO, tiny_args
+from decoding import caption_images
 from evaluate import score_captions
 from model import DecoderRNN, load_captioner
-from sample import caption_images
 
-REPO = Path(__file__).resolve().parents[1]
 START, END, UNK = 1, 2, 3
 
 
@@ -170,21 +167,13 @@ def test_metrics_reward_the_right_captions():
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(synthetic_sets, tmp_path_factory):
     """A small model trained on the synthetic set, good enough that its captions mean something."""
     root = tmp_path_factory.mktemp('evaluate')
-    synthetic.make_synthetic_coco(str(root / 'data'), num_train=1200, num_val=60, image_size=32, seed=3, progress=False)
-    vocab = build_vocab(str(root / 'data' / 'annotations' / 'captions_train.json'), threshold=1)
-    save_vocab(vocab, str(root / 'data' / 'vocab.json'))
-    args = trainer.parse_args([
-        '--image_dir', str(root / 'data' / 'train'),
-        '--caption_path', str(root / 'data' / 'annotations' / 'captions_train.json'),
-        '--vocab_path', str(root / 'data' / 'vocab.json'), '--model_path', str(root / 'models'),
-        '--backbone', 'smallcnn', '--weights', 'none', '--train_backbone', '--image_size', '32', '--crop_size', '32',
-        '--no_flip', '--embed_size', '64', '--hidden_size', '96', '--batch_size', '64', '--num_workers', '0',
-        '--learning_rate', '3e-3', '--num_epochs', '3', '--forget_bias', '1', '--grad_clip', '5', '--bn_momentum', '0.1',
-        '--log_step', '50', '--seed', '0'])
-    trainer.train(args)
+    (root / 'data').symlink_to(synthetic_sets(num_train=1200, num_val=60, seed=3))
+    trainer.train(tiny_args(root / 'data', root / 'models', train_backbone=True, no_flip=True, embed_size=64,
+                            hidden_size=96, batch_size=64, num_epochs=3, forget_bias=1, grad_clip=5, bn_momentum=0.1,
+                            log_step=50, seed=0))
     return root
 
 

@@ -1,15 +1,13 @@
 """export.py and sample.py --onnx: the ONNX captioner gives the PyTorch captioner's captions."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from test_pipeline import REPO, dataset, small_args  # noqa: F401  (dataset is a fixture)
 
 import train as trainer
-from export import FILES, load_onnx_captioner
+from conftest import learning_args, run
 from model import load_captioner
+from onnx_captioner import FILES, load_onnx_captioner
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
@@ -18,25 +16,26 @@ pytestmark = pytest.mark.skipif(not hasattr(torch.export.Dim, 'DYNAMIC'),
 
 
 @pytest.fixture(scope='module')
-def exported(dataset, tmp_path_factory):  # noqa: F811
-    """A tiny model trained for two epochs on the synthetic set (2 layers, to export a stacked LSTM), and its ONNX files."""
+def exported(synthetic_set, tmp_path_factory):
+    """A tiny model trained for two epochs on the synthetic set (2 layers, to export a stacked LSTM), and its
+    ONNX files."""
     folder = tmp_path_factory.mktemp('export')
-    trainer.train(small_args(dataset, folder, '--num_epochs', '2', '--num_layers', '2'))
-    result = subprocess.run([sys.executable, 'export.py', '--checkpoint', str(folder / 'checkpoint.pt'),
-                             '--output_dir', str(folder / 'onnx')], cwd=REPO, capture_output=True, text=True, timeout=600)
+    trainer.train(learning_args(synthetic_set, folder, '--num_epochs', '2', '--num_layers', '2'))
+    result = run('export.py', '--checkpoint', str(folder / 'checkpoint.pt'),
+                             '--output_dir', str(folder / 'onnx'), timeout=600)
     assert result.returncode == 0, result.stderr
     return folder
 
 
 def sample(*args):
-    result = subprocess.run([sys.executable, 'sample.py', *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run('sample.py', *args)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
 
 @pytest.mark.parametrize('beam_size', ['1', '3'])
-def test_onnx_captions_equal_pytorch_captions_on_the_validation_images(dataset, exported, beam_size):  # noqa: F811
-    images = [str(path) for path in sorted((dataset / 'val').iterdir())]
+def test_onnx_captions_equal_pytorch_captions_on_the_validation_images(synthetic_set, exported, beam_size):
+    images = [str(path) for path in sorted((synthetic_set / 'val').iterdir())]
     assert len(images) == 12
     pytorch = sample('--image', *images, '--checkpoint', str(exported / 'checkpoint.pt'), '--beam_size', beam_size)
     onnx = sample('--image', *images, '--onnx', str(exported / 'onnx'), '--beam_size', beam_size)
@@ -48,7 +47,7 @@ def test_exported_files_match_the_model_step_by_step_for_any_batch(exported):
     assert sorted(p.name for p in (exported / 'onnx').iterdir()) == sorted(FILES)  # no temporary files left
     encoder, decoder, vocab, _ = load_captioner(str(exported / 'checkpoint.pt'))
     onnx_encoder, onnx_decoder, onnx_vocab, onnx_config = load_onnx_captioner(str(exported / 'onnx'))
-    assert onnx_vocab.word2idx == vocab.word2idx and onnx_config['num_layers'] == 2
+    assert onnx_vocab.word2idx == vocab.word2idx and onnx_config.num_layers == 2
     torch.manual_seed(0)
     for batch in (1, 5):
         images = torch.randn(batch, 3, 32, 32)
@@ -69,7 +68,6 @@ def test_exported_files_match_the_model_step_by_step_for_any_batch(exported):
 
 def test_sample_onnx_without_the_files_is_a_clear_error(tmp_path):
     (tmp_path / 'captioner.json').write_text(json.dumps({}))
-    result = subprocess.run([sys.executable, 'sample.py', '--image', 'png/example.png', '--onnx', str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = run('sample.py', '--image', 'png/example.png', '--onnx', str(tmp_path), timeout=120)
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert result.stderr.startswith('error: ') and 'encoder.onnx' in result.stderr and 'export.py' in result.stderr

@@ -10,16 +10,16 @@ from torch import nn
 
 import gates
 import train as trainer
+from conftest import REPO, learning_args
 from data_loader import eval_transform
+from decoding import caption_images
 from model import DecoderRNN, load_captioner
-from sample import caption_images
-from test_pipeline import REPO, dataset, small_args  # noqa: F401  (dataset is a fixture)
 
 
 @pytest.fixture(scope='module')
-def checkpoint(dataset, tmp_path_factory):  # noqa: F811
+def checkpoint(synthetic_set, tmp_path_factory):
     model_path = tmp_path_factory.mktemp('gates_model')
-    trainer.train(small_args(dataset, model_path, '--num_epochs', '2'))
+    trainer.train(learning_args(synthetic_set, model_path, '--num_epochs', '2'))
     return model_path / 'checkpoint.pt'
 
 
@@ -48,9 +48,9 @@ def test_replay_matches_nn_lstm_and_the_gate_equations():
         torch.testing.assert_close(layers[0][ours], theirs, rtol=0, atol=1e-12)
 
 
-def test_record_replays_the_caption_that_sample_py_writes(dataset, checkpoint):  # noqa: F811
+def test_record_replays_the_caption_that_sample_py_writes(synthetic_set, checkpoint):
     encoder, decoder, vocab, config = load_captioner(str(checkpoint))
-    images = sorted(str(p) for p in (dataset / 'val').iterdir())[:3]
+    images = sorted(str(p) for p in (synthetic_set / 'val').iterdir())[:3]
     for beam_size in (1, 3):
         captions, _ = caption_images(images, encoder, decoder, vocab, config, torch.device('cpu'), beam_size=beam_size)
         for path in images:
@@ -66,12 +66,12 @@ def test_record_replays_the_caption_that_sample_py_writes(dataset, checkpoint): 
                 assert scores.argmax(1).tolist() == result['ids'].tolist()
 
 
-def test_all_beams_are_ranked_and_scored_by_their_log_probability(dataset, checkpoint):  # noqa: F811
+def test_all_beams_are_ranked_and_scored_by_their_log_probability(synthetic_set, checkpoint):
     encoder, decoder, vocab, config = load_captioner(str(checkpoint))
-    result = gates.record(str(sorted((dataset / 'val').iterdir())[0]), encoder, decoder, vocab, config, 'cpu')
+    result = gates.record(str(sorted((synthetic_set / 'val').iterdir())[0]), encoder, decoder, vocab, config, 'cpu')
     special = gates.decode_options(vocab)
     with torch.no_grad():
-        feature = encoder(eval_transform(config['image_size'], config['crop_size'])(result['image'])[None])
+        feature = encoder(eval_transform(config.image_size, config.crop_size)(result['image'])[None])
         beams, scores = decoder.beam_search(feature, 4, all_beams=True, **special)
         assert torch.equal(beams[:, 0], decoder.beam_search(feature, 4, **special))
         assert scores[0].tolist() == sorted(scores[0].tolist(), reverse=True)
@@ -93,8 +93,8 @@ def test_top_units_are_the_most_varying():
     assert gates.top_units(layer, 3).tolist() == [7, 3, 5]
 
 
-def test_sample_py_writes_the_gate_picture_and_numbers(dataset, checkpoint, tmp_path):  # noqa: F811
-    image = str(sorted((dataset / 'val').iterdir())[1])
+def test_sample_py_writes_the_gate_picture_and_numbers(synthetic_set, checkpoint, tmp_path):
+    image = str(sorted((synthetic_set / 'val').iterdir())[1])
     run = [sys.executable, 'sample.py', '--image', image, '--checkpoint', str(checkpoint)]
     plain = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
     result = subprocess.run(run + ['--gates', str(tmp_path / 'g.png'), '--gates_json', str(tmp_path / 'g.json')],
@@ -116,8 +116,8 @@ def test_sample_py_writes_the_gate_picture_and_numbers(dataset, checkpoint, tmp_
         assert len(picture.convert('RGB').getcolors(1 << 20)) > 500  # heatmaps, not a blank page
 
 
-def test_sample_py_gates_refuses_bad_input_cleanly(dataset, checkpoint, tmp_path):  # noqa: F811
-    images = [str(p) for p in sorted((dataset / 'val').iterdir())[:2]]
+def test_sample_py_gates_refuses_bad_input_cleanly(synthetic_set, checkpoint, tmp_path):
+    images = [str(p) for p in sorted((synthetic_set / 'val').iterdir())[:2]]
     run = [sys.executable, 'sample.py', '--checkpoint', str(checkpoint), '--gates', str(tmp_path / 'g.png')]
     two = subprocess.run(run + ['--image', *images], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert two.returncode == 2 and 'take one --image' in two.stderr

@@ -2,17 +2,14 @@
 over a small synthetic set, in both layouts: COCO's (filepath/filename) and Flickr's (filename only)."""
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import synthetic
 from build_vocab import build_vocab, load_vocab, tokenize
 from caption_files import load_captions
+from conftest import run
 
-REPO = Path(__file__).resolve().parents[1]
 SPLITS = ('train', 'restval', 'val', 'test')
 
 
@@ -44,10 +41,6 @@ def karpathy(tmp_path_factory):
     with open(root / 'dataset_flickr.json', 'w') as f:
         json.dump({'dataset': 'flickr8k', 'images': flickr_images}, f)
     return root
-
-
-def run(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_splits_are_read_by_content_and_restval_counts_as_train(karpathy):

@@ -3,45 +3,22 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-import synthetic
 import train as trainer
-from build_vocab import build_vocab, load_vocab, save_vocab, tokenize
+from build_vocab import load_vocab, tokenize
+from conftest import REPO, learning_args, run
 from data_loader import get_loader, train_transform
 from model import CheckpointError, DecoderRNN, EncoderCNN, load_captioner, read_checkpoint, save_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope='module')
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp('synthetic')
-    synthetic.make_synthetic_coco(str(root), num_train=48, num_val=12, image_size=32, seed=1, progress=False)
-    train_json = root / 'annotations' / 'captions_train.json'
-    vocab = build_vocab(str(train_json), threshold=1)
-    save_vocab(vocab, str(root / 'vocab.json'))
-    return root
-
-
-def small_args(dataset, model_path, *extra):
-    return trainer.parse_args([
-        '--image_dir', str(dataset / 'train'), '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
-        '--val_image_dir', str(dataset / 'val'), '--val_caption_path', str(dataset / 'annotations' / 'captions_val.json'),
-        '--vocab_path', str(dataset / 'vocab.json'), '--model_path', str(model_path),
-        '--backbone', 'smallcnn', '--weights', 'none', '--train_backbone', '--image_size', '32', '--crop_size', '32',
-        '--no_flip', '--embed_size', '32', '--hidden_size', '48', '--batch_size', '16', '--num_workers', '0',
-        '--log_step', '1', '--learning_rate', '3e-3', *extra])
-
-
-def test_loader_batches_are_sorted_and_padded(dataset):
-    vocab = load_vocab(str(dataset / 'vocab.json'))
-    loader = get_loader(str(dataset / 'train'), str(dataset / 'annotations' / 'captions_train.json'), vocab,
+def test_loader_batches_are_sorted_and_padded(synthetic_set):
+    vocab = load_vocab(str(synthetic_set / 'vocab.json'))
+    loader = get_loader(str(synthetic_set / 'train'), str(synthetic_set / 'annotations' / 'captions_train.json'), vocab,
                         train_transform(32, flip=False), batch_size=10, shuffle=True, num_workers=0)
     images, targets, lengths = next(iter(loader))
     assert images.shape == (10, 3, 32, 32)
@@ -53,8 +30,8 @@ def test_loader_batches_are_sorted_and_padded(dataset):
         assert (row[1:length - 1] > vocab('<unk>')).all()  # every word of a caption is in the vocabulary
 
 
-def test_training_lowers_the_loss_and_saves_a_checkpoint(dataset, tmp_path, capsys):
-    encoder, decoder, vocab, history = trainer.train(small_args(dataset, tmp_path, '--num_epochs', '4'))
+def test_training_lowers_the_loss_and_saves_a_checkpoint(synthetic_set, tmp_path, capsys):
+    encoder, decoder, vocab, history = trainer.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '4'))
     losses = [entry['loss'] for entry in history['train']]
     assert len(losses) == 4 * 15  # 240 captions in batches of 16, one entry per step
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
@@ -76,17 +53,16 @@ def test_training_lowers_the_loss_and_saves_a_checkpoint(dataset, tmp_path, caps
     assert torch.equal(decoder.sample(encoder(images)), decoder2.sample(encoder2(images)))
 
 
-def test_sample_prints_a_caption_through_its_command_line(dataset, tmp_path):
-    trainer.train(small_args(dataset, tmp_path, '--num_epochs', '1'))
-    image = sorted((dataset / 'val').iterdir())[0]
-    result = subprocess.run([sys.executable, 'sample.py', '--image', str(image), '--checkpoint',
+def test_sample_prints_a_caption_through_its_command_line(synthetic_set, tmp_path):
+    trainer.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '1'))
+    image = sorted((synthetic_set / 'val').iterdir())[0]
+    result = run('sample.py', '--image', str(image), '--checkpoint',
                              str(tmp_path / 'checkpoint.pt'), '--out', str(tmp_path / 'out'),
-                             '--grid', str(tmp_path / 'grid.png')],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+                             '--grid', str(tmp_path / 'grid.png'), timeout=120)
     assert result.returncode == 0, result.stderr
     caption, png = result.stdout.splitlines()[0].split('  ->  ')
     assert png == str(tmp_path / 'out' / f'{image.stem}_captioned.png')  # where the PNG went
-    vocab = load_vocab(str(dataset / 'vocab.json'))
+    vocab = load_vocab(str(synthetic_set / 'vocab.json'))
     assert caption and '<start>' not in caption and '<end>' not in caption
     assert all(word in vocab.word2idx for word in tokenize(caption))
     from PIL import Image
@@ -98,14 +74,13 @@ def test_sample_prints_a_caption_through_its_command_line(dataset, tmp_path):
         assert sheet.size == picture.size  # one picture: a one-cell grid
 
 
-def test_sample_reports_bad_images_and_captions_the_rest(dataset, tmp_path):
-    trainer.train(small_args(dataset, tmp_path, '--num_epochs', '1'))
-    good = sorted((dataset / 'val').iterdir())[0]
+def test_sample_reports_bad_images_and_captions_the_rest(synthetic_set, tmp_path):
+    trainer.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '1'))
+    good = sorted((synthetic_set / 'val').iterdir())[0]
     bad = tmp_path / 'not_an_image.jpg'
     bad.write_text('hello')
-    result = subprocess.run([sys.executable, 'sample.py', '--image', str(good), str(bad), str(tmp_path / 'missing.png'),
-                             '--checkpoint', str(tmp_path / 'checkpoint.pt')],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = run('sample.py', '--image', str(good), str(bad), str(tmp_path / 'missing.png'),
+                             '--checkpoint', str(tmp_path / 'checkpoint.pt'), timeout=120)
     assert result.returncode == 1
     assert result.stdout.startswith(f'{good}: ')
     errors = result.stderr.strip().splitlines()
@@ -113,8 +88,8 @@ def test_sample_reports_bad_images_and_captions_the_rest(dataset, tmp_path):
     assert 'Traceback' not in result.stderr
 
 
-def test_gpu_saved_checkpoint_loads_on_cpu(dataset, tmp_path, monkeypatch):
-    trainer.train(small_args(dataset, tmp_path, '--num_epochs', '1'))
+def test_gpu_saved_checkpoint_loads_on_cpu(synthetic_set, tmp_path, monkeypatch):
+    trainer.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '1'))
     checkpoint = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     # Tag every storage as CUDA, exactly as torch.save does for tensors on a GPU.
     monkeypatch.setattr(torch.serialization, 'location_tag', lambda storage: 'cuda:0')
@@ -215,7 +190,8 @@ def test_sample_loads_the_tutorial_files(tmp_path):
     image = tmp_path / 'photo.png'
     from PIL import Image
     Image.new('RGB', (300, 200), (120, 160, 60)).save(image)
-    command = [sys.executable, 'sample.py', '--image', str(image), '--encoder_path', str(tmp_path / 'encoder-5-3000.pkl'),
+    command = [sys.executable, 'sample.py', '--image', str(image),
+               '--encoder_path', str(tmp_path / 'encoder-5-3000.pkl'),
                '--decoder_path', str(tmp_path / 'decoder-5-3000.pkl'), '--vocab_path', str(tmp_path / 'vocab.pkl')]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -256,8 +232,7 @@ def test_malicious_and_broken_checkpoints_are_refused(tmp_path):
 
 
 def test_train_reports_user_mistakes_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, 'train.py', '--vocab_path', str(tmp_path / 'nope.json')],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = run('train.py', '--vocab_path', str(tmp_path / 'nope.json'), timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == f'error: not found: {tmp_path / "nope.json"}: run build_vocab.py first, or pass ' \
                                     '--vocab_path'
@@ -277,15 +252,14 @@ def test_demo_runs_end_to_end_on_a_tiny_set(tmp_path):
     assert (tmp_path / 'models' / 'best.pt').exists() and (tmp_path / 'models' / 'most_accurate.pt').exists()
 
 
-def test_plot_history_draws_the_loss_curve(dataset, tmp_path):
-    trainer.train(small_args(dataset, tmp_path, '--num_epochs', '2'))
+def test_plot_history_draws_the_loss_curve(synthetic_set, tmp_path):
+    trainer.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '2'))
     out = tmp_path / 'curve.png'
-    result = subprocess.run([sys.executable, 'plot_history.py', '--history', str(tmp_path / 'history.json'),
-                             '--out', str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = run('plot_history.py', '--history', str(tmp_path / 'history.json'),
+                             '--out', str(out), timeout=120)
     assert result.returncode == 0, result.stderr
     from PIL import Image
     with Image.open(out) as picture:
         assert picture.width > 400 and len(picture.convert('RGB').getcolors(1 << 16)) > 10
-    result = subprocess.run([sys.executable, 'plot_history.py', '--history', str(tmp_path / 'none.json')],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = run('plot_history.py', '--history', str(tmp_path / 'none.json'), timeout=120)
     assert result.returncode == 1 and result.stderr.startswith('error:') and 'Traceback' not in result.stderr

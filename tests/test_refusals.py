@@ -18,23 +18,24 @@ import build_vocab
 import demo
 import evaluate
 import extract_features
+import files
 import model
 import resize
 import sample
 import synthetic
 import train as trainer
 from build_vocab import VocabError, load_vocab
-from data_loader import CocoDataset
+from data_loader import CocoDataset, eval_transform
+from files import load_image
 from model import read_checkpoint
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """The synthetic set (24 training images, 120 captions), its vocabulary and a checkpoint of one epoch."""
-    root = tmp_path_factory.mktemp('refusals')
-    synthetic.make_synthetic_coco(str(root / 'data'), num_train=24, num_val=4, image_size=32, seed=7, progress=False)
-    build_vocab.save_vocab(build_vocab.build_vocab(str(root / 'data' / 'annotations' / 'captions_train.json'), 1),
-                           str(root / 'vocab.json'))
+def trained(synthetic_sets, tmp_path_factory):
+    """The synthetic set (24 training images, 120 captions) as data/, its vocabulary and a checkpoint of one epoch."""
+    root, data = tmp_path_factory.mktemp('refusals'), synthetic_sets(num_train=24, num_val=4, seed=7)
+    (root / 'data').symlink_to(data)
+    (root / 'vocab.json').symlink_to(data / 'vocab.json')
     assert train_main(root, root, '--num_epochs', '1') is None
     return root
 
@@ -218,7 +219,7 @@ def test_sample_never_prints_an_empty_caption(trained, tmp_path, capsys):
     torch.save(checkpoint, path)
     image = str(sorted((trained / 'data' / 'val').iterdir())[0])
     encoder, decoder, vocab, config = model.load_captioner(str(path))
-    features = encoder(sample.eval_transform(32, 32)(sample.load_image(image)).unsqueeze(0))
+    features = encoder(eval_transform(32, 32)(load_image(image)).unsqueeze(0))
     assert decoder.sample(features, min_len=0)[0, 0] == 2  # without the rule: just <end>, an empty caption
     for beam_size in ('1', '3'):
         sample.main(['--checkpoint', str(path), '--image', image, '--beam_size', beam_size])
@@ -239,7 +240,7 @@ def disk_full_for(monkeypatch, name):
         if os.path.basename(str(path)).startswith(f'{name}.tmp'):
             return FullDisk(path, 'w')
         return open(path, mode, *args, **kwargs)
-    monkeypatch.setattr(model, 'open', fake_open, raising=False)
+    monkeypatch.setattr(files, 'open', fake_open, raising=False)
 
 
 def test_a_full_disk_while_writing_history_is_one_line(trained, tmp_path, monkeypatch):

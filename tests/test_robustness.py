@@ -6,26 +6,21 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-import synthetic
 import train as trainer
-from build_vocab import Vocabulary, build_vocab, save_vocab, tokenize
+from build_vocab import Vocabulary, tokenize
+from conftest import REPO, run, tiny_args
 from data_loader import CocoDataset, ImageError, collate_fn, load_image
 from model import CheckpointError, read_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 RED = (220, 30, 30)
-
-
-def run(*args, timeout=300):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -95,21 +90,20 @@ def test_decompression_bombs_stay_refused(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp('robust')
-    synthetic.make_synthetic_coco(str(root / 'data'), num_train=24, num_val=4, image_size=32, seed=7, progress=False)
-    save_vocab(build_vocab(str(root / 'data' / 'annotations' / 'captions_train.json'), 1), str(root / 'vocab.json'))
+def trained(synthetic_sets, tmp_path_factory):
+    """The synthetic set of 24 training images (120 captions) as data/, its vocab.json, and a model of one
+    epoch in models/."""
+    root, data = tmp_path_factory.mktemp('robust'), synthetic_sets(num_train=24, num_val=4, seed=7)
+    (root / 'data').symlink_to(data)
+    (root / 'vocab.json').symlink_to(data / 'vocab.json')
     trainer.train(train_args(root, root / 'models', '--num_epochs', '1'))
     return root
 
 
 def train_args(root, model_path, *extra, caption_path=None):
-    return trainer.parse_args([
-        '--image_dir', str(root / 'data' / 'train'),
-        '--caption_path', str(caption_path or root / 'data' / 'annotations' / 'captions_train.json'),
-        '--vocab_path', str(root / 'vocab.json'), '--model_path', str(model_path), '--backbone', 'smallcnn',
-        '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--embed_size', '16', '--hidden_size', '24',
-        '--batch_size', '8', '--num_workers', '0', '--log_step', '1', *extra])
+    return tiny_args(root / 'data', model_path, *extra, batch_size=8, learning_rate=None,
+                     vocab_path=root / 'vocab.json',
+                     caption_path=caption_path or root / 'data' / 'annotations' / 'captions_train.json')
 
 
 def test_sample_captions_the_good_images_and_names_the_bad_ones(trained, tmp_path):
@@ -348,4 +342,5 @@ def test_evaluate_scores_the_readable_images_and_names_the_rest(trained, tmp_pat
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert len(json.loads((tmp_path / 'results.json').read_text())) == 3 and 'CIDEr' in result.stdout
     errors = [line for line in result.stderr.replace('\r', '\n').splitlines() if line.startswith('error:')]
-    assert errors[0].startswith(f'error: {broken}: cannot read image') and errors[-1] == 'error: 1 images could not be read'
+    assert errors[0].startswith(f'error: {broken}: cannot read image')
+    assert errors[-1] == 'error: 1 images could not be read'

@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,47 +12,27 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-import synthetic
 import train as trainer
-from build_vocab import build_vocab, load_vocab, save_vocab
+from build_vocab import load_vocab
+from conftest import REPO, run, tiny_args
 from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
 from DIY_LSTM import LSTM
 from model import load_captioner, read_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope='module')
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp('scale')
-    synthetic.make_synthetic_coco(str(root), num_train=48, num_val=8, image_size=32, seed=5, progress=False)
-    save_vocab(build_vocab(str(root / 'annotations' / 'captions_train.json'), threshold=1), str(root / 'vocab.json'))
-    return root
-
-
-def args_for(dataset, model_path, *extra):
-    return trainer.parse_args([
-        '--image_dir', str(dataset / 'train'), '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
-        '--vocab_path', str(dataset / 'vocab.json'), '--model_path', str(model_path),
-        '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
-        '--embed_size', '16', '--hidden_size', '24', '--batch_size', '16', '--num_workers', '0',
-        '--log_step', '1', '--learning_rate', '3e-3', *extra])
-
-
-def extract(dataset, output):
-    command = [sys.executable, 'extract_features.py', '--image_dir', str(dataset / 'train'),
-               '--caption_path', str(dataset / 'annotations' / 'captions_train.json'), '--output', str(output),
-               '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
-               '--batch_size', '10', '--num_workers', '0']
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+def extract(synthetic_set, output):
+    result = run('extract_features.py', '--image_dir', synthetic_set / 'train',
+                 '--caption_path', synthetic_set / 'annotations' / 'captions_train.json', '--output', output,
+                 '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
+                 '--batch_size', '10', '--num_workers', '0')
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 
 
 @pytest.fixture(scope='module')
-def cache(dataset, tmp_path_factory):
+def cache(synthetic_set, tmp_path_factory):
     output = tmp_path_factory.mktemp('cache') / 'features'
-    extract(dataset, output)
+    extract(synthetic_set, output)
     return output
 
 
@@ -65,7 +44,7 @@ def test_feature_cache_holds_centre_and_mirror_features(cache):
     assert np.abs(features).sum(axis=2).min() > 0
 
 
-def test_interrupted_extraction_resumes(cache, dataset, tmp_path):
+def test_interrupted_extraction_resumes(cache, synthetic_set, tmp_path):
     copy = tmp_path / 'features'
     copy.mkdir()
     for name in os.listdir(cache):
@@ -77,20 +56,20 @@ def test_interrupted_extraction_resumes(cache, dataset, tmp_path):
     features[20:] = 0
     features.flush()
     del features
-    result = extract(dataset, copy)
+    result = extract(synthetic_set, copy)
     assert '48 of 48 images cached' in result.stdout
     np.testing.assert_array_equal(np.load(copy / 'features.npy'), np.load(cache / 'features.npy'))
 
 
-def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(dataset, tmp_path):
+def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(synthetic_set, tmp_path):
     images = tmp_path / 'train'
     images.mkdir()
-    for path in (dataset / 'train').iterdir():
+    for path in (synthetic_set / 'train').iterdir():
         (images / path.name).write_bytes(path.read_bytes())
     broken = images / '000000000007.png'
     broken.write_text('not a png')
     command = [sys.executable, 'extract_features.py', '--image_dir', str(images),
-               '--caption_path', str(dataset / 'annotations' / 'captions_train.json'), '--backbone', 'smallcnn',
+               '--caption_path', str(synthetic_set / 'annotations' / 'captions_train.json'), '--backbone', 'smallcnn',
                '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--batch_size', '10']  # 2 workers
     result = subprocess.run(command + ['--output_dir', str(tmp_path / 'strict'), '--strict'], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
@@ -105,18 +84,19 @@ def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(dataset, 
     assert f'skipped: {broken}: cannot read image' in result.stderr
     _, done, meta = open_cache(str(tmp_path / 'features'))
     assert list(meta['unreadable']) == [7] and not done[6] and done.sum() == 47
-    vocab = load_vocab(str(dataset / 'vocab.json'))
-    captions = FeatureDataset(str(tmp_path / 'features'), str(dataset / 'annotations' / 'captions_train.json'), vocab)
+    vocab = load_vocab(str(synthetic_set / 'vocab.json'))
+    captions = FeatureDataset(str(tmp_path / 'features'), str(synthetic_set / 'annotations' / 'captions_train.json'),
+                              vocab)
     assert len(captions) == 240 - 5  # the unreadable image's five captions are left out
 
-    broken.write_bytes((dataset / 'train' / broken.name).read_bytes())  # repaired: a second run reads it
+    broken.write_bytes((synthetic_set / 'train' / broken.name).read_bytes())  # repaired: a second run reads it
     result = subprocess.run(command + ['--output_dir', str(tmp_path / 'features')], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and '48 of 48 images cached' in result.stdout
     assert open_cache(str(tmp_path / 'features'))[2]['unreadable'] == {}
 
 
-def test_a_failed_write_never_leaves_half_a_done_file(dataset, tmp_path, monkeypatch):
+def test_a_failed_write_never_leaves_half_a_done_file(synthetic_set, tmp_path, monkeypatch):
     import extract_features
     real_save, calls = np.save, []
 
@@ -127,8 +107,8 @@ def test_a_failed_write_never_leaves_half_a_done_file(dataset, tmp_path, monkeyp
             raise OSError(28, 'No space left on device')
         return real_save(file, array, *args, **kwargs)
 
-    argv = ['--image_dir', str(dataset / 'train'),
-            '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
+    argv = ['--image_dir', str(synthetic_set / 'train'),
+            '--caption_path', str(synthetic_set / 'annotations' / 'captions_train.json'),
             '--output_dir', str(tmp_path / 'features'), '--backbone', 'smallcnn', '--weights', 'none',
             '--image_size', '32', '--crop_size', '32', '--batch_size', '10', '--num_workers', '0']
     monkeypatch.setattr(np, 'save', disk_full_on_third_save)
@@ -144,9 +124,9 @@ def test_a_failed_write_never_leaves_half_a_done_file(dataset, tmp_path, monkeyp
     assert open_cache(str(tmp_path / 'features'))[1].all()
 
 
-def test_cached_features_give_the_same_loss_as_images(cache, dataset, tmp_path):
+def test_cached_features_give_the_same_loss_as_images(cache, synthetic_set, tmp_path):
     """Without augmentation, training from the cache sees exactly what on-the-fly training sees."""
-    args = args_for(dataset, tmp_path, '--features', str(cache))
+    args = tiny_args(synthetic_set, tmp_path, '--features', str(cache))
     vocab = load_vocab(args.vocab_path)
     encoder, decoder, _ = trainer.build_model(args, len(vocab))
     cached = FeatureDataset(str(cache), args.caption_path, vocab, mirror=False)
@@ -155,13 +135,14 @@ def test_cached_features_give_the_same_loss_as_images(cache, dataset, tmp_path):
     image_items = []
     for i in range(16):
         image_id = cached.coco.anns[cached.ids[i]]['image_id']
-        image = load_image(str(dataset / 'train' / cached.coco.imgs[image_id]['file_name']))
+        image = load_image(str(synthetic_set / 'train' / cached.coco.imgs[image_id]['file_name']))
         image_items.append((transform(image), items[i][1]))
     features, captions, lengths = collate_fn(items)
     images, captions2, lengths2 = collate_fn(image_items)
     assert torch.equal(captions, captions2) and lengths == lengths2
     encoder.eval(), decoder.eval()
-    from_cache, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder, from_features=True), features, captions, lengths)
+    from_cache, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder, from_features=True), features, captions,
+                                         lengths)
     from_images, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder), images, captions, lengths)
     assert from_cache.item() == pytest.approx(from_images.item(), rel=2e-3)  # float16 rounding of the cache
     encoder.train(), decoder.train()
@@ -172,8 +153,8 @@ def test_cached_features_give_the_same_loss_as_images(cache, dataset, tmp_path):
     assert a.item() == pytest.approx(b.item(), rel=2e-3)
 
 
-def test_training_from_the_cache_keeps_the_whole_encoder(cache, dataset, tmp_path):
-    args = args_for(dataset, tmp_path, '--features', str(cache), '--num_epochs', '3')
+def test_training_from_the_cache_keeps_the_whole_encoder(cache, synthetic_set, tmp_path):
+    args = tiny_args(synthetic_set, tmp_path, '--features', str(cache), '--num_epochs', '3')
     _, _, _, history = trainer.train(args)
     losses = [e['loss'] for e in history['train']]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
@@ -182,8 +163,8 @@ def test_training_from_the_cache_keeps_the_whole_encoder(cache, dataset, tmp_pat
     for key, value in backbone.items():
         assert torch.equal(checkpoint['encoder'][f'resnet.{key}'], value), key
     encoder, decoder, vocab, config = load_captioner(str(tmp_path / 'checkpoint.pt'))
-    image = load_image(str(dataset / 'train' / '000000000001.png'))
-    features = encoder(eval_transform(config['image_size'], config['crop_size'])(image).unsqueeze(0))
+    image = load_image(str(synthetic_set / 'train' / '000000000001.png'))
+    features = encoder(eval_transform(config.image_size, config.crop_size)(image).unsqueeze(0))
     assert decoder.sample(features).shape[0] == 1
 
 
@@ -204,17 +185,19 @@ def test_diy_lstm_under_cpu_bf16_autocast(loop):
     assert diy.weight_hh_l0.grad.dtype == torch.float32 and diy.weight_hh_l0.grad.abs().sum() > 0
 
 
-def test_compiled_lstm_trains_like_the_plain_loop(dataset, tmp_path, compiled_for_real):
-    plain = trainer.train(args_for(dataset, tmp_path / 'plain', '--num_epochs', '2'))[3]['train']
-    compiled = trainer.train(args_for(dataset, tmp_path / 'compiled', '--num_epochs', '2', '--compile'))[3]['train']
+def test_compiled_lstm_trains_like_the_plain_loop(synthetic_set, tmp_path, compiled_for_real):
+    plain = trainer.train(tiny_args(synthetic_set, tmp_path / 'plain', '--num_epochs', '2'))[3]['train']
+    compiled = trainer.train(tiny_args(synthetic_set, tmp_path / 'compiled', '--num_epochs', '2',
+                                       '--compile'))[3]['train']
     assert len(plain) == len(compiled) > 10
     for a, b in zip(plain, compiled):
         assert b['loss'] == pytest.approx(a['loss'], rel=1e-4)
     assert np.mean([e['loss'] for e in compiled[-3:]]) < np.mean([e['loss'] for e in compiled[:3]])
 
 
-def test_amp_training_on_cpu_lowers_the_loss(dataset, tmp_path):
-    _, _, _, history = trainer.train(args_for(dataset, tmp_path, '--amp', '--num_epochs', '4', '--train_backbone'))
+def test_amp_training_on_cpu_lowers_the_loss(synthetic_set, tmp_path):
+    _, _, _, history = trainer.train(tiny_args(synthetic_set, tmp_path, '--amp', '--num_epochs', '4',
+                                               '--train_backbone'))
     losses = [e['loss'] for e in history['train']]
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
 
@@ -225,7 +208,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def ddp_worker(rank, world_size, port, dataset, model_path, out, nan_on_rank1_at=None):
+def ddp_worker(rank, world_size, port, synthetic_set, model_path, out, nan_on_rank1_at=None):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -240,7 +223,7 @@ def ddp_worker(rank, world_size, port, dataset, model_path, out, nan_on_rank1_at
             return (loss * float('nan') if rank == 1 and len(calls) == nan_on_rank1_at else loss), n
         trainer.caption_loss = poisoned
     # Different seeds on purpose: DDP must still start both ranks from rank 0's weights.
-    encoder, decoder, _, history = trainer.train(args_for(dataset, model_path, '--num_epochs', '3',
+    encoder, decoder, _, history = trainer.train(tiny_args(synthetic_set, model_path, '--num_epochs', '3',
                                                           '--seed', str(rank), '--train_backbone', *extra))
     # Parameters, not BatchNorm running statistics: each rank updates those from its own last batch.
     torch.save({'decoder': dict(decoder.named_parameters()), 'encoder': dict(encoder.named_parameters()),
@@ -258,8 +241,8 @@ def run_two_ranks(*args, timeout=240):
             pytest.fail(f'the two ranks did not finish in {timeout} s')
 
 
-def test_two_cpu_processes_train_in_lockstep(dataset, tmp_path):
-    run_two_ranks(dataset, tmp_path / 'models', tmp_path)
+def test_two_cpu_processes_train_in_lockstep(synthetic_set, tmp_path):
+    run_two_ranks(synthetic_set, tmp_path / 'models', tmp_path)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     for part in ('decoder', 'encoder'):
         assert len(ranks[0][part]) > 5
@@ -271,8 +254,8 @@ def test_two_cpu_processes_train_in_lockstep(dataset, tmp_path):
     assert (tmp_path / 'models' / 'checkpoint.pt').exists()  # written by rank 0 only
 
 
-def test_a_nan_loss_on_one_rank_is_skipped_by_both(dataset, tmp_path):
-    run_two_ranks(dataset, tmp_path / 'models', tmp_path, 3)
+def test_a_nan_loss_on_one_rank_is_skipped_by_both(synthetic_set, tmp_path):
+    run_two_ranks(synthetic_set, tmp_path / 'models', tmp_path, 3)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     for key, value in ranks[0]['decoder'].items():
         assert torch.equal(value, ranks[1]['decoder'][key]), key
@@ -280,28 +263,28 @@ def test_a_nan_loss_on_one_rank_is_skipped_by_both(dataset, tmp_path):
     assert len(ranks[0]['losses']) == len(ranks[1]['losses']) == 3 * 8 - 1
 
 
-def test_interrupted_run_resumes_to_the_same_weights(dataset, tmp_path):
+def test_interrupted_run_resumes_to_the_same_weights(synthetic_set, tmp_path):
     extra = ['--num_epochs', '3', '--lr_schedule', 'cosine', '--grad_clip', '1', '--train_backbone', '--save_step', '0']
-    encoder, decoder, _, _ = trainer.train(args_for(dataset, tmp_path / 'whole', *extra))
+    encoder, decoder, _, _ = trainer.train(tiny_args(synthetic_set, tmp_path / 'whole', *extra))
 
     def interrupt(step):
         if step == 20:
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(trainer.Interrupted, match='step 20'):
-        trainer.train(args_for(dataset, tmp_path / 'split', *extra), on_step=interrupt)
+        trainer.train(tiny_args(synthetic_set, tmp_path / 'split', *extra), on_step=interrupt)
     assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['step'] == 20
-    encoder2, decoder2, _, history = trainer.train(args_for(dataset, tmp_path / 'split', *extra, '--resume'))
+    encoder2, decoder2, _, history = trainer.train(tiny_args(synthetic_set, tmp_path / 'split', *extra, '--resume'))
     for whole, resumed in ((encoder, encoder2), (decoder, decoder2)):
         for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
             assert torch.equal(a, b), key
     assert [e['step'] for e in history['train']] == list(range(1, 46))
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(dataset, tmp_path):
-    command = [sys.executable, 'train.py', '--image_dir', str(dataset / 'train'),
-               '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
-               '--vocab_path', str(dataset / 'vocab.json'), '--model_path', str(tmp_path),
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(synthetic_set, tmp_path):
+    command = [sys.executable, 'train.py', '--image_dir', str(synthetic_set / 'train'),
+               '--caption_path', str(synthetic_set / 'annotations' / 'captions_train.json'),
+               '--vocab_path', str(synthetic_set / 'vocab.json'), '--model_path', str(tmp_path),
                '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
                '--embed_size', '16', '--hidden_size', '24', '--batch_size', '4', '--num_workers', '0',
                '--num_epochs', '50', '--save_step', '0']
@@ -322,10 +305,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(dataset, tmp_path):
     assert read_checkpoint(str(tmp_path / 'checkpoint.pt'))['epoch'] == checkpoint['epoch'] + 1
 
 
-def test_torchrun_launches_distributed_training(dataset, tmp_path):
+def test_torchrun_launches_distributed_training(synthetic_set, tmp_path):
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-               '--image_dir', str(dataset / 'train'), '--caption_path', str(dataset / 'annotations' / 'captions_train.json'),
-               '--vocab_path', str(dataset / 'vocab.json'), '--model_path', str(tmp_path), '--backbone', 'smallcnn',
+               '--image_dir', str(synthetic_set / 'train'),
+               '--caption_path', str(synthetic_set / 'annotations' / 'captions_train.json'),
+               '--vocab_path', str(synthetic_set / 'vocab.json'), '--model_path', str(tmp_path),
+               '--backbone', 'smallcnn',
                '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--embed_size', '16',
                '--hidden_size', '24', '--batch_size', '16', '--num_workers', '0', '--num_epochs', '1']
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,

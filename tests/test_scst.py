@@ -3,7 +3,6 @@ train.py --scst learns, checkpoints and resumes, from images and from the featur
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +14,8 @@ import scst
 import synthetic
 import train as trainer
 from build_vocab import build_vocab, plain_words, save_vocab
+from conftest import REPO, run
 from model import read_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def references_and_captions(seed=0, images=40):
@@ -154,14 +152,13 @@ def test_scst_from_the_cache_and_from_images_and_resuming(trained, tmp_path):
         assert len(json.load(f)['scst']) == 6
 
     # from images, through the command line; the checkpoint samples like any other
-    result = subprocess.run([sys.executable, 'train.py', *map(str, common(trained, tmp_path / 'images')), '--scst',
-                             '--init_from', str(trained / 'ce' / 'checkpoint.pt'), '--num_epochs', '1'],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run('train.py', *map(str, common(trained, tmp_path / 'images')), '--scst',
+                             '--init_from', str(trained / 'ce' / 'checkpoint.pt'), '--num_epochs', '1')
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'reward=' in result.stderr
     image = sorted((trained / 'val').iterdir())[0]
-    result = subprocess.run([sys.executable, 'sample.py', '--checkpoint', str(tmp_path / 'images' / 'checkpoint.pt'),
-                             '--image', str(image)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = run('sample.py', '--checkpoint', str(tmp_path / 'images' / 'checkpoint.pt'),
+                             '--image', str(image), timeout=120)
     assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
 
 
@@ -170,7 +167,6 @@ def test_scst_mistakes_are_one_line_errors(trained, tmp_path):
                            (['--scst', '--init_from', str(trained / 'ce' / 'checkpoint.pt'), '--scst_baseline', 'mean',
                              '--scst_samples', '1'], '--scst_baseline mean needs --scst_samples 2 or more'),
                            (['--scst', '--init_from', str(tmp_path / 'none.pt')], 'no such file')):
-        result = subprocess.run([sys.executable, 'train.py', *map(str, common(trained, tmp_path)), *extra],
-                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        result = run('train.py', *map(str, common(trained, tmp_path)), *extra, timeout=120)
         assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
         assert result.stderr.startswith('error:') and 'Traceback' not in result.stderr

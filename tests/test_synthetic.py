@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nltk.tokenize import TreebankWordTokenizer
 from PIL import Image
 from pycocotools.coco import COCO

@@ -7,7 +7,6 @@ import math
 import os
 import stat
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -17,20 +16,16 @@ import torch
 from PIL import Image
 
 import demo
+import devices
 import synthetic
 import train as trainer
 from build_vocab import build_vocab, save_vocab
+from conftest import REPO, run
 from data_loader import CocoDataset, eval_transform, read_coco
+from decoding import caption_batches, caption_images
 from model import CheckpointError, load_captioner, read_checkpoint
-from sample import caption_batches, caption_images
 
-REPO = Path(__file__).resolve().parents[1]
 NO_GPU = not torch.cuda.is_available()
-
-
-def run(*args, cwd=REPO, env=None, timeout=300):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def error_lines(result):
@@ -61,7 +56,8 @@ def trained(tmp_path_factory):
 
 def data_flags(root):
     return ['--image_dir', root / 'data' / 'train',
-            '--caption_path', root / 'data' / 'annotations' / 'captions_train.json', '--vocab_path', root / 'vocab.json',
+            '--caption_path', root / 'data' / 'annotations' / 'captions_train.json',
+            '--vocab_path', root / 'vocab.json',
             '--weights', 'none', '--num_workers', '0']
 
 
@@ -87,14 +83,14 @@ def test_sample_before_training_says_to_train_first(tmp_path):
 
 
 def test_pick_device_refuses_devices_this_machine_lacks():
-    assert trainer.pick_device('cpu') == torch.device('cpu')
+    assert devices.pick_device('cpu') == torch.device('cpu')
     with pytest.raises(ValueError, match='not a device name; the devices here are: .*cpu'):
-        trainer.pick_device('gpu')
+        devices.pick_device('gpu')
     if NO_GPU:
         with pytest.raises(ValueError, match='no CUDA device here; the devices here are: .*cpu'):
-            trainer.pick_device('cuda')
+            devices.pick_device('cuda')
     with pytest.raises(ValueError, match='no CUDA device 99 here'):
-        trainer.pick_device('cuda:99')
+        devices.pick_device('cuda:99')
 
 
 @pytest.mark.skipif(not NO_GPU, reason='this machine has a CUDA GPU')

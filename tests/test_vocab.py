@@ -2,17 +2,17 @@
 import json
 import os
 import pickle
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from build_vocab import SPECIAL_TOKENS, Vocabulary, VocabError, build_vocab, load_vocab, save_vocab, tokenize
+from build_vocab import SPECIAL_TOKENS, VocabError, Vocabulary, build_vocab, load_vocab, save_vocab, tokenize
+from conftest import run
 
-REPO = Path(__file__).resolve().parents[1]
 TUTORIAL_VOCAB = Path(__file__).resolve().parents[2] / 'shared/data/tutorial/vocab.pkl'
 
 
@@ -64,8 +64,7 @@ def test_tokenize_needs_no_nltk_data(tmp_path):
         '    print("no punkt")\n'
         'from build_vocab import tokenize\n'
         'print(tokenize("A man riding a horse."))\n')
-    result = subprocess.run([sys.executable, '-c', script, str(tmp_path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = run('-c', script, str(tmp_path), timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ['no punkt', "['a', 'man', 'riding', 'a', 'horse', '.']"]
 
@@ -276,8 +275,7 @@ def test_missing_file_and_directory(tmp_path):
 # --- command line ------------------------------------------------------------------------------
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, 'build_vocab.py', *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return run('build_vocab.py', *map(str, args), timeout=120)
 
 
 def test_command_line_writes_the_vocabulary(tmp_path):

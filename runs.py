@@ -1,0 +1,107 @@
+"""What a training run needs besides the model and the data, shared by cross-entropy training (train.py)
+and self-critical training (scst.py): checking its paths before any time is spent, resuming from a
+checkpoint with the run's own settings and state, and stopping cleanly on Ctrl-C."""
+import os
+import signal
+from dataclasses import asdict
+
+import torch
+
+from files import CheckpointError, atomic_write, remove_stale_temporaries
+from model import CaptionerConfig, read_checkpoint
+
+# What --resume takes from the checkpoint when the flag is not given again. The model's settings must
+# match the weights, so contradicting them is an error; the schedule's may change on purpose.
+MODEL_SETTINGS = tuple(f.name for f in CaptionerConfig.flags())
+SCHEDULE_SETTINGS = ('num_epochs', 'batch_size', 'learning_rate', 'lr_schedule', 'grad_clip', 'seed', 'no_flip')
+
+
+def check_paths(args):
+    """Missing inputs and an unwritable --model_path fail here, before any time is spent."""
+    probe = os.path.join(args.model_path, f'.write_test{os.getpid()}')
+    try:
+        atomic_write(probe, lambda f: f.write(b'ok'))
+        os.remove(probe)
+    except OSError as err:
+        raise CheckpointError(f'cannot write checkpoints to {args.model_path} ({err.strerror or err})') from None
+    removed, freed = remove_stale_temporaries(args.model_path)
+    if removed:
+        print(f'removed {removed} temporary files ({freed / 2**20:.1f} MiB) that killed runs left in {args.model_path}')
+    inputs = [(args.vocab_path, 'run build_vocab.py first, or pass --vocab_path'),
+              (args.caption_path, 'run download.sh first, or pass --caption_path'),
+              (args.features, 'run extract_features.py first, or pass another --features folder'),
+              (args.val_caption_path, 'pass another --val_caption_path'),
+              (args.val_image_dir, 'run resize.py on the validation images, or pass another --val_image_dir')]
+    if args.features is None:
+        inputs.append((args.image_dir, 'run resize.py first, or pass --image_dir'))
+    for path, fix in inputs:
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f'not found: {path}: {fix}')
+    if (args.val_caption_path is None) != (args.val_image_dir is None):
+        raise ValueError('give both --val_caption_path and --val_image_dir, or neither')
+    if args.features is None and args.crop_size > args.image_size:
+        raise ValueError(f'--crop_size {args.crop_size} is larger than --image_size {args.image_size}: '
+                         'give a crop no larger than the resized images')
+
+
+def restore_settings(args, path):
+    """The checkpoint at path, after copying the run's settings from it into args, except those given as
+    flags: a given model flag that contradicts the checkpoint is an error, a given schedule flag wins."""
+    checkpoint = read_checkpoint(path)
+    lacking = [key for key in ('model_args', 'encoder', 'decoder', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch',
+                               'batches_done', 'step', 'history') if key not in checkpoint]
+    if not lacking and not isinstance(checkpoint['model_args'], dict):
+        lacking = ['model settings']
+    if lacking:
+        raise CheckpointError(f'{path}: not a checkpoint written by train.py (it has no {", ".join(lacking)}); '
+                              'resume from the checkpoint.pt in a --model_path')
+    given = set(getattr(args, 'flags_given', vars(args)))
+    saved = dict(checkpoint.get('args') or {}, **checkpoint['model_args'])
+    contradicted = []
+    for name in MODEL_SETTINGS + SCHEDULE_SETTINGS:
+        if name not in saved:
+            continue
+        if name not in given:
+            setattr(args, name, saved[name])
+        elif name in MODEL_SETTINGS and getattr(args, name) != saved[name]:
+            contradicted.append(f'--{name} {saved[name]} (not {getattr(args, name)})')
+    if contradicted:
+        raise CheckpointError(f'{path} was trained with ' + ', '.join(contradicted) + ': leave these flags out '
+                              'to resume with its settings, or start a new run in another --model_path')
+    return checkpoint
+
+
+def resume(checkpoint, path, vocab_path, config, stateful):
+    """Load a checkpoint into (encoder, decoder, optimizer, scheduler, scaler) and the random-number
+    generator; returns the position (epoch, batches done in it, step) and the history."""
+    trained_with = checkpoint['model_args']
+    if trained_with.get('vocab_size', config.vocab_size) != config.vocab_size:
+        raise CheckpointError(f'{path} was trained with a vocabulary of {trained_with["vocab_size"]} words '
+                              f'but {vocab_path} has {config.vocab_size}: pass the vocabulary it was trained with')
+    changed = [f'{k} {trained_with[k]} (now {v})' for k, v in asdict(config).items()
+               if k in trained_with and k != 'vocab_size' and trained_with[k] != v]
+    if changed:
+        raise CheckpointError(f'{path} was trained with ' + ', '.join(changed) +
+                              ': resume with the settings it was trained with')
+    try:
+        for name, thing in zip(('encoder', 'decoder', 'optimizer', 'scheduler', 'scaler'), stateful):
+            thing.load_state_dict(checkpoint[name])
+        torch.set_rng_state(checkpoint['rng'])
+        return checkpoint['epoch'], checkpoint['batches_done'], checkpoint['step'], checkpoint['history']
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f'{path}: cannot resume with these settings ({str(err).splitlines()[0]})') from None
+
+
+class StopRequest:
+    """Ctrl-C and SIGTERM set a flag; training saves a checkpoint after the current step and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
