@@ -1,6 +1,8 @@
 """The captioning model: a CNN encoder that turns an image into one embedding, and an LSTM decoder
 that writes the caption word by word starting from that embedding (Vinyals et al., "Show and Tell",
-CVPR 2015). Parameter names match the PyTorch tutorial's model, so its checkpoints load as they are.
+CVPR 2015). One CaptionerConfig describes it: train.py's flags fill it in, every checkpoint stores it,
+and build_captioner makes the model from it. Parameter names match the PyTorch tutorial's model, so its
+checkpoints load as they are.
 """
 import math
 import os
