@@ -170,7 +170,7 @@ def build_model(args, vocab_size):
         return (*build_captioner(config, args.weights), config)
     _, _, meta = open_cache(args.features)
     config = replace(config, backbone=meta['backbone'], image_size=meta['image_size'], crop_size=meta['crop_size'])
-    encoder, decoder = build_captioner(config)
+    encoder, decoder = build_captioner(replace(config, train_backbone=False))  # cached features: nothing to train
     encoder.resnet.load_state_dict(read_checkpoint(os.path.join(args.features, 'backbone.pt')))
     return encoder, decoder, config
 
