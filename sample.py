@@ -23,7 +23,7 @@ from tqdm import tqdm
 from build_vocab import VocabError, load_vocab
 from decoding import caption_batches, check_max_len
 from devices import pick_device
-from files import CheckpointError, ImageError, atomic_write, load_image
+from files import CheckpointError, ImageError, load_image, save_file
 from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
 from model import load_captioner, load_tutorial
 from onnx_captioner import load_onnx_captioner
@@ -178,10 +178,10 @@ def caption_all(args, encoder, decoder, vocab, config, device):
         bar.update(len(batch))
     bar.close()
     if args.grid and pictures:
-        atomic_write(args.grid, lambda f: grid(pictures).save(f, format='PNG'))
+        save_file(args.grid, lambda f: grid(pictures).save(f, format='PNG'))
         print(f'grid of {len(pictures)} captioned images: {args.grid}')
     if args.json:
-        atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=1).encode()))
+        save_file(args.json, lambda f: f.write(json.dumps(results, indent=1).encode()))
         print(f'captions of {len(results)} images: {args.json}')
     return failed
 
@@ -194,7 +194,7 @@ def write_picture(args, path, caption, pictures, single):
         picture = captioned_picture(path, caption)
     if args.output_dir:
         out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + '_captioned.png')
-        atomic_write(out, lambda f: picture.save(f, format='PNG'))
+        save_file(out, lambda f: picture.save(f, format='PNG'))
         line += f'  ->  {out}'
     if args.grid:
         pictures.append(picture)
@@ -212,7 +212,11 @@ def main(argv=None):
         encoder, decoder = encoder.to(device), decoder.to(device)
     if args.gates or args.gates_json:
         return show_gates(args, encoder, decoder, vocab, config, device)
-    if caption_all(args, encoder, decoder, vocab, config, device):
+    try:
+        failed = caption_all(args, encoder, decoder, vocab, config, device)
+    except CheckpointError as err:  # an output file could not be written: a full disk, a read-only folder
+        sys.exit(f'error: {err}')
+    if failed:
         sys.exit(1)
 
 

@@ -270,6 +270,19 @@ def test_a_full_disk_while_flushing_tensorboard_logs_is_one_line(trained, tmp_pa
                     '(No space left on device)')
 
 
+@pytest.mark.parametrize('output', ['--json', '--grid', '--output_dir'])
+def test_a_full_disk_while_sample_py_writes_its_outputs_is_one_line(trained, tmp_path, monkeypatch, capsys, output):
+    image = sorted((trained / 'data' / 'val').iterdir())[0]
+    target = {'--json': tmp_path / 'captions.json', '--grid': tmp_path / 'grid.png', '--output_dir': tmp_path / 'out'}
+    disk_full_for(monkeypatch, 'captions.json' if output == '--json' else 'grid.png' if output == '--grid'
+                  else f'{image.stem}_captioned.png')
+    with pytest.raises(SystemExit) as caught:
+        sample.main(['--checkpoint', str(trained / 'models' / 'checkpoint.pt'), '--image', str(image),
+                     output, str(target[output])])
+    assert_one_line(caught.value.code, 'error: could not write', 'No space left on device')
+    assert [path for path in tmp_path.rglob('*') if path.is_file()] == []  # no half file, no temporary
+
+
 def test_a_full_disk_while_writing_a_vocabulary_is_one_line(trained, tmp_path, monkeypatch, capsys):
     vocab_path = tmp_path / 'vocab.json'
     vocab_path.write_bytes((trained / 'vocab.json').read_bytes())
