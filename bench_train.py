@@ -8,8 +8,9 @@
 (c) the same as (b) under bf16 autocast (train.py --amp);
 (d) on a GPU only, the same as (c) with the LSTM's loop compiled (train.py --compile reduce-overhead).
 Also the decoder step alone (vocabulary 10,000, batch 128, COCO-like caption lengths), and the
-latency and throughput of captioning with sample.py's code. Random weights are used throughout:
-speed does not depend on what the weights are. A COCO epoch is 414,113 captions (train2014).
+latency and throughput of captioning the way sample.py does (resize, crop, greedy decoding). Random
+weights are used throughout: speed does not depend on what the weights are. A COCO epoch is 414,113
+captions (train2014).
 """
 import argparse
 import json

@@ -62,7 +62,7 @@ def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_siz
            block_trigrams=False):
     """Caption one image as sample.py does and replay its LSTM: a dict with the caption, its words and the gates.
 
-    Raises data_loader.ImageError for an unreadable image.
+    Raises files.ImageError for an unreadable image.
     """
     image = load_image(path)
     feature = encoder(eval_transform(config.image_size, config.crop_size)(image).unsqueeze(0).to(device))

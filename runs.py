@@ -10,8 +10,9 @@ import torch
 from files import CheckpointError, atomic_write, remove_stale_temporaries
 from model import CaptionerConfig, read_checkpoint
 
-# What --resume takes from the checkpoint when the flag is not given again. The model's settings must
-# match the weights, so contradicting them is an error; the schedule's may change on purpose.
+# What --resume takes from the checkpoint when the flag is not given again. The model's settings (every
+# CaptionerConfig field) describe the weights it holds, so contradicting them is an error; the schedule's
+# may change on purpose.
 MODEL_SETTINGS = tuple(f.name for f in CaptionerConfig.flags())
 SCHEDULE_SETTINGS = ('num_epochs', 'batch_size', 'learning_rate', 'lr_schedule', 'grad_clip', 'seed', 'no_flip')
 
