@@ -1,14 +1,15 @@
 """What a training run needs besides the model and the data, shared by cross-entropy training (train.py)
-and self-critical training (scst.py): checking its paths before any time is spent, resuming from a
-checkpoint with the run's own settings and state, and stopping cleanly on Ctrl-C."""
+and self-critical training (scst.py): checking its paths before any time is spent, the checkpoint it
+writes, resuming from that checkpoint with the run's own settings and state, and stopping cleanly on Ctrl-C."""
+import json
 import os
 import signal
 from dataclasses import asdict
 
 import torch
 
-from files import CheckpointError, atomic_write, remove_stale_temporaries
-from model import CaptionerConfig, read_checkpoint
+from files import CheckpointError, atomic_write, remove_stale_temporaries, save_file
+from model import CaptionerConfig, read_checkpoint, save_checkpoint
 
 # What --resume takes from the checkpoint when the flag is not given again. The model's settings (every
 # CaptionerConfig field) describe the weights it holds, so contradicting them is an error; the schedule's
@@ -43,6 +44,28 @@ def check_paths(args):
     if args.features is None and args.crop_size > args.image_size:
         raise ValueError(f'--crop_size {args.crop_size} is larger than --image_size {args.image_size}: '
                          'give a crop no larger than the resized images')
+
+
+def resume_path(args):
+    """The checkpoint --resume names: checkpoint.pt in --model_path when it names none; None without --resume."""
+    return os.path.join(args.model_path, 'checkpoint.pt') if args.resume == 'latest' else args.resume
+
+
+def checkpoint_state(run, **extra):
+    """Everything sample.py needs (config, vocabulary, weights) and everything --resume needs (optimizer,
+    position, history, random state, settings) of a run, as one dict; extra: what only one trainer has."""
+    vocab = run.vocab
+    return {'model_args': asdict(run.config), 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
+            'encoder': run.encoder.state_dict(), 'decoder': run.decoder.state_dict(),
+            'optimizer': run.optimizer.state_dict(), **extra, 'epoch': run.epoch, 'batches_done': run.batches_done,
+            'step': run.step, 'history': run.history, 'rng': torch.get_rng_state(), 'args': vars(run.args)}
+
+
+def save_run(checkpoint, model_path):
+    """checkpoint.pt and history.json in model_path, each written whole or not at all."""
+    save_checkpoint(os.path.join(model_path, 'checkpoint.pt'), checkpoint)
+    history = json.dumps(checkpoint['history']).encode()
+    save_file(os.path.join(model_path, 'history.json'), lambda f: f.write(history))
 
 
 def restore_settings(args, path):

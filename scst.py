@@ -16,11 +16,10 @@ The model sizes and the vocabulary come from the checkpoint; --init_from takes o
 fresh optimizer, from the first epoch). The encoder stays in eval mode, so its BatchNorm statistics
 stay those of cross-entropy training; its layers are trained as cross-entropy training trained them.
 """
-import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,10 +31,10 @@ import decoding
 from build_vocab import plain_words
 from data_loader import CocoDataset, FeatureDataset, ResumableSampler, batches, eval_transform, train_transform
 from devices import pick_device
-from files import CheckpointError, atomic_write
+from files import CheckpointError
 from flags import positive_float, positive_int
-from model import decode_options, ids_to_sentence, load_captioner, read_checkpoint, save_checkpoint
-from runs import StopRequest, check_paths, restore_settings, resume
+from model import decode_options, ids_to_sentence, load_captioner, read_checkpoint
+from runs import StopRequest, check_paths, checkpoint_state, restore_settings, resume, resume_path, save_run
 
 
 class Stopped(Exception):
@@ -225,30 +224,23 @@ def build_optimizer(run):
 def start_run(args):
     """A run from --init_from's weights, or where --resume's checkpoint left it."""
     check_arguments(args)
-    resume_path = os.path.join(args.model_path, 'checkpoint.pt') if args.resume == 'latest' else args.resume
-    resumed = restore_settings(args, resume_path) if resume_path else None  # the run's own settings
-    encoder, decoder, vocab, config = load_captioner(resume_path or args.init_from)
+    path = resume_path(args)
+    resumed = restore_settings(args, path) if path else None  # the run's own settings
+    encoder, decoder, vocab, config = load_captioner(path or args.init_from)
     run = Run(args, pick_device(args.device), vocab, config, encoder, decoder, from_images=args.features is None)
     torch.manual_seed(args.seed)
     load_data(run)
     build_optimizer(run)
     if resumed:
-        run.epoch, run.batches_done, run.step, run.history = resume(resumed, resume_path, None, config,
+        run.epoch, run.batches_done, run.step, run.history = resume(resumed, path, None, config,
                                                                     (encoder, decoder, run.optimizer))
-        print(f'resuming from {resume_path}: epoch {run.epoch + 1}, step {run.step}')
+        print(f'resuming from {path}: epoch {run.epoch + 1}, step {run.step}')
     return run
 
 
 def save(run):
     """checkpoint.pt, in train.py's format (so sample.py, evaluate.py and --resume read it), and history.json."""
-    vocab = run.vocab
-    checkpoint = {'model_args': asdict(run.config), 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
-                  'encoder': run.encoder.state_dict(), 'decoder': run.decoder.state_dict(),
-                  'optimizer': run.optimizer.state_dict(), 'scheduler': None, 'scaler': None,  # SCST has neither
-                  'epoch': run.epoch, 'batches_done': run.batches_done, 'step': run.step, 'history': run.history,
-                  'rng': torch.get_rng_state(), 'args': vars(run.args), 'scst': True}
-    save_checkpoint(run.checkpoint_path, checkpoint)
-    atomic_write(os.path.join(run.args.model_path, 'history.json'), lambda f: f.write(json.dumps(run.history).encode()))
+    save_run(checkpoint_state(run, scheduler=None, scaler=None, scst=True), run.args.model_path)  # no schedule
 
 
 def scst_step(run, inputs, image_ids):

@@ -13,11 +13,10 @@ after the current step, then stops. --resume takes the run's settings from the c
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -39,7 +38,7 @@ from data_loader import (
     train_transform,
 )
 from devices import any_process, setup_distributed
-from files import CheckpointError, ImageError, save_file
+from files import CheckpointError, ImageError
 from flags import HelpFormatter, count, positive_float, positive_int
 from model import (
     Captioner,
@@ -51,7 +50,7 @@ from model import (
     read_checkpoint,
     save_checkpoint,
 )
-from runs import StopRequest, check_paths, restore_settings, resume
+from runs import StopRequest, check_paths, checkpoint_state, restore_settings, resume, resume_path, save_run
 
 
 def parse_args(argv=None):
@@ -220,8 +219,8 @@ def build_optimizer(run):
 
 def start_run(args):
     """A run from scratch, or where its checkpoint left it (--resume): model, data, optimizer and logs."""
-    resume_path = os.path.join(args.model_path, 'checkpoint.pt') if args.resume == 'latest' else args.resume
-    resumed = restore_settings(args, resume_path) if args.resume else None
+    path = resume_path(args)
+    resumed = restore_settings(args, path) if path else None
     check_paths(args)
     rank, world_size, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
@@ -235,10 +234,9 @@ def start_run(args):
     build_optimizer(run)
     if resumed:
         stateful = (encoder, decoder, run.optimizer, run.scheduler, run.scaler)
-        run.epoch, run.batches_done, run.step, run.history = resume(resumed, resume_path, args.vocab_path, config,
-                                                                    stateful)
+        run.epoch, run.batches_done, run.step, run.history = resume(resumed, path, args.vocab_path, config, stateful)
         del resumed  # the weights now live in the model; the optimizer state may be large
-        report_resumed(run, resume_path)
+        report_resumed(run, path)
     if run.main_process and args.tensorboard != 'none':
         # Imported here: only training logs, and TensorBoard takes a while to import.
         from torch.utils.tensorboard import SummaryWriter
@@ -258,23 +256,11 @@ def report_resumed(run, resume_path):
         print(f'resuming from {resume_path}: epoch {run.epoch + 1}, step {run.step}')
 
 
-def checkpoint_state(run):
-    """Everything sample.py needs (config, vocabulary, weights) and everything --resume needs (optimizer,
-    schedule, scaler, position, history, random state, settings), as one dict."""
-    return {'model_args': asdict(run.config), 'vocab': [run.vocab.idx2word[i] for i in range(len(run.vocab))],
-            'encoder': run.encoder.state_dict(), 'decoder': run.decoder.state_dict(),
-            'optimizer': run.optimizer.state_dict(), 'scheduler': run.scheduler.state_dict(),
-            'scaler': run.scaler.state_dict(), 'epoch': run.epoch, 'batches_done': run.batches_done,
-            'step': run.step, 'history': run.history, 'rng': torch.get_rng_state(), 'args': vars(run.args)}
-
-
-def save_run(run):
+def save(run):
     """checkpoint.pt and history.json, written by the main process only; returns the checkpoint."""
-    checkpoint = checkpoint_state(run)
+    checkpoint = checkpoint_state(run, scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict())
     if run.main_process:
-        save_checkpoint(run.checkpoint_path, checkpoint)
-        history = json.dumps(run.history).encode()
-        save_file(os.path.join(run.args.model_path, 'history.json'), lambda f: f.write(history))
+        save_run(checkpoint, run.args.model_path)
     return checkpoint
 
 
@@ -350,11 +336,11 @@ def train_epoch(run, stop, on_step=None):
         if on_step is not None:
             on_step(run.step)
         if any_process(stop.requested, run.device, run.world_size):
-            save_run(run)
+            save(run)
             raise Interrupted(f'stopped at epoch {run.epoch + 1}, step {run.step}; checkpoint saved to '
                               f'{run.checkpoint_path}; continue with --resume')
         if args.save_step and run.step % args.save_step == 0:
-            save_run(run)
+            save(run)
     check_something_trained(run, run.batches_done - start_batches, run.step > start_step)
 
 
@@ -383,7 +369,7 @@ def end_epoch(run):
         run.writer.add_text('captions', sample_captions(run.model, run.val_set or run.loader.dataset, run.vocab,
                                                         run.device), run.step)
         tensorboard(run.writer.flush, run.log_dir)
-    checkpoint = save_run(run)
+    checkpoint = save(run)
     if improved and run.main_process:
         save_checkpoint(os.path.join(run.args.model_path, 'best.pt'), checkpoint)
     return checkpoint
