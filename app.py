@@ -16,7 +16,6 @@ import gradio as gr
 import torch
 
 import gates
-from data_loader import eval_transform
 from files import CheckpointError, ImageError
 from flags import HelpFormatter, count, positive_int
 from model import decode_options, ids_to_sentence, load_captioner
@@ -34,9 +33,7 @@ def describe(path, encoder, decoder, vocab, config, beam_size):
     except ImageError:
         name = os.path.basename(path)
         return f'error: {name} is not an image this page can read; upload a PNG or JPEG', '', '', None
-    with torch.no_grad():
-        feature = encoder(eval_transform(config.image_size, config.crop_size)(result['image'])[None])
-        beams, scores = decoder.beam_search(feature, beam_size, all_beams=True, **decode_options(vocab))
+    beams, scores = decoder.beam_search(result['feature'], beam_size, all_beams=True, **decode_options(vocab))
     rows = [f'| {rank} | {ids_to_sentence(ids, vocab)} | {score:.3f} |'
             for rank, (ids, score) in enumerate(zip(beams[0], scores[0].tolist()), start=1) if score > -float('inf')]
     table = '\n'.join([f'| beam | caption (beam size {beam_size}) | log p |', '|---:|---|---:|', *rows])

@@ -33,7 +33,7 @@ def sample(decoder, features, n=1, temperature=1.0, top_p=1.0, end_id=2, unk_id=
     finished = torch.zeros(inputs.size(0), dtype=torch.bool, device=features.device)
     said = torch.zeros(inputs.size(0), dtype=torch.long, device=features.device)
     words, log_probs, mask = [], [], []
-    for t in range(max_len or decoder.max_seq_length):
+    for t in range(decoder.decode_length(max_len)):
         scores, states = decoder.step(inputs, states)
         ruled_out = scores.new_zeros(scores.shape)  # forbid() writes -inf in place, so not into scores' graph
         decoder.forbid(ruled_out, t, said, end_id, unk_id, start_id, min_len)

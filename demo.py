@@ -40,11 +40,9 @@ def content_accuracy(encoder, decoder, vocab, config, caption_path, image_dir, b
     was_training = encoder.training
     encoder.eval(), decoder.eval()
     device = next(decoder.parameters()).device
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        objects = {os.path.join(image_dir, im['file_name']): im['objects'] for im in images[i:i + batch_size]}
-        captions, _ = caption_images(list(objects), encoder, decoder, vocab, config, device)
-        correct += sum(matches(captions.get(path, ''), objects[path]) for path in objects)
+    objects = {os.path.join(image_dir, im['file_name']): im['objects'] for im in images}
+    captions, _ = caption_images(list(objects), encoder, decoder, vocab, config, device, batch_size=batch_size)
+    correct = sum(matches(captions.get(path, ''), objects[path]) for path in objects)
     encoder.train(was_training), decoder.train(was_training)
     return correct / len(images)
 

@@ -16,6 +16,7 @@ need Java; without it METEOR is skipped and captions are tokenized in Python ins
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from build_vocab import VocabError, plain_words
 from data_loader import read_coco
-from decoding import caption_images, check_max_len
+from decoding import caption_batches, check_max_len
 from devices import pick_device
 from files import CheckpointError, atomic_write
 from flags import HelpFormatter, nonnegative_float, positive_int
@@ -117,12 +118,11 @@ def main(argv=None):
         sys.exit(f'error: {err}')
 
     results, failed = {}, 0
-    for i in tqdm(range(0, len(image_ids), args.batch_size), desc='captioning', unit='batch'):
-        chunk = image_ids[i:i + args.batch_size]
-        paths = {os.path.join(args.image_dir, coco.imgs[image_id]['file_name']): image_id for image_id in chunk}
-        captions, errors = caption_images(list(paths), encoder, decoder, vocab, config, device, args.max_seq_length,
-                                          args.beam_size, args.length_penalty, args.batch_size, args.min_len,
-                                          args.block_trigrams)
+    paths = {os.path.join(args.image_dir, coco.imgs[image_id]['file_name']): image_id for image_id in image_ids}
+    batches = caption_batches(list(paths), encoder, decoder, vocab, config, device, args.max_seq_length,
+                              args.beam_size, args.length_penalty, args.batch_size, args.min_len, args.block_trigrams)
+    for _, captions, errors in tqdm(batches, total=math.ceil(len(paths) / args.batch_size), desc='captioning',
+                                    unit='batch'):
         results.update({paths[path]: caption for path, caption in captions.items()})
         for message in errors.values():
             tqdm.write(f'error: {message}', file=sys.stderr)

@@ -60,7 +60,8 @@ def replay(decoder, feature, ids):
 @torch.no_grad()
 def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0, min_len=1,
            block_trigrams=False):
-    """Caption one image as sample.py does and replay its LSTM: a dict with the caption, its words and the gates.
+    """Caption one image as sample.py does and replay its LSTM: a dict with the image, its feature, the
+    caption, its words and the gates.
 
     Raises files.ImageError for an unreadable image.
     """
@@ -75,7 +76,7 @@ def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_siz
     ids = ids[:int(ends[0]) + 1] if len(ends) else ids  # up to and including the first <end>
     layers = replay(decoder, feature[0], ids)
     log_probs = decoder.linear(layers[-1]['h']).log_softmax(-1).gather(1, ids.unsqueeze(1)).squeeze(1)
-    return dict(image=image, caption=ids_to_sentence(ids.cpu(), vocab), ids=ids.cpu(),
+    return dict(image=image, feature=feature.cpu(), caption=ids_to_sentence(ids.cpu(), vocab), ids=ids.cpu(),
                 words=[vocab.idx2word[int(i)] for i in ids], log_probs=log_probs.cpu(),
                 layers=[{key: value.cpu() for key, value in layer.items()} for layer in layers],
                 decoding=f'beam search, beam {beam_size}' if beam_size > 1 else 'greedy')
