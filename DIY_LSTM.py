@@ -478,7 +478,7 @@ class LSTM(nn.Module):
             if layer > 0 and self.dropout > 0 and self.training:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
             outputs = []
-            for direction in range(self.num_directions):
+            for direction in directions:
                 suffix, index = self._suffix(layer, direction), layer * self.num_directions + direction
                 bias = getattr(self, 'bias_ih' + suffix) + getattr(self, 'bias_hh' + suffix) if self.bias else None
                 z_x = _input_product(layer_input, getattr(self, 'weight_ih' + suffix), bias)  # all steps at once

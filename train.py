@@ -158,6 +158,10 @@ class Run:
         return os.path.join(self.args.model_path, 'checkpoint.pt')
 
     @property
+    def steps_per_epoch(self):
+        return math.ceil(self.sampler.num_samples / self.args.batch_size)  # each process's share, in batches
+
+    @property
     def log_dir(self):
         return self.args.tensorboard or os.path.join(self.args.model_path, 'tensorboard')
 
@@ -208,7 +212,7 @@ def build_optimizer(run):
     trained = [encoder.linear, encoder.bn, run.decoder] + ([encoder.resnet] if args.train_backbone else [])
     run.params = [p for module in trained for p in module.parameters()]
     run.optimizer = torch.optim.Adam(run.params, lr=args.learning_rate)
-    total_steps = math.ceil(run.sampler.num_samples / args.batch_size) * args.num_epochs
+    total_steps = run.steps_per_epoch * args.num_epochs
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, lambda step: lr_factor(step, args.lr_schedule, total_steps))
     if args.amp:
@@ -318,7 +322,7 @@ def train_epoch(run, stop, on_step=None):
     run.sampler.start(run.epoch, run.batches_done)
     start_step, start_batches = run.step, run.batches_done
     bar = tqdm(run.loader, desc=f'epoch {run.epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
-               initial=run.batches_done, total=math.ceil(run.sampler.num_samples / args.batch_size),
+               initial=run.batches_done, total=run.steps_per_epoch,
                disable=not run.main_process)
     for inputs, captions, lengths, errors in bar:
         if args.compile == 'reduce-overhead':
