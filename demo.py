@@ -11,7 +11,7 @@
 
     python demo.py --hard
 
-does the same on the harder set of synthetic_hard.py (data/synthetic_hard, models/demo_hard), where
+does the same on the hard shapes set of synthetic/hard.py (data/synthetic_hard, models/demo_hard), where
 content accuracy counts every object and the caption must also name how many there are; it prints a few
 held-out captions instead of captioning the example.
 """
@@ -22,18 +22,17 @@ import time
 
 import torch
 
-import synthetic
-import synthetic_hard
 import train as trainer
 from build_vocab import build_vocab, save_vocab
 from decoding import caption_images
 from flags import HelpFormatter, count, positive_float, positive_int
 from model import CaptionerConfig, load_captioner, save_checkpoint
 from sample import captioned_picture
+from synthetic import easy, hard, make_synthetic_coco
 
 
 def content_accuracy(encoder, decoder, vocab, config, caption_path, image_dir, batch_size=250,
-                     matches=synthetic.content_matches):
+                     matches=easy.content_matches):
     """Share of images whose greedy caption names exactly their objects (sizes, colours, shapes)."""
     with open(caption_path) as f:
         images = json.load(f)['images']
@@ -56,7 +55,7 @@ def learned_enough(accuracies, target=0.95, patience=2):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--hard', action='store_true', help='the harder set of synthetic_hard.py')
+    parser.add_argument('--hard', action='store_true', help='the hard shapes set of synthetic/hard.py')
     parser.add_argument('--root', default=None,
                         help='where the synthetic set goes (default: data/synthetic, or data/synthetic_hard)')
     parser.add_argument('--model_path', default=None,
@@ -76,6 +75,7 @@ def parse_args():
     suffix = '_hard' if args.hard else ''
     args.root = args.root or f'data/synthetic{suffix}'
     args.model_path = args.model_path or f'models/demo{suffix}'
+    args.kind = hard if args.hard else easy
     return args
 
 
@@ -100,7 +100,7 @@ def train_most_accurate(args, vocab, best_path):
     have passed, keeping the most accurate epoch in best_path (train.py's best.pt is the epoch of lowest
     validation loss); returns the accuracy of each epoch."""
     val_json = os.path.join(args.root, 'annotations', 'captions_val.json')
-    matches = synthetic_hard.content_matches if args.hard else synthetic.content_matches
+    matches = args.kind.content_matches
     accuracies, train_start = [], time.time()
 
     def on_epoch_end(epoch, encoder, decoder, checkpoint):
@@ -126,8 +126,7 @@ def main():
     args = parse_args()
     start = time.time()
     torch.set_num_threads(os.cpu_count())
-    synthetic.make_synthetic_coco(args.root, args.num_train, args.num_val, image_size=64, seed=args.seed,
-                                  hard=args.hard)
+    make_synthetic_coco(args.root, args.num_train, args.num_val, image_size=64, seed=args.seed, kind=args.kind)
     vocab = build_vocab(os.path.join(args.root, 'annotations', 'captions_train.json'), threshold=1)
     save_vocab(vocab, os.path.join(args.root, 'vocab.json'))
     print(f'{len(vocab)} words in the vocabulary ({time.time() - start:.0f} s so far)')
@@ -146,7 +145,7 @@ def main():
     else:
         example = os.path.join(args.png_dir, 'example.png')
         if not os.path.exists(example):
-            synthetic.write_example(example)
+            easy.write_example(example)
         captions, _ = caption_images([example], encoder, decoder, vocab, config, torch.device('cpu'))
         out = os.path.join(args.png_dir, 'example_captioned.png')
         captioned_picture(example, captions[example]).save(out)

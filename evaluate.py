@@ -29,10 +29,10 @@ from tqdm import tqdm
 from build_vocab import VocabError, plain_words
 from data_loader import read_coco
 from decoding import caption_batches, check_max_len
-from devices import pick_device
 from files import CheckpointError, atomic_write
 from flags import HelpFormatter, nonnegative_float, positive_int
 from model import load_captioner
+from runs import pick_device
 
 
 def select_images(coco, split_file=None, split='test'):

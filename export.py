@@ -17,10 +17,10 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from decoding import ONNX_FILES
 from files import CheckpointError, atomic_write
 from flags import HelpFormatter
 from model import load_captioner
-from onnx_captioner import FILES
 
 
 class DecoderStep(nn.Module):
@@ -73,7 +73,7 @@ def main(argv=None):
         export(args.checkpoint, args.output_dir)
     except (CheckpointError, OSError) as err:
         sys.exit(f'error: {err}')
-    print(f'wrote {", ".join(os.path.join(args.output_dir, name) for name in FILES)}')
+    print(f'wrote {", ".join(os.path.join(args.output_dir, name) for name in ONNX_FILES)}')
 
 
 if __name__ == '__main__':

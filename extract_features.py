@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data_loader import eval_transform, open_cache, read_coco
-from devices import pick_device
 from files import CheckpointError, ImageError, load_image, save_file
 from flags import HelpFormatter, count, positive_int
 from model import EncoderCNN, read_checkpoint, save_checkpoint
+from runs import pick_device
 
 
 class ImageFolderByIds(Dataset):

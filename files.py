@@ -1,4 +1,4 @@
-"""Reading images and writing files safely. No torch here, so build_vocab.py, resize.py and synthetic.py
+"""Reading images and writing files safely. No torch here, so build_vocab.py, resize.py and the synthetic package
 start fast."""
 import os
 import re

@@ -1,5 +1,5 @@
 """argparse helpers every script shares. No torch here, so the scripts that do not need it
-(build_vocab.py, resize.py, synthetic.py, plot_history.py) start fast."""
+(build_vocab.py, resize.py, python -m synthetic, plot_history.py) start fast."""
 import argparse
 import math
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-import synthetic
 from data_loader import eval_transform
 from files import CheckpointError, ImageError, atomic_write, load_image
 from flags import HelpFormatter
 from model import decode_options, ids_to_sentence, load_captioner
+from synthetic import easy
 
 # What each heatmap shows, in the letters of DIY_LSTM.py, its colour map and its range.
 PANELS = (('g', 'input gate g', 'viridis', 0, 1), ('f', 'forget gate f', 'viridis', 0, 1),
@@ -159,8 +159,8 @@ def step_labels(words):
     """Two yes/no questions for each step of a synthetic caption, None where a question does not apply:
     'the colour word is next' (the next word is a colour), and 'a second object is coming' (asked only up to the
     first shape word: does the caption go on to name a second object?)."""
-    colour_next = [float(later in synthetic.COLOURS) for later in words[1:]] + [0.0]
-    shapes = [i for i, word in enumerate(words) if word in synthetic.SHAPES]
+    colour_next = [float(later in easy.COLOURS) for later in words[1:]] + [0.0]
+    shapes = [i for i, word in enumerate(words) if word in easy.SHAPES]
     second = [float(len(shapes) > 1) if shapes and i <= shapes[0] else None for i in range(len(words))]
     return {'the colour word is next': colour_next, 'a second object is coming': second}
 

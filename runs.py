@@ -1,15 +1,69 @@
-"""What a training run needs besides the model and the data, shared by cross-entropy training (train.py)
-and self-critical training (scst.py): checking its paths before any time is spent, the checkpoint it
-writes, resuming from that checkpoint with the run's own settings and state, and stopping cleanly on Ctrl-C."""
+"""Where the work runs and what a training run needs besides the model and the data.
+
+The device (for every script) and the processes torchrun starts; then what cross-entropy training
+(train.py) and self-critical training (scst.py) share: checking the paths before any time is spent, the
+checkpoint a run writes, resuming from it with the run's own settings and state, and stopping cleanly on
+Ctrl-C."""
 import json
 import os
 import signal
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 
 from files import CheckpointError, atomic_write, remove_stale_temporaries, save_file
 from model import CaptionerConfig, read_checkpoint, save_checkpoint
+
+
+def devices_here():
+    return [f'cuda:{i}' for i in range(torch.cuda.device_count())] + \
+        (['mps'] if torch.backends.mps.is_available() else []) + ['cpu']
+
+
+def pick_device(name=None):
+    """The device named, if this machine has it (else a ValueError that lists those it has), or the best one."""
+    if not name:
+        return torch.device('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available()
+                            else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'--device {name}: not a device name; the devices here are: '
+                         f'{", ".join(devices_here())}') from None
+    missing = {'cuda': device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count(),
+               'mps': device.type == 'mps' and not torch.backends.mps.is_available()}
+    if any(missing.values()):
+        kind = 'CUDA device' if device.type == 'cuda' else 'MPS (Apple GPU) device'
+        if device.index:
+            kind = f'{kind} {device.index}'
+        raise ValueError(f'--device {name}: there is no {kind} here; the devices here are: {", ".join(devices_here())}')
+    return device
+
+
+def setup_distributed(device_name=None):
+    """(rank, world size, device): torchrun's environment variables choose DDP, NCCL on GPU, gloo on CPU."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size == 1:
+        return 0, 1, pick_device(device_name)
+    local_rank = int(os.environ['LOCAL_RANK'])
+    if torch.cuda.is_available() and device_name != 'cpu':
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device('cuda', local_rank), 'nccl'
+    else:
+        device, backend = torch.device('cpu'), 'gloo'
+    dist.init_process_group(backend)
+    return dist.get_rank(), world_size, device
+
+
+def any_process(flag, device, world_size):
+    """Whether flag is true in any process, so that all of them take the same branch at the same step."""
+    if world_size == 1:
+        return flag
+    tensor = torch.tensor(float(flag), device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
 
 # What --resume takes from the checkpoint when the flag is not given again. The model's settings (every
 # CaptionerConfig field) describe the weights it holds, so contradicting them is an error; the schedule's

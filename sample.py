@@ -21,12 +21,11 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from build_vocab import VocabError, load_vocab
-from decoding import caption_batches, check_max_len
-from devices import pick_device
+from decoding import caption_batches, check_max_len, load_onnx_captioner
 from files import CheckpointError, ImageError, load_image, save_file
 from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
 from model import load_captioner, load_tutorial
-from onnx_captioner import load_onnx_captioner
+from runs import pick_device
 
 
 def image_paths(names):

@@ -30,11 +30,19 @@ from tqdm import tqdm
 import decoding
 from build_vocab import plain_words
 from data_loader import CocoDataset, FeatureDataset, ResumableSampler, batches, eval_transform, train_transform
-from devices import pick_device
 from files import CheckpointError
 from flags import positive_float, positive_int
 from model import decode_options, ids_to_sentence, load_captioner, read_checkpoint
-from runs import StopRequest, check_paths, checkpoint_state, restore_settings, resume, resume_path, save_run
+from runs import (
+    StopRequest,
+    check_paths,
+    checkpoint_state,
+    pick_device,
+    restore_settings,
+    resume,
+    resume_path,
+    save_run,
+)
 
 
 class Stopped(Exception):

@@ -37,7 +37,6 @@ from data_loader import (
     open_cache,
     train_transform,
 )
-from devices import any_process, setup_distributed
 from files import CheckpointError, ImageError
 from flags import HelpFormatter, count, positive_float, positive_int
 from model import (
@@ -50,7 +49,17 @@ from model import (
     read_checkpoint,
     save_checkpoint,
 )
-from runs import StopRequest, check_paths, checkpoint_state, restore_settings, resume, resume_path, save_run
+from runs import (
+    StopRequest,
+    any_process,
+    check_paths,
+    checkpoint_state,
+    restore_settings,
+    resume,
+    resume_path,
+    save_run,
+    setup_distributed,
+)
 
 
 def parse_args(argv=None):

@@ -6,8 +6,9 @@ import torch
 
 import train as trainer
 from conftest import learning_args, run
+from decoding import ONNX_FILES as FILES
+from decoding import load_onnx_captioner
 from model import load_captioner
-from onnx_captioner import FILES, load_onnx_captioner
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')

@@ -10,10 +10,6 @@ import sys
 import pytest
 import torch
 
-import bench_lstm
-import bench_resize
-import bench_sample
-import bench_train
 import build_vocab
 import demo
 import evaluate
@@ -24,6 +20,10 @@ import resize
 import sample
 import synthetic
 import train as trainer
+from bench import lstm as bench_lstm
+from bench import resize as bench_resize
+from bench import sample as bench_sample
+from bench import train as bench_train
 from build_vocab import VocabError, load_vocab
 from data_loader import CocoDataset, eval_transform
 from files import load_image

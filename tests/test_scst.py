@@ -16,16 +16,17 @@ import train as trainer
 from build_vocab import build_vocab, plain_words, save_vocab
 from conftest import REPO, run
 from model import read_checkpoint
+from synthetic import easy
 
 
 def references_and_captions(seed=0, images=40):
     rng = np.random.default_rng(seed)
     references, captions = {}, {}
     for image_id in range(images):
-        objects = synthetic.random_scene(rng, 64)
+        objects = easy.random_scene(rng, 64)
         # in plain words, as evaluate.py hands them to pycocoevalcap without Java
-        references[image_id] = [plain_words(c) for c in synthetic.captions_for(objects, rng)]
-        other = plain_words(synthetic.captions_for(synthetic.random_scene(rng, 64), rng)[0])
+        references[image_id] = [plain_words(c) for c in easy.captions_for(objects, rng)]
+        other = plain_words(easy.captions_for(easy.random_scene(rng, 64), rng)[0])
         captions[image_id] = [references[image_id][0], other, 'a large', ''][image_id % 4]
     return references, captions
 

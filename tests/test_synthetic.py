@@ -11,7 +11,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import synthetic
-from synthetic import COLOURS, SHAPES, SIZES, captions_for, content_matches, parse_caption, random_scene
+from synthetic import draw, easy
+from synthetic.easy import COLOURS, SHAPES, SIZES, captions_for, content_matches, parse_caption, random_scene
 
 
 def triples(objects):
@@ -34,7 +35,7 @@ def test_every_caption_names_the_objects_left_to_right():
             assert parse_caption(caption) == triples(objects)
             assert content_matches(caption, objects)
         used.update(captions)
-    for template in synthetic.ONE + synthetic.TWO:  # every template was exercised
+    for template in easy.ONE + easy.TWO:  # every template was exercised
         words = template.replace('{}', '').split()
         assert any(all(word in caption.split() for word in words) for caption in used), template
 
@@ -42,7 +43,7 @@ def test_every_caption_names_the_objects_left_to_right():
 def test_more_captions_than_templates_reuse_them():
     objects = [{'shape': 'circle', 'colour': 'red', 'size': 'small', 'diameter': 16, 'x': 30, 'y': 30}]
     captions = captions_for(objects, np.random.default_rng(0), n=9)
-    assert len(captions) == 9 and len(set(captions)) == len(synthetic.ONE)
+    assert len(captions) == 9 and len(set(captions)) == len(easy.ONE)
 
 
 def test_treebank_tokenizer_splits_captions_on_spaces():
@@ -112,12 +113,12 @@ def test_scenes_are_inside_apart_and_unambiguous(size):
         for obj in objects:
             low, high = SIZES[obj['size']]
             assert low * scale - 1 <= obj['diameter'] <= high * scale + 1
-            x0, y0, x1, y1 = synthetic._box(obj)
+            x0, y0, x1, y1 = draw.box(obj)
             assert 0 < x0 and 0 < y0 and x1 < size - 1 and y1 < size - 1
         if len(objects) == 2:
             a, b = objects
             assert b['x'] - a['x'] >= 12 * scale
-            assert synthetic._apart(synthetic._box(a), synthetic._box(b), 2 * scale)
+            assert draw.apart(draw.box(a), draw.box(b), 2 * scale)
             assert triples([a]) != triples([b])
     assert 150 < counts[1] < 250
 
@@ -125,7 +126,7 @@ def test_scenes_are_inside_apart_and_unambiguous(size):
 @pytest.mark.parametrize('size', [64, 96])
 def test_images_show_each_object_in_its_colour(size):
     for objects, rng in scenes(100, seed=2, size=size):
-        image = synthetic.render_image(objects, rng, size)
+        image = easy.render_image(objects, rng, size)
         assert image.size == (size, size) and image.mode == 'RGB'
         pixels = np.asarray(image, dtype=float)
         for obj in objects:
@@ -137,7 +138,7 @@ def test_images_show_each_object_in_its_colour(size):
 
 def test_write_example(tmp_path):
     path = tmp_path / 'png' / 'example.png'
-    objects = synthetic.write_example(str(path))
+    objects = easy.write_example(str(path))
     with Image.open(path) as image:
         assert image.size == (64, 64) and image.mode == 'RGB'
         pixels = np.asarray(image, dtype=float)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import synthetic
-import synthetic_hard
-from synthetic_hard import captions_for, content_matches, parse_caption, random_scene, relations, render_image
+from synthetic import hard as synthetic_hard
+from synthetic.hard import captions_for, content_matches, parse_caption, random_scene, relations, render_image
 
 
 def scenes(count, seed=0):
@@ -80,7 +80,7 @@ def test_images_show_solid_and_hollow_shapes_in_their_colours():
 
 def test_the_hard_set_is_written_in_coco_format_and_the_easy_one_is_unchanged(tmp_path):
     train, val = synthetic.make_synthetic_coco(str(tmp_path / 'hard'), num_train=12, num_val=4, seed=3,
-                                               progress=False, hard=True)
+                                               progress=False, kind=synthetic_hard)
     with open(train) as f:
         dataset = json.load(f)
     assert dataset['info']['parameters']['hard'] == synthetic_hard.VERSION

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import demo
-import devices
+import runs as devices
 import synthetic
 import train as trainer
 from build_vocab import build_vocab, save_vocab
@@ -301,8 +301,9 @@ def test_val_max_images_validates_on_a_fixed_subset(trained):
 
 # --- --help, and the demo's stopping rule -------------------------------------------------------
 
-SCRIPTS = ['train', 'sample', 'evaluate', 'extract_features', 'build_vocab', 'resize', 'synthetic', 'plot_history',
-           'demo', 'export', 'gates', 'app', 'bench_lstm', 'bench_resize', 'bench_train', 'bench_sample', 'bench_onnx']
+SCRIPTS = ['train', 'sample', 'evaluate', 'extract_features', 'build_vocab', 'resize', 'synthetic.__main__',
+           'plot_history', 'demo', 'export', 'gates', 'app',
+           'bench.lstm', 'bench.resize', 'bench.train', 'bench.sample', 'bench.onnx']
 
 
 def test_every_script_shows_defaults_and_explains_every_flag(monkeypatch):

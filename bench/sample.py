@@ -1,7 +1,7 @@
 """Peak memory of sample.py as the number of images grows. It captions --batch_size images at a time,
 so a folder of 500 images should need no more memory than one of 50.
 
-    python bench_sample.py                     # 50 and 500 COCO-sized images, ResNet-152, batches of 32
+    python -m bench.sample                     # 50 and 500 COCO-sized images, ResNet-152, batches of 32
 
 Each row is a fresh `python sample.py --image FOLDER` process; its peak resident memory is what the
 operating system reports for it when it ends (ru_maxrss). The last row captions the small folder in a

@@ -4,8 +4,8 @@ A model with random weights at the given sizes is saved as a checkpoint, exporte
 both captioners caption the same batch of random images (encoder, then greedy decoding or beam search).
 Repeats alternate between the two, and the table gives medians.
 
-    python bench_onnx.py                                     # ResNet-152, hidden 512, 10,000 words (the tutorial's)
-    python bench_onnx.py --backbone smallcnn --image_size 64 --hidden_size 256   # the demo's sizes
+    python -m bench.onnx                                     # ResNet-152, hidden 512, 10,000 words (the tutorial's)
+    python -m bench.onnx --backbone smallcnn --image_size 64 --hidden_size 256   # the demo's sizes
 """
 import argparse
 import os
@@ -16,10 +16,10 @@ from dataclasses import asdict
 
 import torch
 
+from decoding import load_onnx_captioner
 from export import export
 from flags import HelpFormatter, positive_int
 from model import CaptionerConfig, build_captioner, load_captioner, save_checkpoint
-from onnx_captioner import load_onnx_captioner
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""The harder synthetic set (synthetic.py --hard): one to four shapes per image, more attributes,
+"""The hard shapes set (python -m synthetic --hard): one to four shapes per image, more attributes,
 spatial relations and counts, and five references per image that differ in wording and order.
 
 An object is (size, fill, colour, shape); identical objects are counted ("two big red circles").
@@ -7,13 +7,15 @@ and relations, and, when its first two groups are single objects, often says whe
 to the other ("to the left of", "above", "under", "next to"...). parse_caption reads back which
 objects a caption names, whatever the wording, so content_matches can score a caption.
 """
+from synthetic import easy
+from synthetic.draw import apart, background, box, pick, shade
 
-from synthetic import COLOURS as EASY_COLOURS
-from synthetic import _apart, _pick, background, shade
-
-VERSION = 1  # bump when the images or captions change, so cached sets are regenerated
+VERSION = 1  # bump when the images or captions change, so cached sets are made again
+# It draws as the easy set does, so the easy set's version is recorded too; 'hard' tells the kinds apart.
+PARAMETERS = {'version': easy.VERSION, 'hard': VERSION}
+DESCRIPTION = 'synthetic shapes, hard'
 SHAPES = ('circle', 'square', 'triangle', 'diamond')
-COLOURS = dict(EASY_COLOURS, orange=(245, 130, 20))
+COLOURS = dict(easy.COLOURS, orange=(245, 130, 20))
 SIZES = {'small': (10, 13), 'large': (17, 21)}  # diameter range in pixels at 64 x 64
 FILLS = ('solid', 'hollow')
 SIZE_WORDS = {'small': ('small', 'little'), 'large': ('large', 'big')}
@@ -23,11 +25,6 @@ RELATION_WORDS = {'left': ('to the left of', 'left of'), 'right': ('to the right
                   'above': ('above', 'over'), 'below': ('below', 'under'), 'near': ('next to', 'beside')}
 OPENINGS = ('{}', 'there {} {}', 'a picture of {}', 'an image with {}', 'this image shows {}')
 REPEAT = 0.35  # chance that an object copies an earlier one's attributes, so counts are common
-
-
-def _box(obj):
-    x0, y0 = obj['x'] - obj['diameter'] // 2, obj['y'] - obj['diameter'] // 2
-    return x0, y0, x0 + obj['diameter'] - 1, y0 + obj['diameter'] - 1
 
 
 def attributes(obj):
@@ -41,16 +38,16 @@ def random_scene(rng, size=64):
         objects = []
         for _ in range(count):
             if objects and rng.random() < REPEAT:
-                size_name, fill, colour, shape = attributes(_pick(rng, objects))
+                size_name, fill, colour, shape = attributes(pick(rng, objects))
             else:
-                size_name, fill, colour, shape = (_pick(rng, list(SIZES)), _pick(rng, FILLS),
-                                                  _pick(rng, list(COLOURS)), _pick(rng, SHAPES))
+                size_name, fill, colour, shape = (pick(rng, list(SIZES)), pick(rng, FILLS),
+                                                  pick(rng, list(COLOURS)), pick(rng, SHAPES))
             diameter = int(round(rng.uniform(*SIZES[size_name]) * scale))
             low, high = diameter // 2 + 1, size - 1 - diameter + diameter // 2
             for _ in range(50):
                 obj = {'shape': shape, 'colour': colour, 'size': size_name, 'fill': fill, 'diameter': diameter,
                        'x': int(rng.integers(low, high + 1)), 'y': int(rng.integers(low, high + 1))}
-                if all(_apart(_box(obj), _box(other), 2 * scale) for other in objects):
+                if all(apart(box(obj), box(other), 2 * scale) for other in objects):
                     objects.append(obj)
                     break
             else:
@@ -66,7 +63,7 @@ def render_image(objects, rng, size=64):
     for obj in objects:
         colour = shade(COLOURS[obj['colour']], rng)
         style = {'fill': colour} if obj['fill'] == 'solid' else {'outline': colour, 'width': width}
-        x0, y0, x1, y1 = _box(obj)
+        x0, y0, x1, y1 = box(obj)
         xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
         if obj['shape'] == 'circle':
             draw.ellipse((x0, y0, x1, y1), **style)
@@ -99,7 +96,7 @@ def relations(a, b, scale=1.0):
 
 def phrase(group, rng):
     (size, fill, colour, shape), members = group
-    words = [COUNT_WORDS[len(members)], _pick(rng, SIZE_WORDS[size]), _pick(rng, FILL_WORDS[fill]), colour,
+    words = [COUNT_WORDS[len(members)], pick(rng, SIZE_WORDS[size]), pick(rng, FILL_WORDS[fill]), colour,
              shape + ('s' if len(members) > 1 else '')]
     return ' '.join(word for word in words if word)
 
@@ -109,10 +106,10 @@ def one_caption(objects, rng, size=64):
     groups = [groups[i] for i in rng.permutation(len(groups))]
     parts = [phrase(group, rng) for group in groups]
     if len(groups) >= 2 and len(groups[0][1]) == len(groups[1][1]) == 1 and rng.random() < 0.6:
-        relation = _pick(rng, relations(groups[0][1][0], groups[1][1][0], size / 64))
-        parts[:2] = [f'{parts[0]} {_pick(rng, RELATION_WORDS[relation])} {parts[1]}']
+        relation = pick(rng, relations(groups[0][1][0], groups[1][1][0], size / 64))
+        parts[:2] = [f'{parts[0]} {pick(rng, RELATION_WORDS[relation])} {parts[1]}']
     body = parts[0] if len(parts) == 1 else ' , '.join(parts[:-1]) + ' and ' + parts[-1]
-    opening = _pick(rng, OPENINGS)
+    opening = pick(rng, OPENINGS)
     if opening.startswith('there'):
         return opening.format('is' if len(groups[0][1]) == 1 else 'are', body) + ' .'
     return opening.format(body) + ' .'

@@ -5,8 +5,8 @@ after LSTM.compile_loop(). Each repeat times them back to back, in rotating orde
 hits all alike; the table reports medians and the ratios of the medians to nn.LSTM (below 1.00 means
 DIY_LSTM is faster).
 
-    python bench_lstm.py                  # CPU, 2 threads, float32
-    python bench_lstm.py --device cuda    # on a GPU, against cuDNN; compiled with CUDA graphs
+    python -m bench.lstm                  # CPU, 2 threads, float32
+    python -m bench.lstm --device cuda    # on a GPU, against cuDNN; compiled with CUDA graphs
 """
 import argparse
 import os

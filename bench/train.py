@@ -1,6 +1,6 @@
 """Training and captioning speed at COCO scale, measured on this machine in one run.
 
-    python bench_train.py      # on the GPU when there is one, where it also runs bench_lstm.py against cuDNN
+    python -m bench.train      # on the GPU when there is one, where it also runs bench/lstm.py against cuDNN
 
 (a) the tutorial-style pipeline: decode a resized JPEG, random crop and flip, ResNet-152 forward,
     then the decoder's forward and backward, for every caption of every epoch;
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import bench_lstm
+from bench import lstm as bench_lstm
 from data_loader import FeatureDataset, batches, eval_transform, train_transform
 from files import load_image
 from flags import HelpFormatter, positive_int

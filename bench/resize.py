@@ -8,8 +8,8 @@ images per second and its ratio to the tutorial's; below it, how far resize.py's
 tutorial's (mean absolute difference, 0-255), i.e. what draft decoding costs in quality. The
 process speed-up needs idle cores: on a shared machine, check the load first.
 
-    python bench_resize.py                                             # COCO-sized 640x480 photos
-    python bench_resize.py --width 2048 --height 1536 --num_images 50  # big photos, where draft helps
+    python -m bench.resize                                             # COCO-sized 640x480 photos
+    python -m bench.resize --width 2048 --height 1536 --num_images 50  # big photos, where draft helps
 """
 import argparse
 import contextlib
@@ -106,7 +106,7 @@ def main():
     for (label, _), rate in zip(methods, medians):
         print(f'| {label} | {rate:.0f} | {rate / medians[0]:.2f}x |')
     print(f'\nmean pixel difference, resize.py vs tutorial: {difference:.2f} / 255')
-    print(f'command: python bench_resize.py --num_images {args.num_images} --width {args.width} '
+    print(f'command: python -m bench.resize --num_images {args.num_images} --width {args.width} '
           f'--height {args.height} --image_size {args.image_size} --repeats {args.repeats} --workers {args.workers}')
 
 
