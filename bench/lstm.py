@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import DIY_LSTM
+import lstm_loops
 from DIY_LSTM import LSTM
 from flags import HelpFormatter, positive_int
 
@@ -85,7 +85,7 @@ def cpu_libraries():
     config = torch.__config__.show()
     blas = re.search(r'BLAS_INFO=(\w+)', config)
     onednn = re.search(r'MKL-DNN (v[\d.]+)', config)
-    diy_matmul = 'onednn' if DIY_LSTM._onednn_ops_work() and torch.backends.mkldnn.enabled else 'addmm'
+    diy_matmul = 'onednn' if lstm_loops._onednn_ops_work() and torch.backends.mkldnn.enabled else 'addmm'
     text = (f'cpu_capability={torch.backends.cpu.get_cpu_capability()} blas={blas.group(1) if blas else "unknown"} '
             f'mkl={torch.backends.mkl.is_available()} onednn={onednn.group(1) if onednn else "none"} '
             f'DIY_LSTM matmul={diy_matmul}')

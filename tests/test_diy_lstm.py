@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-import DIY_LSTM
+import lstm_loops
 from DIY_LSTM import LSTM, LSTMCell
 
 
@@ -362,8 +362,8 @@ def test_float32_matmul_through_onednn_or_its_fallback_matches_nn_lstm(steps, gr
             raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute")
         monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise', missing)
         monkeypatch.setattr(torch.ops.mkldnn, '_reorder_linear_weight', missing)
-        monkeypatch.setattr(DIY_LSTM, '_onednn_ops_work', functools.cache(DIY_LSTM._onednn_ops_work.__wrapped__))
-        assert not DIY_LSTM._onednn_ops_work()
+        monkeypatch.setattr(lstm_loops, '_onednn_ops_work', functools.cache(lstm_loops._onednn_ops_work.__wrapped__))
+        assert not lstm_loops._onednn_ops_work()
     torch.manual_seed(7)
     ref = nn.LSTM(16, 32, batch_first=True, proj_size=proj_size, dtype=torch.float32)
     diy = LSTM(16, 32, batch_first=True, proj_size=proj_size, dtype=torch.float32)
@@ -509,8 +509,8 @@ def test_gradgradcheck_plain_packed_and_projected():
 
 def test_first_order_backward_stays_on_the_hand_written_loop(monkeypatch):
     """Without create_graph the fast backward runs, never the differentiable fallback."""
-    import DIY_LSTM
-    monkeypatch.setattr(DIY_LSTM, '_differentiable_backward', lambda *args: pytest.fail('fallback used'))
+    import lstm_loops
+    monkeypatch.setattr(lstm_loops, '_differentiable_backward', lambda *args: pytest.fail('fallback used'))
     lstm = LSTM(3, 4)
     lstm(torch.randn(5, 2, 3, requires_grad=True))[0].sum().backward()
     assert lstm.weight_hh_l0.grad.abs().sum() > 0
