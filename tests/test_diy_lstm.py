@@ -545,7 +545,16 @@ def test_bf16_module_under_cpu_autocast_with_an_fp32_state():
     x = torch.randn(5, 2, 3, dtype=torch.float32)
     hx = (torch.randn(1, 2, 4, dtype=torch.float32), torch.randn(1, 2, 4, dtype=torch.float32))
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        expected, got = ref(x, hx), diy(x, hx)
+        got = diy(x, hx)
+        try:
+            expected = ref(x, hx)
+        except RuntimeError as err:  # oneDNN has no bf16 LSTM primitive for CPUs without AVX-512 (AVX2 EPYC)
+            assert 'primitive' in str(err)
+            expected = None
+    if expected is None:  # then what that kernel computes: nn.LSTM in float32 on bf16-rounded inputs, as bf16
+        rounded = [t.bfloat16().float() for t in (x, *hx)]
+        out, (h, c) = copy.deepcopy(ref).float()(rounded[0], tuple(rounded[1:]))
+        expected = (out.bfloat16(), (h.bfloat16(), c.bfloat16()))
     for a, b in zip(expected[:1] + expected[1], got[:1] + got[1]):
         assert b.dtype == a.dtype == torch.bfloat16
         torch.testing.assert_close(b.float(), a.float(), rtol=0.05, atol=0.05)
