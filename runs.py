@@ -1,17 +1,20 @@
 """Where the work runs and what a training run needs besides the model and the data.
 
 The device (for every script) and the processes torchrun starts; then what cross-entropy training
-(train.py) and self-critical training (scst.py) share: checking the paths before any time is spent, the
-checkpoint a run writes, resuming from it with the run's own settings and state, and stopping cleanly on
-Ctrl-C."""
+(train.py) and self-critical training (scst.py) share: checking the paths before any time is spent, settling
+the run's settings (with --resume, from its checkpoint), the state a run checkpoints and restores
+(RunState), and stopping cleanly on Ctrl-C."""
+import argparse
 import json
 import os
 import signal
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from build_vocab import Vocabulary
 from files import CheckpointError, atomic_write, remove_stale_temporaries, save_file
 from model import CaptionerConfig, read_checkpoint, save_checkpoint
 
@@ -70,6 +73,9 @@ def any_process(flag, device, world_size):
 # may change on purpose.
 MODEL_SETTINGS = tuple(f.name for f in CaptionerConfig.flags())
 SCHEDULE_SETTINGS = ('num_epochs', 'batch_size', 'learning_rate', 'lr_schedule', 'grad_clip', 'seed', 'no_flip')
+# What every checkpoint either trainer writes holds (scst.py's has None for the scheduler and the scaler).
+CHECKPOINT_KEYS = ('model_args', 'encoder', 'decoder', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch',
+                   'batches_done', 'step', 'history')
 
 
 def check_paths(args):
@@ -95,9 +101,6 @@ def check_paths(args):
             raise FileNotFoundError(f'not found: {path}: {fix}')
     if (args.val_caption_path is None) != (args.val_image_dir is None):
         raise ValueError('give both --val_caption_path and --val_image_dir, or neither')
-    if args.features is None and args.crop_size > args.image_size:
-        raise ValueError(f'--crop_size {args.crop_size} is larger than --image_size {args.image_size}: '
-                         'give a crop no larger than the resized images')
 
 
 def resume_path(args):
@@ -105,14 +108,132 @@ def resume_path(args):
     return os.path.join(args.model_path, 'checkpoint.pt') if args.resume == 'latest' else args.resume
 
 
-def checkpoint_state(run, **extra):
-    """Everything sample.py needs (config, vocabulary, weights) and everything --resume needs (optimizer,
-    position, history, random state, settings) of a run, as one dict; extra: what only one trainer has."""
-    vocab = run.vocab
-    return {'model_args': asdict(run.config), 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
-            'encoder': run.encoder.state_dict(), 'decoder': run.decoder.state_dict(),
-            'optimizer': run.optimizer.state_dict(), **extra, 'epoch': run.epoch, 'batches_done': run.batches_done,
-            'step': run.step, 'history': run.history, 'rng': torch.get_rng_state(), 'args': vars(run.args)}
+@dataclass
+class Resumed:
+    """The checkpoint a --resume run continues from, read once by settle_settings: where it is, and what it
+    holds (RunState.restore loads it)."""
+    path: str
+    checkpoint: dict
+
+    def check_config(self, config):
+        """Refuse a run whose model is not the one the checkpoint holds. The settings came from the checkpoint,
+        so only what they do not decide can differ: the backbone and image sizes of a feature cache."""
+        trained_with = self.checkpoint['model_args']
+        changed = [f'{k} {trained_with[k]} (now {v})' for k, v in asdict(config).items()
+                   if k in trained_with and k != 'vocab_size' and trained_with[k] != v]
+        if changed:
+            raise CheckpointError(f'{self.path} was trained with ' + ', '.join(changed) +
+                                  ': resume with the settings it was trained with')
+
+
+def settle_settings(args, vocab=None):
+    """Settle the run's settings, here and nowhere else; returns the Resumed checkpoint, or None for a new run.
+
+    With --resume, the checkpoint is read once and must be one train.py (or scst.py) wrote. Every setting it
+    holds that is not given as a flag again is taken from it: a given model flag that contradicts it is an
+    error, a given schedule flag wins. vocab, the vocabulary the run will train with (None: the checkpoint's
+    own), must be as large as the one it was trained with. args are updated in place, in one go, so that
+    what the caller reads afterwards, and what the run's checkpoints record, is what the run used. Last, the
+    crop must fit in the images, with the settings settled.
+    """
+    path = resume_path(args)
+    resumed = Resumed(path, read_run_checkpoint(path)) if path else None
+    if resumed:
+        vars(args).update(settings_to_take(resumed, args))
+        trained_with = resumed.checkpoint['model_args']
+        if vocab is not None and trained_with.get('vocab_size', len(vocab)) != len(vocab):
+            raise CheckpointError(f'{path} was trained with a vocabulary of {trained_with["vocab_size"]} words '
+                                  f'but {args.vocab_path} has {len(vocab)}: pass the vocabulary it was trained with')
+    if args.features is None and args.crop_size > args.image_size:
+        raise ValueError(f'--crop_size {args.crop_size} is larger than --image_size {args.image_size}: '
+                         'give a crop no larger than the resized images')
+    return resumed
+
+
+def read_run_checkpoint(path):
+    """The checkpoint at path, if it holds everything --resume needs."""
+    checkpoint = read_checkpoint(path)
+    lacking = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if not lacking and not isinstance(checkpoint['model_args'], dict):
+        lacking = ['model settings']
+    if lacking:
+        raise CheckpointError(f'{path}: not a checkpoint written by train.py (it has no {", ".join(lacking)}); '
+                              'resume from the checkpoint.pt in a --model_path')
+    return checkpoint
+
+
+def settings_to_take(resumed, args):
+    """{name: value} of the settings resumed's checkpoint holds that args were not given as flags; a given
+    model flag that contradicts the checkpoint is an error."""
+    given = set(getattr(args, 'flags_given', vars(args)))
+    # Checkpoints from before the config kept some model settings only among the run's flags.
+    saved = dict(resumed.checkpoint.get('args') or {}, **resumed.checkpoint['model_args'])
+    taken, contradicted = {}, []
+    for name in MODEL_SETTINGS + SCHEDULE_SETTINGS:
+        if name not in saved:
+            continue
+        if name not in given:
+            taken[name] = saved[name]
+        elif name in MODEL_SETTINGS and getattr(args, name) != saved[name]:
+            contradicted.append(f'--{name} {saved[name]} (not {getattr(args, name)})')
+    if contradicted:
+        raise CheckpointError(f'{resumed.path} was trained with ' + ', '.join(contradicted) + ': leave these flags '
+                              'out to resume with its settings, or start a new run in another --model_path')
+    return taken
+
+
+@dataclass(kw_only=True)
+class RunState:
+    """What both trainers hold and checkpoint: the settings, the model and its vocabulary, the optimizer,
+    the position and the history. train.Run and scst.Run add what is theirs; a trainer whose checkpoint
+    holds more states (train.py's scheduler and scaler) adds them to stateful()."""
+    args: argparse.Namespace
+    device: torch.device
+    vocab: Vocabulary
+    config: CaptionerConfig
+    encoder: nn.Module
+    decoder: nn.Module
+    params: list = None  # what the optimizer trains
+    optimizer: torch.optim.Optimizer = None
+    history: dict = field(default_factory=dict)  # a list of entries for each kind of measurement
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # batches of the current epoch, trained or skipped
+    step: int = 0  # optimizer steps
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.args.model_path, 'checkpoint.pt')
+
+    def stateful(self):
+        """What the checkpoint holds the state_dict of, by key, in the checkpoint's order."""
+        return {'encoder': self.encoder, 'decoder': self.decoder, 'optimizer': self.optimizer}
+
+    def checkpoint_marks(self):
+        """Keys of this trainer's checkpoints that hold no state, after the states."""
+        return {}
+
+    def to_checkpoint(self):
+        """Everything sample.py needs (config, vocabulary, weights) and everything --resume needs (optimizer,
+        position, history, random state, settings), as one dict."""
+        vocab = self.vocab
+        states = {key: thing.state_dict() for key, thing in self.stateful().items()}
+        return {'model_args': asdict(self.config), 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
+                **states, **self.checkpoint_marks(), 'epoch': self.epoch, 'batches_done': self.batches_done,
+                'step': self.step, 'history': self.history, 'rng': torch.get_rng_state(), 'args': vars(self.args)}
+
+    def restore(self, resumed):
+        """Load a Resumed checkpoint into the modules, the optimizer (and whatever else stateful() names) and
+        the random-number generator, and take its position and history."""
+        checkpoint = resumed.checkpoint
+        try:
+            for key, thing in self.stateful().items():
+                thing.load_state_dict(checkpoint[key])
+            torch.set_rng_state(checkpoint['rng'])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f'{resumed.path}: cannot resume with these settings ({str(err).splitlines()[0]})') \
+                from None
+        self.epoch, self.batches_done, self.step = checkpoint['epoch'], checkpoint['batches_done'], checkpoint['step']
+        self.history = checkpoint['history']
 
 
 def save_run(checkpoint, model_path):
@@ -120,54 +241,6 @@ def save_run(checkpoint, model_path):
     save_checkpoint(os.path.join(model_path, 'checkpoint.pt'), checkpoint)
     history = json.dumps(checkpoint['history']).encode()
     save_file(os.path.join(model_path, 'history.json'), lambda f: f.write(history))
-
-
-def restore_settings(args, path):
-    """The checkpoint at path, after copying the run's settings from it into args, except those given as
-    flags: a given model flag that contradicts the checkpoint is an error, a given schedule flag wins."""
-    checkpoint = read_checkpoint(path)
-    lacking = [key for key in ('model_args', 'encoder', 'decoder', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch',
-                               'batches_done', 'step', 'history') if key not in checkpoint]
-    if not lacking and not isinstance(checkpoint['model_args'], dict):
-        lacking = ['model settings']
-    if lacking:
-        raise CheckpointError(f'{path}: not a checkpoint written by train.py (it has no {", ".join(lacking)}); '
-                              'resume from the checkpoint.pt in a --model_path')
-    given = set(getattr(args, 'flags_given', vars(args)))
-    saved = dict(checkpoint.get('args') or {}, **checkpoint['model_args'])
-    contradicted = []
-    for name in MODEL_SETTINGS + SCHEDULE_SETTINGS:
-        if name not in saved:
-            continue
-        if name not in given:
-            setattr(args, name, saved[name])
-        elif name in MODEL_SETTINGS and getattr(args, name) != saved[name]:
-            contradicted.append(f'--{name} {saved[name]} (not {getattr(args, name)})')
-    if contradicted:
-        raise CheckpointError(f'{path} was trained with ' + ', '.join(contradicted) + ': leave these flags out '
-                              'to resume with its settings, or start a new run in another --model_path')
-    return checkpoint
-
-
-def resume(checkpoint, path, vocab_path, config, stateful):
-    """Load a checkpoint into (encoder, decoder, optimizer, scheduler, scaler) and the random-number
-    generator; returns the position (epoch, batches done in it, step) and the history."""
-    trained_with = checkpoint['model_args']
-    if trained_with.get('vocab_size', config.vocab_size) != config.vocab_size:
-        raise CheckpointError(f'{path} was trained with a vocabulary of {trained_with["vocab_size"]} words '
-                              f'but {vocab_path} has {config.vocab_size}: pass the vocabulary it was trained with')
-    changed = [f'{k} {trained_with[k]} (now {v})' for k, v in asdict(config).items()
-               if k in trained_with and k != 'vocab_size' and trained_with[k] != v]
-    if changed:
-        raise CheckpointError(f'{path} was trained with ' + ', '.join(changed) +
-                              ': resume with the settings it was trained with')
-    try:
-        for name, thing in zip(('encoder', 'decoder', 'optimizer', 'scheduler', 'scaler'), stateful):
-            thing.load_state_dict(checkpoint[name])
-        torch.set_rng_state(checkpoint['rng'])
-        return checkpoint['epoch'], checkpoint['batches_done'], checkpoint['step'], checkpoint['history']
-    except (KeyError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f'{path}: cannot resume with these settings ({str(err).splitlines()[0]})') from None
 
 
 class StopRequest:

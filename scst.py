@@ -33,16 +33,7 @@ from data_loader import CocoDataset, FeatureDataset, ResumableSampler, batches, 
 from files import CheckpointError
 from flags import positive_float, positive_int
 from model import decode_options, ids_to_sentence, load_captioner, read_checkpoint
-from runs import (
-    StopRequest,
-    check_paths,
-    checkpoint_state,
-    pick_device,
-    restore_settings,
-    resume,
-    resume_path,
-    save_run,
-)
+from runs import RunState, StopRequest, check_paths, pick_device, save_run, settle_settings
 
 
 class Stopped(Exception):
@@ -165,30 +156,20 @@ def check_arguments(args):
     check_paths(args)
 
 
-@dataclass
-class Run:
-    """What self-critical training holds: its settings, model, data, optimizer and position."""
-    args: object
-    device: torch.device
-    vocab: object
-    config: object
-    encoder: nn.Module
-    decoder: nn.Module
+@dataclass(kw_only=True)
+class Run(RunState):
+    """What self-critical training holds besides what every run does (RunState): its images, each with its
+    references, and the CIDEr-D scorers."""
     from_images: bool = True
     dataset: PerImage = None
     cider: CiderD = None
     val_loader: object = None
     val_cider: CiderD = None
-    params: list = None
-    optimizer: torch.optim.Optimizer = None
     history: dict = field(default_factory=lambda: {'scst': [], 'val': []})
-    epoch: int = 0
-    batches_done: int = 0
-    step: int = 0
 
-    @property
-    def checkpoint_path(self):
-        return os.path.join(self.args.model_path, 'checkpoint.pt')
+    def checkpoint_marks(self):
+        # No schedule and no scaler, but their keys, so that the checkpoint has train.py's form.
+        return {'scheduler': None, 'scaler': None, 'scst': True}
 
 
 def load_data(run):
@@ -232,23 +213,22 @@ def build_optimizer(run):
 def start_run(args):
     """A run from --init_from's weights, or where --resume's checkpoint left it."""
     check_arguments(args)
-    path = resume_path(args)
-    resumed = restore_settings(args, path) if path else None  # the run's own settings
-    encoder, decoder, vocab, config = load_captioner(path or args.init_from)
-    run = Run(args, pick_device(args.device), vocab, config, encoder, decoder, from_images=args.features is None)
+    resumed = settle_settings(args)  # the vocabulary is the checkpoint's own
+    encoder, decoder, vocab, config = load_captioner(resumed.path if resumed else args.init_from)
+    run = Run(args=args, device=pick_device(args.device), vocab=vocab, config=config, encoder=encoder,
+              decoder=decoder, from_images=args.features is None)
     torch.manual_seed(args.seed)
     load_data(run)
     build_optimizer(run)
     if resumed:
-        run.epoch, run.batches_done, run.step, run.history = resume(resumed, path, None, config,
-                                                                    (encoder, decoder, run.optimizer))
-        print(f'resuming from {path}: epoch {run.epoch + 1}, step {run.step}')
+        run.restore(resumed)
+        print(f'resuming from {resumed.path}: epoch {run.epoch + 1}, step {run.step}')
     return run
 
 
 def save(run):
     """checkpoint.pt, in train.py's format (so sample.py, evaluate.py and --resume read it), and history.json."""
-    save_run(checkpoint_state(run, scheduler=None, scaler=None, scst=True), run.args.model_path)  # no schedule
+    save_run(run.to_checkpoint(), run.args.model_path)
 
 
 def scst_step(run, inputs, image_ids):

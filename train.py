@@ -49,17 +49,7 @@ from model import (
     read_checkpoint,
     save_checkpoint,
 )
-from runs import (
-    StopRequest,
-    any_process,
-    check_paths,
-    checkpoint_state,
-    restore_settings,
-    resume,
-    resume_path,
-    save_run,
-    setup_distributed,
-)
+from runs import RunState, StopRequest, any_process, check_paths, save_run, settle_settings, setup_distributed
 
 
 def parse_args(argv=None):
@@ -127,44 +117,34 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or inf; training stopped without saving, so the last checkpoint stays good."""
 
 
-@dataclass
-class Run:
-    """Everything one training run holds: its settings, model, data, optimizer, logs and position."""
-    args: argparse.Namespace
+@dataclass(kw_only=True)
+class Run(RunState):
+    """Everything one training run holds besides what every run does (RunState): its processes, data,
+    learning-rate schedule, gradient scaler, logs and skipped batches."""
     rank: int
     world_size: int
-    device: torch.device
-    vocab: object
-    config: CaptionerConfig
-    encoder: nn.Module
-    decoder: nn.Module
     model: nn.Module = None  # encoder and decoder as one Captioner; ddp_model is it, or it wrapped for DDP
     ddp_model: nn.Module = None
     sampler: ResumableSampler = None
     loader: object = None
     val_set: object = None
     val_loader: object = None
-    params: list = None
-    optimizer: torch.optim.Optimizer = None
     scheduler: object = None
     scaler: object = None
     amp_dtype: torch.dtype = None
     writer: object = None
     history: dict = field(default_factory=lambda: {'train': [], 'val': []})
-    epoch: int = 0  # epochs completed
-    batches_done: int = 0  # batches of the current epoch, trained or skipped
-    step: int = 0  # optimizer steps
     skipped: int = 0  # batches of this epoch with a NaN or inf loss
     unreadable: set = field(default_factory=set)  # every unreadable image is reported once
     unreadable_this_epoch: int = 0
 
+    def stateful(self):
+        """The learning-rate schedule and the gradient scaler are checkpointed too."""
+        return {**super().stateful(), 'scheduler': self.scheduler, 'scaler': self.scaler}
+
     @property
     def main_process(self):
         return self.rank == 0
-
-    @property
-    def checkpoint_path(self):
-        return os.path.join(self.args.model_path, 'checkpoint.pt')
 
     @property
     def steps_per_epoch(self):
@@ -232,24 +212,25 @@ def build_optimizer(run):
 
 def start_run(args):
     """A run from scratch, or where its checkpoint left it (--resume): model, data, optimizer and logs."""
-    path = resume_path(args)
-    resumed = restore_settings(args, path) if path else None
     check_paths(args)
+    vocab = load_vocab(args.vocab_path)
+    resumed = settle_settings(args, vocab)
     rank, world_size, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
-    vocab = load_vocab(args.vocab_path)
     encoder, decoder, config = build_model(args, len(vocab))
-    run = Run(args, rank, world_size, device, vocab, config, encoder, decoder)
+    if resumed:
+        resumed.check_config(config)  # a feature cache decides the backbone and image sizes
+    run = Run(args=args, rank=rank, world_size=world_size, device=device, vocab=vocab, config=config,
+              encoder=encoder, decoder=decoder)
     build_loaders(run)
     run.model = run.ddp_model = Captioner(encoder, decoder, from_features=bool(args.features)).to(device)
     if args.compile:
         decoder.lstm.compile_loop(mode=args.compile)
     build_optimizer(run)
     if resumed:
-        stateful = (encoder, decoder, run.optimizer, run.scheduler, run.scaler)
-        run.epoch, run.batches_done, run.step, run.history = resume(resumed, path, args.vocab_path, config, stateful)
+        run.restore(resumed)
+        report_resumed(run, resumed.path)
         del resumed  # the weights now live in the model; the optimizer state may be large
-        report_resumed(run, path)
     if run.main_process and args.tensorboard != 'none':
         # Imported here: only training logs, and TensorBoard takes a while to import.
         from torch.utils.tensorboard import SummaryWriter
@@ -271,7 +252,7 @@ def report_resumed(run, resume_path):
 
 def save(run):
     """checkpoint.pt and history.json, written by the main process only; returns the checkpoint."""
-    checkpoint = checkpoint_state(run, scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict())
+    checkpoint = run.to_checkpoint()
     if run.main_process:
         save_run(checkpoint, run.args.model_path)
     return checkpoint
