@@ -1,6 +1,7 @@
 """python -m synthetic [--hard]: write a shapes set in COCO format (see synthetic/__init__.py)."""
 import argparse
 import os
+import sys
 
 import synthetic
 from flags import HelpFormatter, count, positive_int
@@ -8,8 +9,9 @@ from synthetic import easy, hard, make_synthetic_coco
 
 
 def main():
-    parser = argparse.ArgumentParser(prog='python -m synthetic', description=synthetic.__doc__,
-                                     formatter_class=HelpFormatter)
+    run_as_module = os.path.basename(sys.argv[0]) == '__main__.py'  # else argparse would say "__main__.py"
+    parser = argparse.ArgumentParser(prog='python -m synthetic' if run_as_module else None,
+                                     description=synthetic.__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--root', default='data/synthetic', help='where images and annotations go')
     parser.add_argument('--num_train', type=positive_int, default=3000, help='training images')
     parser.add_argument('--num_val', type=count, default=300, help='held-out images')

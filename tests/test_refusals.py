@@ -18,7 +18,7 @@ import files
 import model
 import resize
 import sample
-import synthetic
+import synthetic.__main__ as synthetic
 import train as trainer
 from bench import lstm as bench_lstm
 from bench import resize as bench_resize
