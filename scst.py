@@ -30,9 +30,10 @@ from tqdm import tqdm
 import decoding
 from build_vocab import plain_words
 from data_loader import CocoDataset, FeatureDataset, ResumableSampler, batches, eval_transform, train_transform
+from decoding import load_captioner
 from files import CheckpointError
 from flags import positive_float, positive_int
-from model import decode_options, ids_to_sentence, load_captioner, read_checkpoint
+from model import DecodeSettings, ids_to_sentence, read_checkpoint
 from runs import (
     StopRequest,
     check_paths,
@@ -129,10 +130,10 @@ def captions_of(ids, vocab):
 
 def scst_loss(decoder, features, image_ids, cider, vocab, samples, baseline):
     """-(r - b) log p averaged over the sampled words, and the mean rewards of samples and greedy captions."""
-    special = decode_options(vocab)  # the rules sample.py decodes by
-    words, log_probs, mask = decoding.sample(decoder, features, samples, **special)
+    settings = DecodeSettings(samples=samples).for_vocab(vocab)  # the rules sample.py decodes by
+    words, log_probs, mask = decoding.sample(decoder, features, settings)
     rewards = cider(captions_of(words, vocab), np.repeat(image_ids, samples))
-    greedy = cider(captions_of(decoder.sample(features.detach(), **special), vocab), image_ids)
+    greedy = cider(captions_of(decoder.sample(features.detach(), settings), vocab), image_ids)
     if baseline == 'greedy':
         baselines = np.repeat(greedy, samples)
     else:
@@ -149,7 +150,7 @@ def greedy_cider(encoder, decoder, vocab, loader, cider, device):
     scores = []
     for images, image_ids, _ in loader:
         if images is not None:
-            ids = decoder.sample(encoder(images.to(device)), **decode_options(vocab))
+            ids = decoder.sample(encoder(images.to(device)), DecodeSettings().for_vocab(vocab))
             scores.extend(cider(captions_of(ids, vocab), image_ids))
     return float(np.mean(scores)) if scores else float('nan')
 
