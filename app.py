@@ -13,34 +13,36 @@ import sys
 os.environ['GRADIO_ANALYTICS_ENABLED'] = 'False'  # read when gradio is imported: no telemetry, no version check
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import gradio as gr
-import torch
 
 import gates
+from decoding import load_captioner
 from files import CheckpointError, ImageError
 from flags import HelpFormatter, count, positive_int
-from model import decode_options, ids_to_sentence, load_captioner
+from model import DecodeSettings, ids_to_sentence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = [os.path.join(HERE, 'png', name) for name in ('example.png', 'example_single.png')]
 
 
-def describe(path, encoder, decoder, vocab, config, beam_size):
-    """(message, greedy caption, beam table in Markdown, gate picture) for one uploaded file."""
+def describe(path, captioner, settings):
+    """(message, greedy caption, table in Markdown of the settings.beam_size beams, gate picture) for one
+    uploaded file."""
     if path is None:
         return '', '', '', None
     try:
-        result = gates.record(path, encoder, decoder, vocab, config, torch.device('cpu'))
+        result = gates.record(path, captioner)
     except ImageError:
         name = os.path.basename(path)
         return f'error: {name} is not an image this page can read; upload a PNG or JPEG', '', '', None
-    beams, scores = decoder.beam_search(result['feature'], beam_size, all_beams=True, **decode_options(vocab))
+    vocab = captioner.vocab
+    beams, scores = captioner.decoder.beam_search(result['feature'], settings.for_vocab(vocab), all_beams=True)
     rows = [f'| {rank} | {ids_to_sentence(ids, vocab)} | {score:.3f} |'
             for rank, (ids, score) in enumerate(zip(beams[0], scores[0].tolist()), start=1) if score > -float('inf')]
-    table = '\n'.join([f'| beam | caption (beam size {beam_size}) | log p |', '|---:|---|---:|', *rows])
+    table = '\n'.join([f'| beam | caption (beam size {settings.beam_size}) | log p |', '|---:|---|---:|', *rows])
     return '', result['caption'], table, gates.picture(result)
 
 
-def build(encoder, decoder, vocab, config, beam_size=3):
+def build(captioner, settings):
     with gr.Blocks(title='Captioner: inside the LSTM', analytics_enabled=False) as page:
         gr.Markdown('# Image captioning with a hand-written LSTM\nUpload an image or pick an example. The picture '
                     'at the bottom shows the LSTM at every word it wrote: input gate g, forget gate f, output '
@@ -54,7 +56,7 @@ def build(encoder, decoder, vocab, config, beam_size=3):
         gr.Examples([[path] for path in EXAMPLES if os.path.exists(path)], inputs=[upload])
         gate_picture = gr.Image(label='gates of the greedy caption', type='pil', interactive=False,
                                 elem_id='gates', format='png')
-        upload.change(lambda path: describe(path, encoder, decoder, vocab, config, beam_size), inputs=[upload],
+        upload.change(lambda path: describe(path, captioner, settings), inputs=[upload],
                       outputs=[message, greedy, table, gate_picture])
     return page
 
@@ -70,10 +72,10 @@ def main(argv=None):
         sys.exit(f'error: {args.checkpoint}: no such file; run `python demo.py` to train one (about 8 minutes), '
                  'or pass --checkpoint PATH')
     try:
-        encoder, decoder, vocab, config = load_captioner(args.checkpoint)
+        captioner = load_captioner(args.checkpoint)
     except CheckpointError as err:
         sys.exit(f'error: {err}')
-    page = build(encoder, decoder, vocab, config, args.beam_size)
+    page = build(captioner, DecodeSettings.from_args(args))
     page.launch(server_name=args.host, server_port=args.port, allowed_paths=[os.path.join(HERE, 'png')])
 
 

@@ -1,17 +1,29 @@
-"""From a trained model to captions: image files captioned in batches (greedy, beam search, or sampled),
-sampling with a temperature and nucleus (top-p) truncation, for sample.py --sample and for self-critical
-training (scst.py), and captioning with export.py's ONNX files through onnxruntime, where the encoder and
-the decoder step run in onnxruntime and greedy decoding and beam search stay DecoderRNN's own loops."""
+"""From a trained model to captions: a TrainedCaptioner, loaded from a train.py checkpoint (load_captioner),
+the tutorial's files (load_tutorial) or export.py's ONNX files (load_onnx_captioner), captions image files in
+batches (greedy, beam search, or sampled) as one DecodeSettings says. Sampling has a temperature and nucleus
+(top-p) truncation, for sample.py --sample and for self-critical training (scst.py). With the ONNX files the
+encoder and the decoder step run in onnxruntime, and greedy decoding and beam search stay DecoderRNN's own loops."""
 import json
 import math
 import os
+from dataclasses import replace
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
-from build_vocab import Vocabulary
+from build_vocab import Vocabulary, load_vocab
 from data_loader import eval_transform
 from files import CheckpointError, ImageError, load_image
-from model import CaptionerConfig, DecoderRNN, decode_options, ids_to_sentence, repeated_trigrams
+from model import (
+    CaptionerConfig,
+    DecoderRNN,
+    DecodeSettings,
+    build_captioner,
+    ids_to_sentence,
+    read_checkpoint,
+    repeated_trigrams,
+)
 
 
 def nucleus(log_probs, top_p):
@@ -25,26 +37,27 @@ def nucleus(log_probs, top_p):
     return log_probs.masked_fill(drop, -math.inf).log_softmax(-1)
 
 
-def sample(decoder, features, n=1, temperature=1.0, top_p=1.0, end_id=2, unk_id=3, max_len=None, min_len=1,
-           start_id=None, block_trigrams=False):
-    """n sampled captions per image: (words, log_probs, mask), each (batch * n, steps), rows of one image
-    together. The words ruled out are greedy and beam decoding's (DecoderRNN.forbid: unk_id always, start_id
-    after the first step, <end> before min_len words other than <start>) and, with block_trigrams, repeated
-    trigrams. log_probs are those of the distribution sampled from (after temperature, top-p and those rules);
-    mask marks the words up to and including <end>; after <end> a row holds <end>. Gradients flow to the
-    decoder and features when enabled, as SCST needs."""
-    inputs, states = features.repeat_interleave(n, dim=0), None
+def sample(decoder, features, settings):
+    """settings.samples sampled captions per image: (words, log_probs, mask), each (batch * samples, steps),
+    rows of one image together. The words ruled out are greedy and beam decoding's (DecoderRNN.forbid: unk_id
+    always, start_id after the first step, <end> before min_len words other than <start>) and, with
+    block_trigrams, repeated trigrams. log_probs are those of the distribution sampled from (after temperature,
+    top_p and those rules); mask marks the words up to and including <end>; after <end> a row holds <end>.
+    Gradients flow to the decoder and features when enabled, as SCST needs."""
+    end_id, start_id = settings.end_id, settings.start_id
+    inputs, states = features.repeat_interleave(settings.samples, dim=0), None
     finished = torch.zeros(inputs.size(0), dtype=torch.bool, device=features.device)
     said = torch.zeros(inputs.size(0), dtype=torch.long, device=features.device)
     words, log_probs, mask = [], [], []
-    for t in range(decoder.decode_length(max_len)):
+    for t in range(decoder.decode_length(settings.max_len)):
         scores, states = decoder.step(inputs, states)
         ruled_out = scores.new_zeros(scores.shape)  # forbid() writes -inf in place, so not into scores' graph
-        decoder.forbid(ruled_out, t, said, end_id, unk_id, start_id, min_len)
+        decoder.forbid(ruled_out, t, said, settings)
         banned = ruled_out.isinf()
-        if block_trigrams and words:
+        if settings.block_trigrams and words:
             banned |= repeated_trigrams(torch.stack(words, 1), scores.size(1), end_id)
-        scores = nucleus((scores / temperature).masked_fill(banned, -math.inf).log_softmax(-1), top_p)
+        scores = nucleus((scores / settings.temperature).masked_fill(banned, -math.inf).log_softmax(-1),
+                         settings.top_p)
         word = torch.multinomial(scores.detach().exp(), 1).squeeze(1).masked_fill(finished, end_id)
         mask.append(~finished)
         log_probs.append(scores.gather(1, word.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0))
@@ -57,48 +70,108 @@ def sample(decoder, features, n=1, temperature=1.0, top_p=1.0, end_id=2, unk_id=
     return torch.stack(words, 1), torch.stack(log_probs, 1), torch.stack(mask, 1)
 
 
-@torch.no_grad()
-def caption_batches(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
-                    batch_size=32, min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
-    """Yields (paths of the batch, {path: caption}, {path: error}) for each batch in turn: only one batch of
-    images is in memory at a time. A caption has at least min_len words before <end>, so none comes out empty
-    (DecoderRNN.forbid). With samples=N, {path: [N sampled captions]} instead (sample(), with
-    temperature and top_p)."""
-    transform = eval_transform(config.image_size, config.crop_size)
-    special = dict(decode_options(vocab, max_len, min_len), block_trigrams=block_trigrams)
-    for start in range(0, len(paths), batch_size):
-        batch, images, captions, errors = paths[start:start + batch_size], {}, {}, {}
-        for path in batch:
-            try:
-                images[path] = transform(load_image(path))
-            except ImageError as err:
-                errors[path] = str(err)
-        if images:
-            features = encoder(torch.stack(list(images.values())).to(device))
-            if samples:
-                ids, _, _ = sample(decoder, features, samples, temperature, top_p, **special)
-            elif beam_size > 1:
-                ids = decoder.beam_search(features, beam_size, length_penalty=length_penalty, **special)
-            else:
-                ids = decoder.sample(features, **special)
-            sentences = [ids_to_sentence(row, vocab) for row in ids.cpu()]
-            if samples:  # the rows of one image are together
-                sentences = [sentences[i:i + samples] for i in range(0, len(sentences), samples)]
-            captions = dict(zip(images, sentences))
-        yield batch, captions, errors
+class TrainedCaptioner(NamedTuple):
+    """A trained model ready to caption: its encoder and decoder (PyTorch's in eval mode, or onnxruntime's), its
+    vocabulary and its CaptionerConfig. It unpacks as encoder, decoder, vocab, config."""
+    encoder: 'nn.Module | OnnxEncoder'
+    decoder: 'DecoderRNN | OnnxDecoder'
+    vocab: Vocabulary
+    config: CaptionerConfig
+
+    @property
+    def device(self):
+        """Where images go: where the encoder's weights are (onnxruntime takes them from the CPU)."""
+        return next(self.encoder.parameters()).device if isinstance(self.encoder, nn.Module) else torch.device('cpu')
+
+    def decode(self, features, settings):
+        """Word ids of a batch of features' captions, (batch, steps): greedy, beam search or, with
+        settings.samples N, N sampled captions per image, (batch * N, steps) with the rows of one image together."""
+        settings = settings.for_vocab(self.vocab)
+        if settings.samples:
+            return sample(self.decoder, features, settings)[0]
+        if settings.beam_size > 1:
+            return self.decoder.beam_search(features, settings)
+        return self.decoder.sample(features, settings)
+
+    @torch.no_grad()
+    def caption_batches(self, paths, settings=DecodeSettings(), batch_size=32):
+        """Yields (paths of the batch, {path: caption}, {path: error}) for each batch in turn: only one batch of
+        images is in memory at a time. A caption has at least settings.min_len words before <end>, so none comes
+        out empty (DecoderRNN.forbid). With settings.samples N, {path: [N sampled captions]} instead."""
+        transform = eval_transform(self.config.image_size, self.config.crop_size)
+        for start in range(0, len(paths), batch_size):
+            batch, images, captions, errors = paths[start:start + batch_size], {}, {}, {}
+            for path in batch:
+                try:
+                    images[path] = transform(load_image(path))
+                except ImageError as err:
+                    errors[path] = str(err)
+            if images:
+                ids = self.decode(self.encoder(torch.stack(list(images.values())).to(self.device)), settings)
+                sentences = [ids_to_sentence(row, self.vocab) for row in ids.cpu()]
+                if settings.samples:  # the rows of one image are together
+                    sentences = [sentences[i:i + settings.samples] for i in range(0, len(sentences), settings.samples)]
+                captions = dict(zip(images, sentences))
+            yield batch, captions, errors
+
+    def caption(self, paths, settings=DecodeSettings(), batch_size=32):
+        """Returns {path: caption} (with settings.samples N, {path: [N sampled captions]}) for readable images
+        and {path: error} for the rest."""
+        captions, errors = {}, {}
+        for _, batch_captions, batch_errors in self.caption_batches(paths, settings, batch_size):
+            captions.update(batch_captions)
+            errors.update(batch_errors)
+        return captions, errors
 
 
-def caption_images(paths, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0,
-                   batch_size=32, min_len=1, block_trigrams=False, samples=0, temperature=1.0, top_p=1.0):
-    """Returns {path: caption} (with samples=N, {path: [N sampled captions]}) for readable images and
-    {path: error} for the rest."""
-    captions, errors = {}, {}
-    for _, batch_captions, batch_errors in caption_batches(paths, encoder, decoder, vocab, config, device, max_len,
-                                                        beam_size, length_penalty, batch_size, min_len,
-                                                        block_trigrams, samples, temperature, top_p):
-        captions.update(batch_captions)
-        errors.update(batch_errors)
-    return captions, errors
+def load_captioner(path, device='cpu'):
+    """The TrainedCaptioner of a train.py checkpoint, on any device."""
+    checkpoint = read_checkpoint(path)
+    try:
+        config = CaptionerConfig.from_dict(checkpoint['model_args'])
+        encoder, decoder = build_captioner(replace(config, train_backbone=False))  # scst.py unfreezes what it trains
+        encoder.load_state_dict(checkpoint['encoder'])
+        decoder.load_state_dict(checkpoint['decoder'])
+        vocab = Vocabulary.from_words(checkpoint['vocab'])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(f'{path}: not a train.py checkpoint ({str(err).splitlines()[0]})') from None
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f'{path}: holds {len(vocab)} words but its decoder expects {config.vocab_size}')
+    return TrainedCaptioner(encoder.to(device).eval(), decoder.to(device).eval(), vocab, config)
+
+
+def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None, device='cpu'):
+    """The TrainedCaptioner of the tutorial's separate encoder and decoder state dicts, on any device; sizes
+    are read off the weights, and sizes given as flags ({'embed_size': 256, ...}) are only checked against them."""
+    vocab = load_vocab(vocab_path)
+    encoder_state, decoder_state = read_checkpoint(encoder_path), read_checkpoint(decoder_path)
+    try:
+        vocab_size, embed_size = decoder_state['embed.weight'].shape
+        hidden_size = decoder_state['lstm.weight_hh_l0'].shape[1]
+        num_layers = sum(1 for key in decoder_state if key.startswith('lstm.weight_ih_l'))
+        encoder_embed = encoder_state['linear.weight'].shape[0]
+    except (KeyError, AttributeError, TypeError):
+        raise CheckpointError(f'{decoder_path}, {encoder_path}: not the tutorial decoder and encoder '
+                              'state dicts') from None
+    for name, actual in (('embed_size', embed_size), ('hidden_size', hidden_size), ('num_layers', num_layers)):
+        given = (sizes or {}).get(name)
+        if given is not None and given != actual:
+            raise CheckpointError(f'{decoder_path} has {name} {actual} but --{name} {given} was given: '
+                                  f'drop --{name} (sizes are read off the weights) or pass --{name} {actual}')
+    if vocab_size != len(vocab):
+        raise CheckpointError(f'{decoder_path} was trained with {vocab_size} words but {vocab_path} has {len(vocab)}: '
+                              'pass the vocabulary the decoder was trained with')
+    if encoder_embed != embed_size:
+        raise CheckpointError(f'{encoder_path} makes {encoder_embed}-d features but {decoder_path} expects '
+                              f'{embed_size}: pass the encoder trained with this decoder')
+    config = CaptionerConfig(vocab_size, embed_size, hidden_size, num_layers, image_size=224, crop_size=224)
+    encoder, decoder = build_captioner(config)
+    try:
+        encoder.load_state_dict(encoder_state)
+        decoder.load_state_dict(decoder_state)
+    except RuntimeError as err:
+        raise CheckpointError(f'{encoder_path}: does not fit the tutorial model ({str(err).splitlines()[0]})') from None
+    return TrainedCaptioner(encoder.to(device).eval(), decoder.to(device).eval(), vocab, config)
 
 
 def check_max_len(checkpoint, config, max_len):
@@ -151,7 +224,7 @@ class OnnxDecoder:
 
 
 def load_onnx_captioner(folder, threads=None):
-    """The encoder, decoder, vocabulary and config of an exported folder, run by onnxruntime."""
+    """The TrainedCaptioner of an exported folder, run by onnxruntime on the CPU."""
     try:
         import onnxruntime
     except ImportError:
@@ -172,4 +245,4 @@ def load_onnx_captioner(folder, threads=None):
         config = CaptionerConfig.from_dict({**saved, 'vocab_size': len(vocab)})
     except Exception as err:
         raise CheckpointError(f'{folder}: not a folder written by export.py ({str(err).splitlines()[0]})') from None
-    return OnnxEncoder(sessions[0]), OnnxDecoder(sessions[1], config), vocab, config
+    return TrainedCaptioner(OnnxEncoder(sessions[0]), OnnxDecoder(sessions[1], config), vocab, config)

@@ -24,23 +24,22 @@ import torch
 
 import train as trainer
 from build_vocab import build_vocab, save_vocab
-from decoding import caption_images
+from decoding import TrainedCaptioner, load_captioner
 from flags import HelpFormatter, count, positive_float, positive_int
-from model import CaptionerConfig, load_captioner, save_checkpoint
+from model import CaptionerConfig, save_checkpoint
 from sample import captioned_picture
 from synthetic import easy, hard, make_synthetic_coco
 
 
-def content_accuracy(encoder, decoder, vocab, config, caption_path, image_dir, batch_size=250,
-                     matches=easy.content_matches):
+def content_accuracy(captioner, caption_path, image_dir, batch_size=250, matches=easy.content_matches):
     """Share of images whose greedy caption names exactly their objects (sizes, colours, shapes)."""
     with open(caption_path) as f:
         images = json.load(f)['images']
+    encoder, decoder = captioner.encoder, captioner.decoder
     was_training = encoder.training
     encoder.eval(), decoder.eval()
-    device = next(decoder.parameters()).device
     objects = {os.path.join(image_dir, im['file_name']): im['objects'] for im in images}
-    captions, _ = caption_images(list(objects), encoder, decoder, vocab, config, device, batch_size=batch_size)
+    captions, _ = captioner.caption(list(objects), batch_size=batch_size)
     correct = sum(matches(captions.get(path, ''), objects[path]) for path in objects)
     encoder.train(was_training), decoder.train(was_training)
     return correct / len(images)
@@ -104,8 +103,8 @@ def train_most_accurate(args, vocab, best_path):
     accuracies, train_start = [], time.time()
 
     def on_epoch_end(epoch, encoder, decoder, checkpoint):
-        accuracy = content_accuracy(encoder, decoder, vocab, CaptionerConfig.from_dict(checkpoint['model_args']),
-                                    val_json, os.path.join(args.root, 'val'), matches=matches)
+        captioner = TrainedCaptioner(encoder, decoder, vocab, CaptionerConfig.from_dict(checkpoint['model_args']))
+        accuracy = content_accuracy(captioner, val_json, os.path.join(args.root, 'val'), matches=matches)
         if accuracy > max(accuracies, default=-1.0):
             save_checkpoint(best_path, checkpoint)
         accuracies.append(accuracy)
@@ -133,20 +132,20 @@ def main():
 
     best_path = os.path.join(args.model_path, 'most_accurate.pt')
     accuracies = train_most_accurate(args, vocab, best_path)
-    encoder, decoder, vocab, config = load_captioner(best_path)
+    captioner = load_captioner(best_path)
     print(f'\nbest held-out content accuracy: {max(accuracies):.1%}')
     if args.hard:
         with open(os.path.join(args.root, 'annotations', 'captions_val.json')) as f:
             names = [image['file_name'] for image in json.load(f)['images'][:4]]
         paths = [os.path.join(args.root, 'val', name) for name in names]
-        captions, _ = caption_images(paths, encoder, decoder, vocab, config, torch.device('cpu'))
+        captions, _ = captioner.caption(paths)
         for path in paths:
             print(f'{path}: {captions[path]}')
     else:
         example = os.path.join(args.png_dir, 'example.png')
         if not os.path.exists(example):
             easy.write_example(example)
-        captions, _ = caption_images([example], encoder, decoder, vocab, config, torch.device('cpu'))
+        captions, _ = captioner.caption([example])
         out = os.path.join(args.png_dir, 'example_captioned.png')
         captioned_picture(example, captions[example]).save(out)
         print(f'{example}: {captions[example]}  ->  {out}')

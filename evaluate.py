@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from build_vocab import VocabError, plain_words
 from data_loader import read_coco
-from decoding import caption_batches, check_max_len
+from decoding import check_max_len, load_captioner
 from files import CheckpointError, atomic_write
 from flags import HelpFormatter, nonnegative_float, positive_int
-from model import load_captioner
+from model import DecodeSettings
 from runs import pick_device
 
 
@@ -108,8 +108,8 @@ def main(argv=None):
         if not os.path.exists(args.checkpoint):
             raise CheckpointError(f'{args.checkpoint}: no such file; train a model first (python train.py), '
                                   'or pass --checkpoint PATH')
-        encoder, decoder, vocab, config = load_captioner(args.checkpoint, device)
-        check_max_len(args.checkpoint, config, args.max_seq_length)
+        captioner = load_captioner(args.checkpoint, device)
+        check_max_len(args.checkpoint, captioner.config, args.max_seq_length)
         if not os.path.isfile(args.caption_path):
             raise FileNotFoundError(f'{args.caption_path}: no such file')
         coco = read_coco(args.caption_path, args.split)
@@ -119,8 +119,7 @@ def main(argv=None):
 
     results, failed = {}, 0
     paths = {os.path.join(args.image_dir, coco.imgs[image_id]['file_name']): image_id for image_id in image_ids}
-    batches = caption_batches(list(paths), encoder, decoder, vocab, config, device, args.max_seq_length,
-                              args.beam_size, args.length_penalty, args.batch_size, args.min_len, args.block_trigrams)
+    batches = captioner.caption_batches(list(paths), DecodeSettings.from_args(args), args.batch_size)
     for _, captions, errors in tqdm(batches, total=math.ceil(len(paths) / args.batch_size), desc='captioning',
                                     unit='batch'):
         results.update({paths[path]: caption for path, caption in captions.items()})

@@ -17,10 +17,9 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from decoding import ONNX_FILES
+from decoding import ONNX_FILES, load_captioner
 from files import CheckpointError, atomic_write
 from flags import HelpFormatter
-from model import load_captioner
 
 
 class DecoderStep(nn.Module):

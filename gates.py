@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 
 from data_loader import eval_transform
+from decoding import load_captioner
 from files import CheckpointError, ImageError, atomic_write, load_image
 from flags import HelpFormatter
-from model import decode_options, ids_to_sentence, load_captioner
+from model import DecodeSettings, ids_to_sentence
 from synthetic import easy
 
 # What each heatmap shows, in the letters of DIY_LSTM.py, its colour map and its range.
@@ -58,20 +59,16 @@ def replay(decoder, feature, ids):
 
 
 @torch.no_grad()
-def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_size=1, length_penalty=0.0, min_len=1,
-           block_trigrams=False):
-    """Caption one image as sample.py does and replay its LSTM: a dict with the image, its feature, the
-    caption, its words and the gates.
+def record(path, captioner, settings=DecodeSettings()):
+    """Caption one image as sample.py does (a decoding.TrainedCaptioner, greedy or beam search as settings say)
+    and replay its LSTM: a dict with the image, its feature, the caption, its words and the gates.
 
     Raises files.ImageError for an unreadable image.
     """
+    encoder, decoder, vocab, config = captioner
     image = load_image(path)
-    feature = encoder(eval_transform(config.image_size, config.crop_size)(image).unsqueeze(0).to(device))
-    special = dict(decode_options(vocab, max_len, min_len), block_trigrams=block_trigrams)
-    if beam_size > 1:
-        ids = decoder.beam_search(feature, beam_size, length_penalty=length_penalty, **special)[0]
-    else:
-        ids = decoder.sample(feature, **special)[0]
+    feature = encoder(eval_transform(config.image_size, config.crop_size)(image).unsqueeze(0).to(captioner.device))
+    ids = captioner.decode(feature, settings)[0]
     ends = (ids == vocab('<end>')).nonzero()
     ids = ids[:int(ends[0]) + 1] if len(ends) else ids  # up to and including the first <end>
     layers = replay(decoder, feature[0], ids)
@@ -79,7 +76,7 @@ def record(path, encoder, decoder, vocab, config, device, max_len=None, beam_siz
     return dict(image=image, feature=feature.cpu(), caption=ids_to_sentence(ids.cpu(), vocab), ids=ids.cpu(),
                 words=[vocab.idx2word[int(i)] for i in ids], log_probs=log_probs.cpu(),
                 layers=[{key: value.cpu() for key, value in layer.items()} for layer in layers],
-                decoding=f'beam search, beam {beam_size}' if beam_size > 1 else 'greedy')
+                decoding=f'beam search, beam {settings.beam_size}' if settings.beam_size > 1 else 'greedy')
 
 
 def top_units(layer, top=32):
@@ -209,10 +206,10 @@ def main(argv=None):
     parser.add_argument('--out', type=str, default=None, help='PNG: the best unit for each question')
     args = parser.parse_args(argv)
     try:
-        encoder, decoder, vocab, config = load_captioner(args.checkpoint)
+        captioner = load_captioner(args.checkpoint)
         with open(args.caption_path) as f:
             paths = [os.path.join(args.image_dir, image['file_name']) for image in json.load(f)['images']]
-        results = [record(path, encoder, decoder, vocab, config, 'cpu') for path in paths]
+        results = [record(path, captioner) for path in paths]
     except (CheckpointError, ImageError) as err:
         sys.exit(f'error: {err}')
     except OSError as err:

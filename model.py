@@ -1,8 +1,8 @@
 """The captioning model: a CNN encoder that turns an image into one embedding, and an LSTM decoder
 that writes the caption word by word starting from that embedding (Vinyals et al., "Show and Tell",
 CVPR 2015). One CaptionerConfig describes it: train.py's flags fill it in, every checkpoint stores it,
-and build_captioner makes the model from it. Parameter names match the PyTorch tutorial's model, so its
-checkpoints load as they are.
+and build_captioner makes the model from it. One DecodeSettings says how captions are decoded. Parameter
+names match the PyTorch tutorial's model, so its checkpoints load as they are (decoding.load_tutorial).
 """
 import math
 import os
@@ -13,7 +13,6 @@ import torchvision
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from build_vocab import Vocabulary, load_vocab
 from DIY_LSTM import LSTM
 from files import CheckpointError, save_file
 from flags import nonnegative_float, positive_int
@@ -64,6 +63,44 @@ def add_config_arguments(parser):
             group.add_argument(f'--{f.name}', action='store_true', help=f.metadata['help'])
         else:
             group.add_argument(f'--{f.name}', type=f.metadata['type'], default=f.default, help=f.metadata['help'])
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How captions are decoded, the same in every script. beam_size 1 is greedy decoding; beam search ranks
+    finished captions by log p / length^length_penalty; samples N draws N captions per image instead
+    (decoding.sample, with temperature and top_p). Every caption has at least min_len words before <end> and
+    at most max_len words (None: the decoder's own max_seq_length); block_trigrams: no trigram repeats.
+
+    end_id, unk_id (an id or a list of ids) and start_id are the vocabulary's special words, which for_vocab
+    fills in; the defaults suit a bare decoder whose <end> is 2 and <unk> 3, with no <start> to rule out."""
+    beam_size: int = 1
+    length_penalty: float = 0.0
+    max_len: int | None = None
+    min_len: int = 1
+    block_trigrams: bool = False
+    samples: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    end_id: int = 2
+    unk_id: int | list = 3
+    start_id: int | None = None
+
+    # The flags whose names differ from the fields they set.
+    FLAGS = {'max_seq_length': 'max_len', 'sample': 'samples'}
+
+    @classmethod
+    def from_args(cls, args):
+        """The settings of a script's flags (--beam_size, --max_seq_length, --sample, ...); fields a script
+        has no flag for keep their defaults."""
+        known = {f.name for f in fields(cls)}
+        given = {cls.FLAGS.get(name, name): value for name, value in vars(args).items()}
+        return cls(**{name: value for name, value in given.items() if name in known})
+
+    def for_vocab(self, vocab):
+        """These settings with vocab's special words, so every script rules out the same words."""
+        return replace(self, end_id=vocab('<end>'), unk_id=sorted({vocab('<unk>'), vocab('<pad>')}),
+                       start_id=vocab('<start>'))
 
 
 def build_captioner(config, weights=None):
@@ -189,27 +226,29 @@ class DecoderRNN(nn.Module):
         return max_len
 
     @staticmethod
-    def forbid(log_probs, step, said, end_id, unk_id, start_id, min_len):
-        """Rule words out, in place, for greedy and beam decoding alike: unk_id (an id or a list of ids)
-        always; start_id after the first step (train.py's captions begin with <start>, so a trained model
+    def forbid(log_probs, step, said, settings):
+        """Rule words out, in place, for greedy and beam decoding alike: settings.unk_id (an id or a list of
+        ids) always; start_id after the first step (train.py's captions begin with <start>, so a trained model
         says it first); and <end> while fewer than min_len words other than <start> have been said, so
         that no caption comes out empty."""
-        log_probs[..., unk_id] = -math.inf
+        end_id, start_id = settings.end_id, settings.start_id
+        log_probs[..., settings.unk_id] = -math.inf
         if start_id is not None and step > 0:
             log_probs[..., start_id] = -math.inf
-        log_probs[..., end_id] = log_probs[..., end_id].masked_fill(said < min_len, -math.inf)
+        log_probs[..., end_id] = log_probs[..., end_id].masked_fill(said < settings.min_len, -math.inf)
 
     @torch.no_grad()
-    def sample(self, features, end_id=2, unk_id=3, max_len=None, min_len=1, start_id=None, block_trigrams=False):
+    def sample(self, features, settings=DecodeSettings()):
         """Greedy decoding for a batch, with the rules of forbid(); stops once every caption has produced <end>.
-        block_trigrams: never choose a word that repeats a trigram of the caption."""
+        settings.block_trigrams: never choose a word that repeats a trigram of the caption."""
+        end_id, start_id = settings.end_id, settings.start_id
         inputs, states = features, None
         words, finished = [], torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
         said = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
-        for t in range(self.decode_length(max_len)):
+        for t in range(self.decode_length(settings.max_len)):
             log_probs, states = self.step(inputs, states)
-            self.forbid(log_probs, t, said, end_id, unk_id, start_id, min_len)
-            if block_trigrams and words:
+            self.forbid(log_probs, t, said, settings)
+            if settings.block_trigrams and words:
                 log_probs[repeated_trigrams(torch.stack(words, 1), log_probs.size(1), end_id)] = -math.inf
             predicted = log_probs.argmax(1)
             words.append(predicted)
@@ -221,17 +260,18 @@ class DecoderRNN(nn.Module):
         return torch.stack(words, 1)
 
     @torch.no_grad()
-    def beam_search(self, features, beam_size=3, end_id=2, unk_id=3, max_len=None, length_penalty=0.0, min_len=1,
-                    all_beams=False, start_id=None, block_trigrams=False):
-        """Batched beam search: for each image the caption of highest total log-probability among the beams.
+    def beam_search(self, features, settings=DecodeSettings(), all_beams=False):
+        """Batched beam search, settings.beam_size beams: for each image the caption of highest total
+        log-probability among the beams.
 
-        With length_penalty alpha > 0, finished captions are ranked by log p / length^alpha, which stops
-        the search from favouring short captions. The rules of forbid() hold, so an empty caption never wins.
-        beam_size=1 gives exactly the greedy caption.
+        With settings.length_penalty alpha > 0, finished captions are ranked by log p / length^alpha, which
+        stops the search from favouring short captions. The rules of forbid() hold, so an empty caption never
+        wins. beam_size=1 gives exactly the greedy caption.
         all_beams=True returns every beam, best first, (batch, beams, steps), and their log-probabilities.
-        block_trigrams: no beam may extend itself with a word that repeats one of its trigrams.
+        settings.block_trigrams: no beam may extend itself with a word that repeats one of its trigrams.
         """
-        batch, beams = features.size(0), beam_size
+        end_id, start_id = settings.end_id, settings.start_id
+        batch, beams = features.size(0), settings.beam_size
         # Every beam starts from the image; only beam 0 counts at first, so the first step picks distinct words.
         scores = features.new_full((batch, beams), -math.inf)
         scores[:, 0] = 0.0
@@ -239,14 +279,14 @@ class DecoderRNN(nn.Module):
         sequences = torch.zeros(batch, beams, 0, dtype=torch.long, device=features.device)
         finished = torch.zeros(batch, beams, dtype=torch.bool, device=features.device)
         offsets = torch.arange(batch, device=features.device).unsqueeze(1) * beams
-        for t in range(self.decode_length(max_len)):
+        for t in range(self.decode_length(settings.max_len)):
             if finished.all():
                 break
             log_probs, states = self.step(inputs, states)
             log_probs = log_probs.view(batch, beams, -1)
             said = (sequences != start_id).sum(2) if start_id is not None else sequences.new_full(finished.shape, t)
-            self.forbid(log_probs, t, said, end_id, unk_id, start_id, min_len)
-            if block_trigrams:
+            self.forbid(log_probs, t, said, settings)
+            if settings.block_trigrams:
                 repeats = repeated_trigrams(sequences.flatten(0, 1), log_probs.size(2), end_id)
                 log_probs[repeats.view_as(log_probs)] = -math.inf
             # A finished beam can only repeat <end>, at no cost, so its score stays as it was.
@@ -263,7 +303,7 @@ class DecoderRNN(nn.Module):
             inputs = self.embed(words.flatten())
         lengths = ((sequences != end_id).cumsum(2) == torch.arange(1, sequences.size(2) + 1, device=scores.device))
         lengths = lengths.sum(2) + finished.long()  # words up to and including <end>
-        ranking = scores / lengths.float() ** length_penalty
+        ranking = scores / lengths.float() ** settings.length_penalty
         if all_beams:  # every beam, best first, with its total log-probability
             order = ranking.argsort(dim=1, descending=True, stable=True)
             return sequences.gather(1, order.unsqueeze(2).expand_as(sequences)), scores.gather(1, order)
@@ -317,62 +357,6 @@ def read_checkpoint(path):
 
 def save_checkpoint(path, checkpoint):
     save_file(path, lambda f: torch.save(checkpoint, f))
-
-
-def load_captioner(path, device='cpu'):
-    """Encoder, decoder, vocabulary and CaptionerConfig from a train.py checkpoint, on any device, ready to caption."""
-    checkpoint = read_checkpoint(path)
-    try:
-        config = CaptionerConfig.from_dict(checkpoint['model_args'])
-        encoder, decoder = build_captioner(replace(config, train_backbone=False))  # scst.py unfreezes what it trains
-        encoder.load_state_dict(checkpoint['encoder'])
-        decoder.load_state_dict(checkpoint['decoder'])
-        vocab = Vocabulary.from_words(checkpoint['vocab'])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-        raise CheckpointError(f'{path}: not a train.py checkpoint ({str(err).splitlines()[0]})') from None
-    if len(vocab) != config.vocab_size:
-        raise CheckpointError(f'{path}: holds {len(vocab)} words but its decoder expects {config.vocab_size}')
-    return encoder.to(device).eval(), decoder.to(device).eval(), vocab, config
-
-
-def load_tutorial(encoder_path, decoder_path, vocab_path, sizes=None):
-    """The tutorial's separate encoder and decoder state dicts; sizes are read off the weights, and
-    sizes given as flags ({'embed_size': 256, ...}) are only checked against them."""
-    vocab = load_vocab(vocab_path)
-    encoder_state, decoder_state = read_checkpoint(encoder_path), read_checkpoint(decoder_path)
-    try:
-        vocab_size, embed_size = decoder_state['embed.weight'].shape
-        hidden_size = decoder_state['lstm.weight_hh_l0'].shape[1]
-        num_layers = sum(1 for key in decoder_state if key.startswith('lstm.weight_ih_l'))
-        encoder_embed = encoder_state['linear.weight'].shape[0]
-    except (KeyError, AttributeError, TypeError):
-        raise CheckpointError(f'{decoder_path}, {encoder_path}: not the tutorial decoder and encoder '
-                              'state dicts') from None
-    for name, actual in (('embed_size', embed_size), ('hidden_size', hidden_size), ('num_layers', num_layers)):
-        given = (sizes or {}).get(name)
-        if given is not None and given != actual:
-            raise CheckpointError(f'{decoder_path} has {name} {actual} but --{name} {given} was given: '
-                                  f'drop --{name} (sizes are read off the weights) or pass --{name} {actual}')
-    if vocab_size != len(vocab):
-        raise CheckpointError(f'{decoder_path} was trained with {vocab_size} words but {vocab_path} has {len(vocab)}: '
-                              'pass the vocabulary the decoder was trained with')
-    if encoder_embed != embed_size:
-        raise CheckpointError(f'{encoder_path} makes {encoder_embed}-d features but {decoder_path} expects '
-                              f'{embed_size}: pass the encoder trained with this decoder')
-    config = CaptionerConfig(vocab_size, embed_size, hidden_size, num_layers, image_size=224, crop_size=224)
-    encoder, decoder = build_captioner(config)
-    try:
-        encoder.load_state_dict(encoder_state)
-        decoder.load_state_dict(decoder_state)
-    except RuntimeError as err:
-        raise CheckpointError(f'{encoder_path}: does not fit the tutorial model ({str(err).splitlines()[0]})') from None
-    return encoder.eval(), decoder.eval(), vocab, config
-
-
-def decode_options(vocab, max_len=None, min_len=1):
-    """The special word ids for DecoderRNN.sample and beam_search, so every script decodes alike."""
-    return dict(end_id=vocab('<end>'), unk_id=sorted({vocab('<unk>'), vocab('<pad>')}), start_id=vocab('<start>'),
-                max_len=max_len, min_len=min_len)
 
 
 def ids_to_sentence(ids, vocab):

@@ -21,10 +21,10 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from build_vocab import VocabError, load_vocab
-from decoding import caption_batches, check_max_len, load_onnx_captioner
+from decoding import check_max_len, load_captioner, load_onnx_captioner, load_tutorial
 from files import CheckpointError, ImageError, load_image, save_file
 from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
-from model import load_captioner, load_tutorial
+from model import DecodeSettings
 from runs import pick_device
 
 
@@ -121,32 +121,32 @@ def parse_args(argv=None):
     return args
 
 
-def load_model(args):
-    """(encoder, decoder, vocab, config) from --onnx, the tutorial's three files, or a --checkpoint."""
+def load_model(args, device):
+    """The TrainedCaptioner of --onnx (on the CPU), the tutorial's three files, or a --checkpoint."""
     if args.onnx:
         return load_onnx_captioner(args.onnx)
     if args.encoder_path or args.decoder_path:
         if not (args.encoder_path and args.decoder_path and args.vocab_path):
             raise CheckpointError('the tutorial format needs --encoder_path, --decoder_path and --vocab_path')
         sizes = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, num_layers=args.num_layers)
-        return load_tutorial(args.encoder_path, args.decoder_path, args.vocab_path, sizes)
+        return load_tutorial(args.encoder_path, args.decoder_path, args.vocab_path, sizes, device)
     if not os.path.exists(args.checkpoint):
         raise CheckpointError(f'{args.checkpoint}: no such file; train a model first (python train.py), '
                               'or pass --checkpoint PATH')
-    encoder, decoder, vocab, config = load_captioner(args.checkpoint)
+    captioner = load_captioner(args.checkpoint, device)
+    vocab = captioner.vocab
     given = len(load_vocab(args.vocab_path)) if args.vocab_path else len(vocab)
     if given != len(vocab):
         raise CheckpointError(f'{args.checkpoint} was trained with {len(vocab)} words but {args.vocab_path} '
                               f'has {given}: leave out --vocab_path, since the checkpoint carries its own vocabulary')
-    check_max_len(args.checkpoint, config, args.max_seq_length)
-    return encoder, decoder, vocab, config
+    check_max_len(args.checkpoint, captioner.config, args.max_seq_length)
+    return captioner
 
 
-def show_gates(args, encoder, decoder, vocab, config, device):
+def show_gates(args, captioner, settings):
     import gates
     try:
-        result = gates.record(args.image[0], encoder, decoder, vocab, config, device, args.max_seq_length,
-                              args.beam_size, args.length_penalty, args.min_len, args.block_trigrams)
+        result = gates.record(args.image[0], captioner, settings)
         print(result['caption'])
         gates.save(result, args.gates, args.gates_json)
     except ImageError as err:
@@ -155,14 +155,12 @@ def show_gates(args, encoder, decoder, vocab, config, device):
         sys.exit(f'error: could not write {err.filename or args.gates or args.gates_json} ({err.strerror or err})')
 
 
-def caption_all(args, encoder, decoder, vocab, config, device):
+def caption_all(args, captioner, settings):
     """Print every image's caption and write the files asked for; returns how many images failed."""
     paths = image_paths(args.image)
     results, pictures, failed = [], [], 0
     bar = tqdm(total=len(paths), unit='image', desc='captioning', disable=len(paths) <= args.batch_size)
-    for batch, captions, errors in caption_batches(paths, encoder, decoder, vocab, config, device, args.max_seq_length,
-                                                   args.beam_size, args.length_penalty, args.batch_size, args.min_len,
-                                                   args.block_trigrams, args.sample, args.temperature, args.top_p):
+    for batch, captions, errors in captioner.caption_batches(paths, settings, args.batch_size):
         for path in batch:
             if path in errors:
                 tqdm.write(f'error: {errors[path]}', file=sys.stderr)
@@ -202,17 +200,15 @@ def write_picture(args, path, caption, pictures, single):
 
 def main(argv=None):
     args = parse_args(argv)
+    settings = DecodeSettings.from_args(args)
     try:
-        device = pick_device('cpu' if args.onnx else args.device)
-        encoder, decoder, vocab, config = load_model(args)
+        captioner = load_model(args, pick_device('cpu' if args.onnx else args.device))
     except (CheckpointError, VocabError, ValueError) as err:
         sys.exit(f'error: {err}')
-    if not args.onnx:
-        encoder, decoder = encoder.to(device), decoder.to(device)
     if args.gates or args.gates_json:
-        return show_gates(args, encoder, decoder, vocab, config, device)
+        return show_gates(args, captioner, settings)
     try:
-        failed = caption_all(args, encoder, decoder, vocab, config, device)
+        failed = caption_all(args, captioner, settings)
     except CheckpointError as err:  # an output file could not be written: a full disk, a read-only folder
         sys.exit(f'error: {err}')
     if failed:

@@ -32,7 +32,7 @@ from build_vocab import plain_words
 from data_loader import CocoDataset, FeatureDataset, ResumableSampler, batches, eval_transform, train_transform
 from files import CheckpointError
 from flags import positive_float, positive_int
-from model import decode_options, ids_to_sentence, load_captioner, read_checkpoint
+from model import DecodeSettings, ids_to_sentence, read_checkpoint
 from runs import RunState, StopRequest, check_paths, pick_device, save_run, settle_settings
 
 
@@ -120,10 +120,10 @@ def captions_of(ids, vocab):
 
 def scst_loss(decoder, features, image_ids, cider, vocab, samples, baseline):
     """-(r - b) log p averaged over the sampled words, and the mean rewards of samples and greedy captions."""
-    special = decode_options(vocab)  # the rules sample.py decodes by
-    words, log_probs, mask = decoding.sample(decoder, features, samples, **special)
+    settings = DecodeSettings(samples=samples).for_vocab(vocab)  # the rules sample.py decodes by
+    words, log_probs, mask = decoding.sample(decoder, features, settings)
     rewards = cider(captions_of(words, vocab), np.repeat(image_ids, samples))
-    greedy = cider(captions_of(decoder.sample(features.detach(), **special), vocab), image_ids)
+    greedy = cider(captions_of(decoder.sample(features.detach(), settings), vocab), image_ids)
     if baseline == 'greedy':
         baselines = np.repeat(greedy, samples)
     else:
@@ -140,7 +140,7 @@ def greedy_cider(encoder, decoder, vocab, loader, cider, device):
     scores = []
     for images, image_ids, _ in loader:
         if images is not None:
-            ids = decoder.sample(encoder(images.to(device)), **decode_options(vocab))
+            ids = decoder.sample(encoder(images.to(device)), DecodeSettings().for_vocab(vocab))
             scores.extend(cider(captions_of(ids, vocab), image_ids))
     return float(np.mean(scores)) if scores else float('nan')
 
@@ -214,7 +214,7 @@ def start_run(args):
     """A run from --init_from's weights, or where --resume's checkpoint left it."""
     check_arguments(args)
     resumed = settle_settings(args)  # the vocabulary is the checkpoint's own
-    encoder, decoder, vocab, config = load_captioner(resumed.path if resumed else args.init_from)
+    encoder, decoder, vocab, config = decoding.load_captioner(resumed.path if resumed else args.init_from)
     run = Run(args=args, device=pick_device(args.device), vocab=vocab, config=config, encoder=encoder,
               decoder=decoder, from_images=args.features is None)
     torch.manual_seed(args.seed)

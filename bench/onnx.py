@@ -16,10 +16,10 @@ from dataclasses import asdict
 
 import torch
 
-from decoding import load_onnx_captioner
+from decoding import load_captioner, load_onnx_captioner
 from export import export
 from flags import HelpFormatter, positive_int
-from model import CaptionerConfig, build_captioner, load_captioner, save_checkpoint
+from model import CaptionerConfig, DecodeSettings, build_captioner, save_checkpoint
 
 
 def main(argv=None):
@@ -55,7 +55,7 @@ def main(argv=None):
             with torch.no_grad():
                 features = encoder(images)
                 if args.beam_size > 1:
-                    return decoder.beam_search(features, args.beam_size)
+                    return decoder.beam_search(features, DecodeSettings(beam_size=args.beam_size))
                 return decoder.sample(features)
 
         results = {name: caption(name) for name in captioners}  # also the warm-up

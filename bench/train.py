@@ -26,7 +26,7 @@ from bench import lstm as bench_lstm
 from data_loader import FeatureDataset, batches, eval_transform, train_transform
 from files import load_image
 from flags import HelpFormatter, positive_int
-from model import Captioner, CaptionerConfig, build_captioner, caption_loss
+from model import Captioner, CaptionerConfig, DecodeSettings, build_captioner, caption_loss
 
 COCO_CAPTIONS = 414113
 
@@ -148,7 +148,7 @@ def captioning_speed(args, encoder, decoder, device, eval_batch=32):
     def caption(batch):
         with torch.no_grad():
             images = torch.stack([transform(photo)] * batch).to(device)
-            decoder.sample(encoder(images), max_len=20)
+            decoder.sample(encoder(images), DecodeSettings(max_len=20))
 
     caption(1)
     latency = timed(lambda: caption(1), device, args.repeats)

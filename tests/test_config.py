@@ -10,7 +10,8 @@ import torch
 
 import train as trainer
 from conftest import run, tiny_args
-from model import CaptionerConfig, build_captioner, decode_options, load_captioner, read_checkpoint
+from decoding import load_captioner
+from model import CaptionerConfig, DecodeSettings, build_captioner, read_checkpoint
 
 # Written by train.py before CaptionerConfig existed (commit 9bcc01f): two epochs on the synthetic set of
 # conftest's synthetic_set, frozen smallcnn, --embed_size 8 --hidden_size 12 --max_seq_length 9
@@ -33,8 +34,8 @@ def test_a_checkpoint_from_before_the_config_loads_and_computes_what_it_did():
         features = encoder(images)
         torch.testing.assert_close(features, torch.tensor(expected['features']))
         torch.testing.assert_close(decoder.step(features, None)[0], torch.tensor(expected['first_step_log_probs']))
-        assert decoder.sample(features, **decode_options(vocab)).tolist() == expected['greedy']
-        assert decoder.beam_search(features, 3, **decode_options(vocab)).tolist() == expected['beam3']
+        assert decoder.sample(features, DecodeSettings().for_vocab(vocab)).tolist() == expected['greedy']
+        assert decoder.beam_search(features, DecodeSettings(beam_size=3).for_vocab(vocab)).tolist() == expected['beam3']
 
 
 def test_a_checkpoint_from_before_the_config_captions_and_resumes(synthetic_set, tmp_path):

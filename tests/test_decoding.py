@@ -3,6 +3,7 @@ on a tiny vocabulary."""
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import train as trainer
 from build_vocab import build_vocab, save_vocab
 from conftest import REPO
 from decoding import repeated_trigrams, sample
+from model import DecodeSettings
 
 
 def has_repeated_trigram(words):
@@ -47,9 +49,9 @@ def test_exhaustive_beam_with_blocking_finds_the_best_caption_without_repeats(se
     features = torch.randn(2, 4)
     candidates = list(all_captions(6, 5))  # 1365 captions of up to 5 words: that many beams is exhaustive
     with torch.no_grad():
-        found = decoder.beam_search(features, beam_size=len(candidates), end_id=END, unk_id=UNK, max_len=5,
-                                    block_trigrams=True)
-        plain = decoder.beam_search(features, beam_size=len(candidates), end_id=END, unk_id=UNK, max_len=5)
+        plain = DecodeSettings(beam_size=len(candidates), end_id=END, unk_id=UNK, max_len=5)
+        found = decoder.beam_search(features, replace(plain, block_trigrams=True))
+        plain = decoder.beam_search(features, plain)
         for feature, row, unblocked in zip(features, found, plain):
             scored = sorted((sequence_log_prob(decoder, feature, words), words) for words in candidates)
             allowed = [(score, words) for score, words in scored if not has_repeated_trigram(words)]
@@ -64,8 +66,9 @@ def test_greedy_with_blocking_takes_the_best_allowed_word_at_each_step(seed, sta
     decoder = repetitive_decoder(seed)
     features = torch.randn(3, 4)
     with torch.no_grad():
-        found = decoder.sample(features, end_id=END, unk_id=UNK, max_len=8, block_trigrams=True, start_id=start)
-        plain = decoder.sample(features, end_id=END, unk_id=UNK, max_len=8, start_id=start)
+        found = decoder.sample(features, DecodeSettings(end_id=END, unk_id=UNK, max_len=8, block_trigrams=True,
+                                                        start_id=start))
+        plain = decoder.sample(features, DecodeSettings(end_id=END, unk_id=UNK, max_len=8, start_id=start))
         assert any(has_repeated_trigram(truncate(row)) for row in plain)  # blocking had something to do
         for feature, row in zip(features, found):
             words = []
@@ -116,7 +119,9 @@ def test_sampling_draws_captions_with_their_brute_force_probabilities(temperatur
         assert sum(expected.values()) == pytest.approx(1.0)
         torch.manual_seed(0)
         n = 20000
-        words, log_probs, mask = sample(decoder, feature, n, temperature, top_p, END, UNK, max_len=2, start_id=start)
+        settings = DecodeSettings(samples=n, temperature=temperature, top_p=top_p, end_id=END, unk_id=UNK, max_len=2,
+                                  start_id=start)
+        words, log_probs, mask = sample(decoder, feature, settings)
     drawn = [tuple(row[keep].tolist()) for row, keep in zip(words, mask)]
     counts = {caption: drawn.count(caption) / n for caption in set(drawn)}
     assert all(expected.get(caption, 0.0) > 0 for caption in counts)  # nothing outside the nucleus

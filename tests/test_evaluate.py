@@ -4,15 +4,16 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 import train as trainer
 from conftest import REPO, tiny_args
-from decoding import caption_images
+from decoding import load_captioner
 from evaluate import score_captions
-from model import DecoderRNN, load_captioner
+from model import DecoderRNN, DecodeSettings
 
 START, END, UNK = 1, 2, 3
 
@@ -62,8 +63,9 @@ def test_exhaustive_beam_finds_the_most_probable_caption(seed, length_penalty, m
     features = torch.randn(2, 4)
     with torch.no_grad():
         # 85 captions of up to 3 words exist, so 125 beams keep every one of them: the search is exhaustive.
-        found = decoder.beam_search(features, beam_size=125, end_id=END, unk_id=UNK, max_len=3,
-                                    length_penalty=length_penalty, min_len=min_len, start_id=start)
+        settings = DecodeSettings(beam_size=125, end_id=END, unk_id=UNK, max_len=3, length_penalty=length_penalty,
+                                  min_len=min_len, start_id=start)
+        found = decoder.beam_search(features, settings)
         for feature, row in zip(features, found):
             scored = [(sequence_log_prob(decoder, feature, words) / len(words) ** length_penalty, words)
                       for words in all_captions(6, 3, min_len, start)]
@@ -78,8 +80,8 @@ def test_beam_beats_greedy_when_greedy_is_short_sighted():
         decoder = tiny_decoder(seed)
         feature = torch.randn(1, 4)
         with torch.no_grad():
-            greedy = truncate(decoder.sample(feature, end_id=END, unk_id=UNK)[0])
-            beam = truncate(decoder.beam_search(feature, beam_size=3, end_id=END, unk_id=UNK)[0])
+            greedy = truncate(decoder.sample(feature, DecodeSettings(end_id=END, unk_id=UNK))[0])
+            beam = truncate(decoder.beam_search(feature, DecodeSettings(beam_size=3, end_id=END, unk_id=UNK))[0])
             if greedy != beam:
                 assert sequence_log_prob(decoder, feature[0], beam) > sequence_log_prob(decoder, feature[0], greedy)
                 return
@@ -92,8 +94,8 @@ def test_beam_size_one_is_greedy(start):
     decoder.max_seq_length = 10
     features = torch.randn(32, 4)
     with torch.no_grad():
-        greedy = decoder.sample(features, end_id=END, unk_id=UNK, start_id=start)
-        beam = decoder.beam_search(features, beam_size=1, end_id=END, unk_id=UNK, start_id=start)
+        greedy = decoder.sample(features, DecodeSettings(end_id=END, unk_id=UNK, start_id=start))
+        beam = decoder.beam_search(features, DecodeSettings(beam_size=1, end_id=END, unk_id=UNK, start_id=start))
     assert [truncate(row) for row in greedy] == [truncate(row) for row in beam]
 
 
@@ -105,8 +107,8 @@ def test_start_may_come_first_only_and_is_not_a_word():
         decoder.linear.bias[START] = 50.0  # <start> would win every step
         decoder.linear.bias[END] = 40.0  # then <end>, as soon as it is allowed
         features = torch.randn(6, 4)
-        rows = [*decoder.sample(features, end_id=END, unk_id=UNK, start_id=START),
-                *decoder.beam_search(features, beam_size=3, end_id=END, unk_id=UNK, start_id=START)]
+        rows = [*decoder.sample(features, DecodeSettings(end_id=END, unk_id=UNK, start_id=START)),
+                *decoder.beam_search(features, DecodeSettings(beam_size=3, end_id=END, unk_id=UNK, start_id=START))]
     for row in rows:
         words = truncate(row)
         assert words[0] == START and START not in words[1:]
@@ -121,11 +123,12 @@ def test_min_len_rules_out_the_empty_caption():
         decoder = tiny_decoder(seed)
         features = torch.randn(8, 4)
         with torch.no_grad():
-            unconstrained = decoder.beam_search(features, beam_size=3, end_id=END, unk_id=UNK, min_len=0)
+            beam = DecodeSettings(beam_size=3, end_id=END, unk_id=UNK)
+            unconstrained = decoder.beam_search(features, replace(beam, min_len=0))
             empty_without += sum(truncate(row) == [END] for row in unconstrained)
             for min_len in (1, 2):
-                for row in [*decoder.beam_search(features, beam_size=3, end_id=END, unk_id=UNK, min_len=min_len),
-                            *decoder.sample(features, end_id=END, unk_id=UNK, min_len=min_len)]:
+                for row in [*decoder.beam_search(features, replace(beam, min_len=min_len)),
+                            *decoder.sample(features, DecodeSettings(end_id=END, unk_id=UNK, min_len=min_len))]:
                     lengths[min_len].append(len(truncate(row)) - (END in row.tolist()))
     assert empty_without > 0  # the case the rule is for does happen
     assert min(lengths[1]) >= 1 and min(lengths[2]) >= 2
@@ -136,10 +139,10 @@ def test_beam_never_says_unk_and_stops_at_end():
     decoder = tiny_decoder(3)
     with torch.no_grad():
         decoder.linear.bias[UNK] = 50.0  # <unk> would win every step
-        out = decoder.beam_search(torch.randn(4, 4), beam_size=3, end_id=END, unk_id=UNK)
+        out = decoder.beam_search(torch.randn(4, 4), DecodeSettings(beam_size=3, end_id=END, unk_id=UNK))
         assert (out != UNK).all()
         decoder.linear.bias[END] = 100.0  # now <end> wins at once, after the one word min_len asks for
-        out = decoder.beam_search(torch.randn(4, 4), beam_size=3, end_id=END, unk_id=UNK, min_len=0)
+        out = decoder.beam_search(torch.randn(4, 4), DecodeSettings(beam_size=3, end_id=END, unk_id=UNK, min_len=0))
     assert [truncate(row) for row in out] == [[END]] * 4
     assert (out == END).all()  # after <end> a beam only repeats <end>
 
@@ -178,7 +181,7 @@ def trained(synthetic_sets, tmp_path_factory):
 
 
 def test_beam_scores_at_least_as_well_as_greedy_on_held_out_images(trained):
-    encoder, decoder, vocab, config = load_captioner(str(trained / 'models' / 'checkpoint.pt'))
+    captioner = load_captioner(str(trained / 'models' / 'checkpoint.pt'))
     with open(trained / 'data' / 'annotations' / 'captions_val.json') as f:
         dataset = json.load(f)
     paths = {str(trained / 'data' / 'val' / image['file_name']): image['id'] for image in dataset['images']}
@@ -187,7 +190,7 @@ def test_beam_scores_at_least_as_well_as_greedy_on_held_out_images(trained):
         references[annotation['image_id']].append(annotation['caption'])
     cider = {}
     for beam_size in (1, 3):
-        captions, errors = caption_images(list(paths), encoder, decoder, vocab, config, 'cpu', beam_size=beam_size)
+        captions, errors = captioner.caption(list(paths), DecodeSettings(beam_size=beam_size))
         assert not errors
         scores, _ = score_captions(references, {paths[p]: c for p, c in captions.items()})
         cider[beam_size] = scores['CIDEr']

@@ -7,8 +7,7 @@ import torch
 import train as trainer
 from conftest import learning_args, run
 from decoding import ONNX_FILES as FILES
-from decoding import load_onnx_captioner
-from model import load_captioner
+from decoding import load_captioner, load_onnx_captioner
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')

@@ -12,8 +12,8 @@ import gates
 import train as trainer
 from conftest import REPO, learning_args
 from data_loader import eval_transform
-from decoding import caption_images
-from model import DecoderRNN, load_captioner
+from decoding import load_captioner
+from model import DecoderRNN, DecodeSettings
 
 
 @pytest.fixture(scope='module')
@@ -49,12 +49,13 @@ def test_replay_matches_nn_lstm_and_the_gate_equations():
 
 
 def test_record_replays_the_caption_that_sample_py_writes(synthetic_set, checkpoint):
-    encoder, decoder, vocab, config = load_captioner(str(checkpoint))
+    captioner = load_captioner(str(checkpoint))
+    encoder, decoder, vocab, config = captioner
     images = sorted(str(p) for p in (synthetic_set / 'val').iterdir())[:3]
     for beam_size in (1, 3):
-        captions, _ = caption_images(images, encoder, decoder, vocab, config, torch.device('cpu'), beam_size=beam_size)
+        captions, _ = captioner.caption(images, DecodeSettings(beam_size=beam_size))
         for path in images:
-            result = gates.record(path, encoder, decoder, vocab, config, torch.device('cpu'), beam_size=beam_size)
+            result = gates.record(path, captioner, DecodeSettings(beam_size=beam_size))
             assert result['caption'] == captions[path]
             assert len(result['words']) == result['layers'][0]['h'].size(0) == len(result['log_probs'])
             if beam_size == 1:  # the replayed hidden states choose the same words, step by step
@@ -67,13 +68,14 @@ def test_record_replays_the_caption_that_sample_py_writes(synthetic_set, checkpo
 
 
 def test_all_beams_are_ranked_and_scored_by_their_log_probability(synthetic_set, checkpoint):
-    encoder, decoder, vocab, config = load_captioner(str(checkpoint))
-    result = gates.record(str(sorted((synthetic_set / 'val').iterdir())[0]), encoder, decoder, vocab, config, 'cpu')
-    special = gates.decode_options(vocab)
+    captioner = load_captioner(str(checkpoint))
+    encoder, decoder, vocab, config = captioner
+    result = gates.record(str(sorted((synthetic_set / 'val').iterdir())[0]), captioner)
+    settings = DecodeSettings(beam_size=4).for_vocab(vocab)
     with torch.no_grad():
         feature = encoder(eval_transform(config.image_size, config.crop_size)(result['image'])[None])
-        beams, scores = decoder.beam_search(feature, 4, all_beams=True, **special)
-        assert torch.equal(beams[:, 0], decoder.beam_search(feature, 4, **special))
+        beams, scores = decoder.beam_search(feature, settings, all_beams=True)
+        assert torch.equal(beams[:, 0], decoder.beam_search(feature, settings))
         assert scores[0].tolist() == sorted(scores[0].tolist(), reverse=True)
         for ids, score in zip(beams[0], scores[0]):
             ends = (ids == vocab('<end>')).nonzero()

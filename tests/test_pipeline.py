@@ -13,7 +13,8 @@ import train as trainer
 from build_vocab import load_vocab, tokenize
 from conftest import REPO, learning_args, run
 from data_loader import get_loader, train_transform
-from model import CheckpointError, DecoderRNN, EncoderCNN, load_captioner, read_checkpoint, save_checkpoint
+from decoding import load_captioner
+from model import CheckpointError, DecoderRNN, EncoderCNN, read_checkpoint, save_checkpoint
 
 
 def test_loader_batches_are_sorted_and_padded(synthetic_set):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import build_vocab
+import decoding
 import demo
 import evaluate
 import extract_features
@@ -218,9 +219,10 @@ def test_sample_never_prints_an_empty_caption(trained, tmp_path, capsys):
     path = tmp_path / 'terse.pt'
     torch.save(checkpoint, path)
     image = str(sorted((trained / 'data' / 'val').iterdir())[0])
-    encoder, decoder, vocab, config = model.load_captioner(str(path))
+    encoder, decoder, vocab, config = decoding.load_captioner(str(path))
     features = encoder(eval_transform(32, 32)(load_image(image)).unsqueeze(0))
-    assert decoder.sample(features, min_len=0)[0, 0] == 2  # without the rule: just <end>, an empty caption
+    no_rule = model.DecodeSettings(min_len=0)
+    assert decoder.sample(features, no_rule)[0, 0] == 2  # without the rule: just <end>, an empty caption
     for beam_size in ('1', '3'):
         sample.main(['--checkpoint', str(path), '--image', image, '--beam_size', beam_size])
         words = capsys.readouterr().out.split()

@@ -16,8 +16,9 @@ import train as trainer
 from build_vocab import load_vocab
 from conftest import REPO, run, tiny_args
 from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
+from decoding import load_captioner
 from DIY_LSTM import LSTM
-from model import load_captioner, read_checkpoint
+from model import read_checkpoint
 
 
 def extract(synthetic_set, output):

@@ -15,7 +15,7 @@ import synthetic
 import train as trainer
 from build_vocab import build_vocab, plain_words, save_vocab
 from conftest import REPO, run
-from model import read_checkpoint
+from model import DecodeSettings, read_checkpoint
 from synthetic import easy
 
 
@@ -69,14 +69,14 @@ def test_loss_is_minus_advantage_times_log_probability_per_word(baseline):
     torch.manual_seed(1)
     loss, _, _ = scst.scst_loss(decoder, features, [0, 1, 2], FixedCider(), vocab, 4, baseline)
     torch.manual_seed(1)
-    words, _, mask = decoding.sample(decoder, features, 4, end_id=2, unk_id=[0, 3], start_id=1)
+    words, _, mask = decoding.sample(decoder, features, DecodeSettings(samples=4, end_id=2, unk_id=[0, 3], start_id=1))
 
     def first_word_is_large(row):  # <start> may come first, and is not part of the caption
         row = [int(w) for w in row if int(w) != 1]
         return float(bool(row) and vocab.idx2word[row[0]] == 'large')
     rewards = np.array([first_word_is_large(row) for row in words])
     if baseline == 'greedy':
-        greedy = decoder.sample(features, end_id=2, unk_id=[0, 3], start_id=1)
+        greedy = decoder.sample(features, DecodeSettings(end_id=2, unk_id=[0, 3], start_id=1))
         b = np.repeat([first_word_is_large(row) for row in greedy], 4)
     else:
         b = np.array([(rewards[i // 4 * 4:i // 4 * 4 + 4].sum() - rewards[i]) / 3 for i in range(12)])

@@ -1,5 +1,6 @@
-"""The layout the README describes: few files at the root, benchmarks and shapes sets in their folders, and
-no module that imports, directly or through others, a module that imports it back."""
+"""The layout the README describes: few files at the root, benchmarks and shapes sets in their folders, no
+module that imports, directly or through others, a module that imports it back, and no function that takes so
+many parameters that its callers pass them by hand, one by one."""
 import ast
 import os
 
@@ -77,3 +78,42 @@ def test_no_module_imports_itself_through_others():
 def test_the_cycle_finder_finds_a_cycle():
     assert import_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': set()}) == ['a', 'b', 'c', 'a']
     assert import_cycle({'a': {'b'}, 'b': set()}) is None
+
+
+
+# DIY_LSTM's LSTM and LSTMCell take nn.LSTM's and nn.LSTMCell's arguments, so that they drop in for them.
+NN_LSTM_SIGNATURES = {'DIY_LSTM.LSTM.__init__', 'DIY_LSTM.LSTMCell.__init__'}
+MAX_PARAMETERS = 8
+FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def parameter_count(function):
+    """Every parameter but self and cls; *args and **kwargs count one each."""
+    args = function.args
+    named = [arg.arg for arg in args.posonlyargs + args.args + args.kwonlyargs if arg.arg not in ('self', 'cls')]
+    return len(named) + (args.vararg is not None) + (args.kwarg is not None)
+
+
+def functions(node, prefix):
+    """(qualified name, node) of every function defined in node, methods and nested functions included."""
+    for child in ast.iter_child_nodes(node):
+        name = f'{prefix}.{child.name}' if isinstance(child, (*FUNCTIONS, ast.ClassDef)) else prefix
+        if isinstance(child, FUNCTIONS):
+            yield name, child
+        yield from functions(child, name)
+
+
+def test_no_function_takes_more_than_8_parameters():
+    counts = {name: parameter_count(function) for module, path in project_modules().items()
+              for name, function in functions(ast.parse(open(path).read()), module)}
+    assert NN_LSTM_SIGNATURES <= set(counts)  # the exceptions still exist
+    too_many = sorted(f'{name} ({n})' for name, n in counts.items()
+                      if n > MAX_PARAMETERS and name not in NN_LSTM_SIGNATURES)
+    assert not too_many, f'more than {MAX_PARAMETERS} parameters: {", ".join(too_many)}'
+
+
+def test_the_parameter_count_sees_every_kind_of_parameter_and_every_method():
+    tree = ast.parse('class A:\n    def f(self, a, /, b, *c, d, e=1, **f):\n        def g(x): pass\n')
+    found = dict(functions(tree, 'm'))
+    assert list(found) == ['m.A.f', 'm.A.f.g']
+    assert parameter_count(found['m.A.f']) == 6 and parameter_count(found['m.A.f.g']) == 1

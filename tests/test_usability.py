@@ -22,8 +22,8 @@ import train as trainer
 from build_vocab import build_vocab, save_vocab
 from conftest import REPO, run
 from data_loader import CocoDataset, eval_transform, read_coco
-from decoding import caption_batches, caption_images
-from model import CheckpointError, load_captioner, read_checkpoint
+from decoding import load_captioner
+from model import CheckpointError, read_checkpoint
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -225,14 +225,14 @@ def test_resume_takes_the_model_settings_from_the_checkpoint(trained, tmp_path, 
 
 def test_captions_are_made_in_batches_with_the_same_result(trained):
     root, _ = trained
-    encoder, decoder, vocab, config = load_captioner(str(root / 'models' / 'checkpoint.pt'))
+    captioner = load_captioner(str(root / 'models' / 'checkpoint.pt'))
     paths = [str(p) for p in sorted((root / 'data' / 'train').iterdir())[:10]]
     sizes = []
-    encoder.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
-    batches = list(caption_batches(paths, encoder, decoder, vocab, config, 'cpu', batch_size=4))
+    captioner.encoder.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    batches = list(captioner.caption_batches(paths, batch_size=4))
     assert sizes == [4, 4, 2] and [batch for batch, _, _ in batches] == [paths[:4], paths[4:8], paths[8:]]
     sizes.clear()
-    whole, _ = caption_images(paths, encoder, decoder, vocab, config, 'cpu', batch_size=len(paths))
+    whole, _ = captioner.caption(paths, batch_size=len(paths))
     assert sizes == [10]
     assert {path: c for _, captions, _ in batches for path, c in captions.items()} == whole
 
