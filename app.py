@@ -46,7 +46,7 @@ def build(captioner, settings):
     with gr.Blocks(title='Captioner: inside the LSTM', analytics_enabled=False) as page:
         gr.Markdown('# Image captioning with a hand-written LSTM\nUpload an image or pick an example. The picture '
                     'at the bottom shows the LSTM at every word it wrote: input gate g, forget gate f, output '
-                    'gate q and memory s (as tanh(s)); see the README for how to read it.')
+                    'gate q and memory s (as tanh(s)); docs/lstm.md says how to read it.')
         with gr.Row():
             upload = gr.File(label='image', type='filepath', elem_id='upload')
             with gr.Column():
