@@ -174,29 +174,67 @@ def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, s
 
 def batches(dataset, batch_size, shuffle, num_workers, sampler=None, collate=collate_fn):
     """A DataLoader with collate_fn. Its own generator keeps the global RNG untouched, so a resumed
-    run draws the same random numbers as an uninterrupted one."""
+    run draws the same random numbers as an uninterrupted one. A ResumableSampler cuts the batches itself."""
+    if isinstance(sampler, ResumableSampler):
+        return data.DataLoader(dataset=dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                               persistent_workers=num_workers > 0, generator=torch.Generator())
     return data.DataLoader(dataset=dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                            sampler=sampler, num_workers=num_workers, collate_fn=collate,
                            persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
-class ResumableSampler(DistributedSampler):
-    """Each process's share of a fresh shuffle every epoch (seeded, so reproducible), able to start
-    part-way through an epoch: after the batches a resumed run has already done."""
+def batch_sizes(count, batch_size):
+    """The sizes of the batches that count captions are cut into: full batches of batch_size, then the
+    rest, except that the rest is never one caption alone.
+
+    In training mode the encoder's BatchNorm cannot normalize a batch of one (it stops with "Expected more
+    than 1 value per channel when training"), and an optimizer step on one caption would weigh it as much
+    as a whole batch; dropping it (drop_last) would leave a caption untrained every epoch. So when one
+    caption is left over, the last two batches share their batch_size + 1 captions evenly, neither larger
+    than batch_size (a --batch_size chosen to fill the GPU's memory still fits), and the number of batches
+    stays the same; with a batch_size of 2, the three captions make one batch instead. Only a batch_size of
+    1, or a share of one caption, leaves a batch of one (Captioner trains it on BatchNorm's running statistics).
+    """
+    full, rest = divmod(count, batch_size)
+    sizes = [batch_size] * full + ([rest] if rest else [])
+    if rest == 1 and full and batch_size > 1:
+        pair = batch_size + 1
+        sizes[-2:] = [pair - pair // 2, pair // 2] if pair // 2 > 1 else [pair]
+    return sizes
+
+
+class ResumableSampler(data.Sampler):
+    """The batches of each process's share of a fresh shuffle every epoch (seeded, so reproducible), cut as
+    batch_sizes says, able to start part-way through an epoch: after the batches a resumed run has already
+    done. A batch sampler: batches() passes it to the DataLoader as one."""
 
     def __init__(self, dataset, batch_size, rank, world_size, seed):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.share = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self.batch_size, self.skip = batch_size, 0
+        self.sizes = batch_sizes(self.share.num_samples, batch_size)
+
+    @property
+    def num_samples(self):
+        """The captions of each process's share of an epoch."""
+        return self.share.num_samples
+
+    @property
+    def batches_per_epoch(self):
+        return len(self.sizes)
 
     def start(self, epoch, batches_done):
-        self.set_epoch(epoch)
-        self.skip = batches_done * self.batch_size
+        self.share.set_epoch(epoch)
+        self.skip = batches_done
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        indices, start = list(self.share), 0
+        for number, size in enumerate(self.sizes):
+            if number >= self.skip:
+                yield indices[start:start + size]
+            start += size
 
     def __len__(self):
-        return self.num_samples - self.skip
+        return len(self.sizes) - self.skip
 
 
 def first_images(dataset, count=None):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from decoding import ONNX_FILES, load_captioner
-from files import CheckpointError, atomic_write
+from files import CheckpointError, save_file
 from flags import HelpFormatter
 
 
@@ -46,7 +46,7 @@ def export_onnx(module, args, path, input_names, output_names):
     with torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, verbose=False, input_names=list(input_names),
                                     output_names=list(output_names), dynamic_shapes=dynamic)
-    atomic_write(path, lambda f: f.write(program.model_proto.SerializeToString()))
+    save_file(path, lambda f: f.write(program.model_proto.SerializeToString()))
 
 
 def export(checkpoint, out):
@@ -60,7 +60,7 @@ def export(checkpoint, out):
     export_onnx(DecoderStep(decoder).eval(), (torch.tensor([-1, 4]), torch.randn(batch, embed), h, c),
                 os.path.join(out, 'decoder_step.onnx'), ['token', 'feature', 'h', 'c'], ['log_probs', 'h_out', 'c_out'])
     info = {'vocab': [vocab.idx2word[i] for i in range(len(vocab))], **asdict(config)}
-    atomic_write(os.path.join(out, 'captioner.json'), lambda f: f.write(json.dumps(info).encode()))
+    save_file(os.path.join(out, 'captioner.json'), lambda f: f.write(json.dumps(info).encode()))
 
 
 def main(argv=None):

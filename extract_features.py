@@ -16,6 +16,8 @@ read, and why) and backbone.pt (the backbone's weights, so that the checkpoint t
 holds the whole encoder).
 """
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -61,6 +63,30 @@ def save_json(path, value):
     save_file(path, lambda f: f.write(json.dumps(value).encode()))
 
 
+def create_features(path, shape):
+    """features.npy, memory-mapped, with its disk space claimed now. open_memmap writes only its last byte,
+    and writing into a memory map on a full disk kills the process with SIGBUS, without a word; claimed
+    here, a full disk is an OSError naming the file, and no half-made file is left."""
+    try:
+        features = np.lib.format.open_memmap(path, mode='w+', dtype=np.float16, shape=shape)
+        with open(path, 'r+b') as f:
+            if hasattr(os, 'posix_fallocate'):  # not on macOS or Windows
+                claim_space(f.fileno())
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise OSError(err.errno, err.strerror, path) from None
+    return features
+
+
+def claim_space(fd):
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise  # other errors: a file system that cannot claim space ahead, left as it was
+
+
 def extract(args):
     device = pick_device(args.device)
     coco = read_coco(args.caption_path, args.split)
@@ -82,8 +108,7 @@ def extract(args):
     else:
         feature_size = encoder.linear.in_features
         save_checkpoint(os.path.join(args.output_dir, 'backbone.pt'), encoder.resnet.state_dict())
-        features = np.lib.format.open_memmap(os.path.join(args.output_dir, 'features.npy'), mode='w+',
-                                             dtype=np.float16, shape=(len(image_ids), 2, feature_size))
+        features = create_features(os.path.join(args.output_dir, 'features.npy'), (len(image_ids), 2, feature_size))
         done, unreadable = np.zeros(len(image_ids), dtype=bool), {}
         save_file(os.path.join(args.output_dir, 'done.npy'), lambda f: np.save(f, done))
         save_json(meta_path, dict(settings, image_ids=image_ids, feature_size=feature_size))

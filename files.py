@@ -15,15 +15,41 @@ class ImageError(Exception):
     """An image that cannot be read; the message names the file and the reason."""
 
 
+class WriteErrors:
+    """A file as write functions see it, which remembers the OSError its writes raised. Some writers turn
+    that error into another: torch.save reports a full disk as a RuntimeError ("unexpected pos 704 vs 598"),
+    so atomic_write raises the OSError itself instead, and save_file can say "No space left on device"."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):  # everything else (flush, fileno, tell, ...) is the file's own
+        return getattr(self.file, name)
+
+
 def atomic_write(path, write, sync=True):
     """write(file) into a temporary file beside path, then rename it over path: whatever happens, path
     holds either the old content or the new, never half of it. sync=False skips the fsync, for files
-    cheap to make again (resized images): a killed process still leaves no half file, a power cut might."""
+    cheap to make again (resized images): a killed process still leaves no half file, a power cut might.
+    A write that fails is an OSError, whatever write() turned it into."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     temporary = f'{path}.tmp{os.getpid()}'
     try:
         with open(temporary, 'wb') as f:
-            write(f)
+            recorded = WriteErrors(f)
+            try:
+                write(recorded)
+            except Exception as err:
+                if recorded.error is not None and not isinstance(err, OSError):
+                    raise recorded.error from None
+                raise
             if sync:
                 f.flush()
                 os.fsync(f.fileno())

@@ -4,6 +4,7 @@ CVPR 2015). One CaptionerConfig describes it: train.py's flags fill it in, every
 and build_captioner makes the model from it. One DecodeSettings says how captions are decoded. Parameter
 names match the PyTorch tutorial's model, so its checkpoints load as they are (decoding.load_tutorial).
 """
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field, fields, replace
@@ -328,8 +329,27 @@ class Captioner(nn.Module):
         self.encoder, self.decoder, self.from_features = encoder, decoder, from_features
 
     def forward(self, inputs, captions, lengths):
-        features = self.encoder.head(inputs) if self.from_features else self.encoder(inputs)
-        return self.decoder(features, captions, lengths)
+        with running_statistics(self, self.training and len(inputs) == 1):
+            features = self.encoder.head(inputs) if self.from_features else self.encoder(inputs)
+            return self.decoder(features, captions, lengths)
+
+
+@contextlib.contextmanager
+def running_statistics(module, wanted=True):
+    """The BatchNorm layers of module in eval mode for a while. One caption has no batch statistics
+    (training mode stops with "Expected more than 1 value per channel when training"), so a batch of one,
+    which training meets only with --batch_size 1, a share of one caption or a batch whose other images
+    could not be read (see data_loader.batch_sizes), is normalized as at inference, and leaves the running
+    statistics as they were."""
+    batch_norm = nn.modules.batchnorm._BatchNorm
+    layers = [m for m in module.modules() if isinstance(m, batch_norm) and m.training] if wanted else []
+    for layer in layers:
+        layer.eval()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.train()
 
 
 def caption_loss(model, inputs, captions, lengths):

@@ -148,7 +148,7 @@ class Run(RunState):
 
     @property
     def steps_per_epoch(self):
-        return math.ceil(self.sampler.num_samples / self.args.batch_size)  # each process's share, in batches
+        return self.sampler.batches_per_epoch  # of each process's share: see data_loader.batch_sizes
 
     @property
     def log_dir(self):

@@ -1,6 +1,9 @@
 """What many test files share: synthetic sets made once per session, tiny training runs, and the scripts'
 command lines."""
 import contextlib
+import errno
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import files
 import synthetic
 import train as trainer
 from build_vocab import build_vocab, save_vocab
@@ -81,3 +85,21 @@ def compiled_for_real():
     names = [name for name in ('fail_on_recompile_limit_hit', 'fail_on_cache_limit_hit') if hasattr(config, name)]
     with config.patch(**{names[0]: True}) if names else contextlib.nullcontext():
         yield
+
+
+def disk_fills_for(monkeypatch, name, room=64):
+    """Every atomic write of a file called name finds only `room` bytes free, as on a disk that fills up
+    during the save: the write that reaches the end is cut short and the next one fails with ENOSPC, under
+    the buffer that open() puts in between. (torch.save reports that as a RuntimeError, 'unexpected pos'.)"""
+    class FillingDisk(io.FileIO):
+        def write(self, data):
+            left = room - self.tell()
+            if left <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(bytes(data)[:left])
+
+    def fake_open(path, mode='r', *args, **kwargs):
+        if os.path.basename(str(path)).startswith(f'{name}.tmp'):
+            return io.BufferedWriter(FillingDisk(path, 'w'))
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(files, 'open', fake_open, raising=False)

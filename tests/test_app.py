@@ -1,13 +1,18 @@
 """app.py in a real headless Chromium, driven by Playwright: the page shows what sample.py prints."""
+import http.client
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+import zlib
 
 import pytest
+from PIL import Image
 from playwright.sync_api import sync_playwright
 
 import train as trainer
@@ -39,8 +44,10 @@ def checkpoint(synthetic_set, tmp_path_factory):
 def server(checkpoint, tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp('app_log') / 'app.log', 'w+')
+    cache = tmp_path_factory.mktemp('gradio')  # Gradio's own cache, for the uploads: removed with the test's files
     process = subprocess.Popen([sys.executable, 'app.py', '--checkpoint', str(checkpoint), '--port', str(port)],
-                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, GRADIO_TEMP_DIR=str(cache)))
     url = f'http://127.0.0.1:{port}/'
     deadline = time.time() + 300
     while True:
@@ -108,6 +115,106 @@ def test_unreadable_upload_shows_one_line_and_the_server_keeps_serving(page, syn
     upload(page, sorted((synthetic_set / 'val').iterdir())[0])
     page.wait_for_function("document.querySelector('#greedy textarea')?.value", timeout=120_000)
     assert page.inner_text('#message').strip() == ''
+
+
+def huge_png(path, side=20_000):
+    """A real PNG of side x side pixels, 1 bit each and all black: 50 MB of pixels in about 50 KB, past
+    Pillow's decompression-bomb limit (about 179 million pixels) at 20,000 x 20,000."""
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    packer, row = zlib.compressobj(9), bytes(1 + (side + 7) // 8)  # a filter byte, then the row's bits
+    pixels = b''.join(packer.compress(row) for _ in range(side)) + packer.flush()
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0)) +
+                     chunk(b'IDAT', pixels) + chunk(b'IEND', b''))
+    return path
+
+
+@needs_chromium
+def test_a_huge_a_large_and_an_empty_upload_each_get_one_line_and_the_page_keeps_working(page, synthetic_set,
+                                                                                         tmp_path):
+    large = tmp_path / 'large.jpg'
+    large.write_bytes(os.urandom(30 * 2**20))  # 30 MB that are not an image
+    empty = tmp_path / 'empty.png'
+    empty.write_bytes(b'')
+    with pytest.raises(Image.DecompressionBombError, match='400000000 pixels'):
+        Image.open(huge_png(tmp_path / 'huge.png'))
+    for bad in (tmp_path / 'huge.png', large, empty):
+        upload(page, bad)
+        page.wait_for_function(f"document.querySelector('#message')?.innerText.includes('{bad.name}')",
+                               timeout=120_000)
+        message = page.inner_text('#message').strip()
+        assert message.startswith(f'error: {bad.name} ') and '\n' not in message, message
+        assert page.input_value('#greedy textarea') == '' and 'Traceback' not in page.content()
+        page.click('#upload button[aria-label=Clear]')  # the same page, ready for the next upload
+        page.wait_for_selector('#upload input[type=file]', state='attached', timeout=60_000)
+    upload(page, sorted((synthetic_set / 'val').iterdir())[0])
+    page.wait_for_function("document.querySelector('#greedy textarea')?.value", timeout=120_000)
+    assert page.inner_text('#message').strip() == ''
+
+
+@pytest.fixture(scope='module')
+def client(server):
+    """(gradio_client.Client of the page, a function that captions one file through it as an upload does)."""
+    gradio_client = pytest.importorskip('gradio_client')
+    client = gradio_client.Client(server, verbose=False)
+    endpoint, = client.view_api(return_format='dict', print_info=False)['named_endpoints']  # the upload's
+
+    def submit(path):
+        return client.submit(gradio_client.handle_file(str(path)), api_name=endpoint)
+    return client, submit
+
+
+def test_eight_uploads_at_once_are_all_answered(client, synthetic_set):
+    _, submit = client
+    images = sorted((synthetic_set / 'val').iterdir())[:2]
+    one_at_a_time = [submit(image).result(timeout=120)[:2] for image in images]
+    assert all(message == '' and caption for message, caption in one_at_a_time)
+    jobs = [submit(images[number % 2]) for number in range(8)]  # all eight sent before any is answered
+    assert [job.result(timeout=300)[:2] for job in jobs] == one_at_a_time * 4  # each upload its own answer
+
+
+def test_an_animated_gif_is_captioned_from_its_first_frame(client, synthetic_set, tmp_path):
+    _, submit = client
+    first, second = (Image.open(path).convert('RGB') for path in sorted((synthetic_set / 'val').iterdir())[2:4])
+    gif = tmp_path / 'animated.gif'
+    first.save(gif, save_all=True, append_images=[second], duration=200, loop=0)
+    with Image.open(gif) as animation:
+        assert animation.n_frames == 2
+        frames = []
+        for number in range(2):
+            animation.seek(number)
+            frames.append(tmp_path / f'frame{number}.png')
+            animation.convert('RGB').save(frames[-1])
+    caption, first_caption, second_caption = (submit(path).result(timeout=120)[1] for path in (gif, *frames))
+    assert caption == first_caption != second_caption  # the frames differ, and the first is the one captioned
+
+
+def test_the_page_serves_no_file_outside_png_and_its_cache(server, checkpoint):
+    host, port = urllib.parse.urlsplit(server).netloc.split(':')
+
+    def get(path):
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection.request('GET', path)  # as written: no client-side clean-up of .. or %2f
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    status, body = get(f'/gradio_api/file={REPO}/png/example.png')  # what the page may serve, it serves
+    assert status == 200 and body == (REPO / 'png' / 'example.png').read_bytes()
+    secrets = [b'root:x:0:0', *(path.read_bytes()[:100] for path in (REPO / 'README.md', REPO / 'app.py', checkpoint))]
+    requests = ['/gradio_api/file=/etc/passwd', '/file=/etc/passwd', '/gradio_api/file=%2fetc%2fpasswd',
+                '/file=../README.md', '/gradio_api/file=../README.md', '/gradio_api/file=..%2fREADME.md',
+                f'/gradio_api/file={REPO}/README.md', f'/gradio_api/file={REPO}/app.py',
+                f'/gradio_api/file={checkpoint}', f'/gradio_api/file={checkpoint.parent}/../{checkpoint.parent.name}',
+                f'/gradio_api/file={REPO}/models/../app.py', f'/gradio_api/file={REPO}/png/../app.py',
+                f'/gradio_api/file={REPO}/png/..%2fapp.py', f'/gradio_api/file={REPO}/png/%2e%2e/app.py',
+                f'/gradio_api/file={REPO}/png%2f..%2fREADME.md', '/gradio_api/file=png/../app.py',
+                '/gradio_api/file=png/%2e%2e%2fapp.py', '/gradio_api/file=%252e%252e/app.py',
+                '/gradio_api/file=png%5c..%5capp.py', '/static/../app.py', '/assets/..%2f..%2fapp.py',
+                '/..%2f..%2f..%2fetc%2fpasswd']
+    for request in requests:
+        status, body = get(request)
+        assert 400 <= status < 500, (request, status)
+        assert not any(secret in body for secret in secrets), request
 
 
 def test_app_without_a_checkpoint_says_how_to_make_one(tmp_path):

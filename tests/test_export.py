@@ -1,11 +1,12 @@
 """export.py and sample.py --onnx: the ONNX captioner gives the PyTorch captioner's captions."""
 import json
+import os
 
 import pytest
 import torch
 
 import train as trainer
-from conftest import learning_args, run
+from conftest import disk_fills_for, learning_args, run
 from decoding import ONNX_FILES as FILES
 from decoding import load_captioner, load_onnx_captioner
 
@@ -71,3 +72,19 @@ def test_sample_onnx_without_the_files_is_a_clear_error(tmp_path):
     result = run('sample.py', '--image', 'png/example.png', '--onnx', str(tmp_path), timeout=120)
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert result.stderr.startswith('error: ') and 'encoder.onnx' in result.stderr and 'export.py' in result.stderr
+
+
+def test_a_disk_that_fills_during_an_export_is_one_line_and_keeps_the_previous_files(exported, tmp_path,
+                                                                                     monkeypatch):
+    import export
+    out = tmp_path / 'onnx'
+    out.mkdir()
+    for name in FILES:
+        (out / name).write_bytes((exported / 'onnx' / name).read_bytes())
+    before = {name: (out / name).read_bytes() for name in FILES}
+    disk_fills_for(monkeypatch, 'encoder.onnx')
+    with pytest.raises(SystemExit) as caught:
+        export.main(['--checkpoint', str(exported / 'checkpoint.pt'), '--output_dir', str(out)])
+    assert caught.value.code == (f'error: could not write {out / "encoder.onnx"} (No space left on device); '
+                                 'the previous encoder.onnx, if any, is intact')
+    assert {name: (out / name).read_bytes() for name in FILES} == before and sorted(os.listdir(out)) == sorted(FILES)

@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import build_vocab
 import decoding
@@ -26,7 +28,8 @@ from bench import resize as bench_resize
 from bench import sample as bench_sample
 from bench import train as bench_train
 from build_vocab import VocabError, load_vocab
-from data_loader import CocoDataset, eval_transform
+from conftest import disk_fills_for
+from data_loader import CocoDataset, eval_transform, open_cache
 from files import load_image
 from model import read_checkpoint
 
@@ -316,6 +319,75 @@ def test_a_full_disk_while_writing_feature_cache_metadata_is_one_line(trained, t
     extract_features.main(argv)  # a second run finishes the cache
     images = json.loads((trained / 'data' / 'annotations' / 'captions_val.json').read_text())['images']
     assert json.loads((output / 'meta.json').read_text())['image_ids'] == sorted(image['id'] for image in images)
+
+
+@pytest.mark.parametrize('writer', ['torch.save', 'np.save', 'PIL', 'bytes'])
+def test_a_disk_that_fills_during_any_save_is_one_error_and_keeps_the_previous_file(tmp_path, monkeypatch, writer):
+    path = tmp_path / 'saved'
+    path.write_bytes(b'the previous version')
+    state_dict = {f'layer{i}.weight': torch.zeros(4) for i in range(1000)}  # a pickle larger than open()'s buffer
+    write = {'torch.save': lambda f: torch.save(state_dict, f),
+             'np.save': lambda f: np.save(f, np.zeros(10000)),
+             'PIL': lambda f: Image.effect_noise((256, 256), 64).save(f, format='PNG'),
+             'bytes': lambda f: f.write(bytes(10000))}[writer]
+    disk_fills_for(monkeypatch, 'saved')
+    with pytest.raises(files.CheckpointError) as caught:
+        files.save_file(str(path), write)
+    assert str(caught.value) == (f'could not write {path} (No space left on device); '
+                                 'the previous saved, if any, is intact')
+    assert path.read_bytes() == b'the previous version' and os.listdir(tmp_path) == ['saved']
+
+
+def test_a_disk_that_fills_during_the_first_checkpoint_is_one_line(trained, tmp_path, monkeypatch):
+    disk_fills_for(monkeypatch, 'checkpoint.pt')  # torch.save used to end in a 36-line RuntimeError traceback
+    message = train_main(trained, tmp_path, '--num_epochs', '1', '--tensorboard', 'none')
+    assert_one_line(message, f'could not write {tmp_path / "models" / "checkpoint.pt"} (No space left on device)',
+                    'the previous checkpoint.pt, if any, is intact')
+    assert os.listdir(tmp_path / 'models') == []  # no half checkpoint, no temporary file
+
+
+@pytest.mark.parametrize('name', ['checkpoint.pt', 'history.json', 'best.pt'])
+def test_a_disk_that_fills_while_resuming_keeps_the_previous_files(trained, tmp_path, monkeypatch, name):
+    models = tmp_path / 'models'
+    models.mkdir()
+    for kept in ('checkpoint.pt', 'history.json'):
+        (models / kept).write_bytes((trained / 'models' / kept).read_bytes())
+    (models / 'best.pt').write_bytes((trained / 'models' / 'checkpoint.pt').read_bytes())
+    before = (models / name).read_bytes()
+    disk_fills_for(monkeypatch, name)
+    message = train_main(trained, tmp_path, '--num_epochs', '2', '--resume', '--tensorboard', 'none',
+                         '--val_image_dir', str(trained / 'data' / 'val'),
+                         '--val_caption_path', str(trained / 'data' / 'annotations' / 'captions_val.json'))
+    assert_one_line(message, f'could not write {models / name} (No space left on device)',
+                    f'the previous {name}, if any, is intact')
+    assert (models / name).read_bytes() == before
+    assert sorted(os.listdir(models)) == ['best.pt', 'checkpoint.pt', 'history.json']  # no temporary file
+
+
+def test_a_disk_that_fills_while_caching_features_is_one_line(trained, tmp_path, monkeypatch):
+    output = tmp_path / 'features'
+    argv = ['--image_dir', str(trained / 'data' / 'val'), '--caption_path',
+            str(trained / 'data' / 'annotations' / 'captions_val.json'), '--output', str(output),
+            '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
+            '--num_workers', '0', '--device', 'cpu']
+    disk_fills_for(monkeypatch, 'backbone.pt')  # torch.save, as for checkpoints
+    with pytest.raises(SystemExit) as caught:
+        extract_features.main(argv)
+    assert_one_line(caught.value.code, f'could not write {output / "backbone.pt"} (No space left on device)')
+    assert os.listdir(output) == []
+    monkeypatch.undo()
+    if hasattr(os, 'posix_fallocate'):  # features.npy is a memory map: its space is claimed before it is written
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(os, 'posix_fallocate', full)
+        with pytest.raises(SystemExit) as caught:
+            extract_features.main(argv)
+        assert_one_line(caught.value.code, f'could not write {output / "features.npy"} (No space left on device)',
+                        'run again to go on')
+        assert 'features.npy' not in os.listdir(output) and not [f for f in os.listdir(output) if '.tmp' in f]
+        monkeypatch.undo()
+    extract_features.main(argv)  # a run with room finishes the cache
+    assert open_cache(str(output))[1].all()
 
 
 def test_stale_temporary_files_of_dead_processes_are_removed(trained, tmp_path, capsys):
