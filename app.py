@@ -1,6 +1,6 @@
 """A local web page for the captioner: upload an image, read its captions and look at the LSTM's gates.
 
-    python app.py                                  # models/demo/best.pt (from python demo.py) on http://127.0.0.1:7860
+    python app.py                                  # the first model there is (see --checkpoint) on http://127.0.0.1:7860
     python app.py --checkpoint models/checkpoint.pt --port 8080 --host 0.0.0.0
 
 The page shows the greedy caption, the beam-search captions with their log-probabilities, and the gate picture
@@ -15,7 +15,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import gradio as gr
 
 import gates
-from decoding import load_captioner
+from decoding import default_model, load_captioner
 from files import CheckpointError, ImageError
 from flags import HelpFormatter, count, positive_int
 from model import DecodeSettings, ids_to_sentence
@@ -42,11 +42,13 @@ def describe(path, captioner, settings):
     return '', result['caption'], table, gates.picture(result)
 
 
-def build(captioner, settings):
+def build(captioner, settings, model_line=None):
+    """The page; model_line, which model it uses when none was named, goes beneath the title."""
     with gr.Blocks(title='Captioner: inside the LSTM', analytics_enabled=False) as page:
         gr.Markdown('# Image captioning with a hand-written LSTM\nUpload an image or pick an example. The picture '
                     'at the bottom shows the LSTM at every word it wrote: input gate g, forget gate f, output '
-                    'gate q and memory s (as tanh(s)); docs/lstm.md says how to read it.')
+                    'gate q and memory s (as tanh(s)); docs/lstm.md says how to read it.'
+                    + (f'\n\n{model_line}' if model_line else ''))
         with gr.Row():
             upload = gr.File(label='image', type='filepath', elem_id='upload')
             with gr.Column():
@@ -63,11 +65,19 @@ def build(captioner, settings):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--checkpoint', type=str, default='models/demo/best.pt', help='checkpoint from train.py')
+    parser.add_argument('--checkpoint', type=str, default=None,
+                        help='checkpoint from train.py, or folder from export.py --format safetensors (None: the '
+                             'first there is of models/checkpoint.pt, the demo\'s models/demo/most_accurate.pt and '
+                             'the shipped shapes model models/shapes)')
     parser.add_argument('--port', type=count, default=7860, help='port to serve the page on')
     parser.add_argument('--host', type=str, default='127.0.0.1', help='0.0.0.0 to serve other machines too')
     parser.add_argument('--beam_size', type=positive_int, default=3, help='beams shown on the page')
     args = parser.parse_args(argv)
+    model_line = None
+    if args.checkpoint is None:
+        args.checkpoint, model_line = default_model('models/checkpoint.pt', 'models/demo/most_accurate.pt')
+    if model_line:
+        print(model_line, flush=True)
     if not os.path.exists(args.checkpoint):
         sys.exit(f'error: {args.checkpoint}: no such file; run `python demo.py` to train one (about 8 minutes), '
                  'or pass --checkpoint PATH')
@@ -75,7 +85,7 @@ def main(argv=None):
         captioner = load_captioner(args.checkpoint)
     except CheckpointError as err:
         sys.exit(f'error: {err}')
-    page = build(captioner, DecodeSettings.from_args(args))
+    page = build(captioner, DecodeSettings.from_args(args), model_line)
     page.launch(server_name=args.host, server_port=args.port, allowed_paths=[os.path.join(HERE, 'png')])
 
 

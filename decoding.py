@@ -1,8 +1,9 @@
-"""From a trained model to captions: a TrainedCaptioner, loaded from a train.py checkpoint (load_captioner),
-the tutorial's files (load_tutorial) or export.py's ONNX files (load_onnx_captioner), captions image files in
-batches (greedy, beam search, or sampled) as one DecodeSettings says. Sampling has a temperature and nucleus
-(top-p) truncation, for sample.py --sample and for self-critical training (scst.py). With the ONNX files the
+"""From a trained model to captions: a TrainedCaptioner, loaded from a train.py checkpoint or export.py's safetensors
+folder (load_captioner), the tutorial's files (load_tutorial) or export.py's ONNX files (load_onnx_captioner), captions
+image files in batches (greedy, beam search, or sampled) as one DecodeSettings says. Sampling has a temperature and
+nucleus (top-p) truncation, for sample.py --sample and for self-critical training (scst.py). With the ONNX files the
 encoder and the decoder step run in onnxruntime, and greedy decoding and beam search stay DecoderRNN's own loops."""
+import hashlib
 import json
 import math
 import os
@@ -10,6 +11,7 @@ from dataclasses import replace
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from build_vocab import Vocabulary, load_vocab
@@ -125,8 +127,15 @@ class TrainedCaptioner(NamedTuple):
 
 
 def load_captioner(path, device='cpu'):
-    """The TrainedCaptioner of a train.py checkpoint, on any device."""
-    checkpoint = read_checkpoint(path)
+    """The TrainedCaptioner of a train.py checkpoint, or of a folder export.py --format safetensors wrote, on any
+    device."""
+    if os.path.isdir(path):
+        return load_safetensors_folder(path, device)
+    return captioner_from_checkpoint(read_checkpoint(path), path, device)
+
+
+def captioner_from_checkpoint(checkpoint, path, device='cpu'):
+    """The TrainedCaptioner of a train.py checkpoint already read (export.py also wants what else it records)."""
     try:
         config = CaptionerConfig.from_dict(checkpoint['model_args'])
         encoder, decoder = build_captioner(replace(config, train_backbone=False))  # scst.py unfreezes what it trains
@@ -246,3 +255,84 @@ def load_onnx_captioner(folder, threads=None):
     except Exception as err:
         raise CheckpointError(f'{folder}: not a folder written by export.py ({str(err).splitlines()[0]})') from None
     return TrainedCaptioner(OnnxEncoder(sessions[0]), OnnxDecoder(sessions[1], config), vocab, config)
+
+
+# --- Safetensors: export.py --format safetensors writes these files, and a copy of the demo model ships in them ---
+
+SAFETENSORS_FILES = ('model.safetensors', 'config.json', 'vocab.json')
+SHIPPED_MODEL = 'models/shapes'  # relative to the folder a script runs in, like every other default path
+SHIPPED_NOTE = ('shipped with this repository, trained by python demo.py on synthetic shapes only: '
+                'for photos, train on COCO (docs/training.md) and pass --checkpoint')
+
+
+def default_model(*candidates):
+    """For a script run without --checkpoint: the first of candidates that exists, else the shipped model if it is
+    here, with the line that names it; else (the first candidate, None), for the caller to report as missing."""
+    for path in (*candidates, SHIPPED_MODEL):
+        if os.path.exists(path):
+            return path, f'model: {path}' + (f' ({SHIPPED_NOTE})' if path == SHIPPED_MODEL else '')
+    return candidates[0], None
+
+
+def weights_digest(tensors):
+    """sha256 of every tensor's name, dtype, shape and bytes, in name order. export.py stores it in
+    model.safetensors' metadata, because safetensors itself only checks that the header fits the file: a changed
+    number would otherwise load silently."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f'{name} {tensor.dtype} {tuple(tensor.shape)}\n'.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def load_safetensors_folder(folder, device='cpu'):
+    """The TrainedCaptioner of export.py's safetensors folder. Only safetensors and json read it, so nothing in the
+    folder can run code (no torch.load, no pickle); each fault is one CheckpointError naming the file at fault."""
+    weights_path, config_path, vocab_path = (os.path.join(folder, name) for name in SAFETENSORS_FILES)
+    for path in (weights_path, config_path, vocab_path):
+        if not os.path.isfile(path):
+            raise CheckpointError(f'{path}: no such file; pass a train.py checkpoint, or a folder written by '
+                                  'python export.py --format safetensors')
+    try:
+        with safe_open(weights_path, framework='pt') as f:
+            digest = (f.metadata() or {}).get('sha256')
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors' SafetensorError (its module moved between versions), or an OSError
+        raise CheckpointError(f'{weights_path}: not a readable safetensors file ({str(err).splitlines()[0]})') from None
+    if digest is not None and digest != weights_digest(tensors):  # files from other tools carry no digest
+        raise CheckpointError(f'{weights_path}: the weights differ from those export.py wrote (sha256 mismatch); '
+                              'export the checkpoint again')
+    try:
+        with open(config_path, encoding='utf-8') as f:
+            config = CaptionerConfig.from_dict(json.load(f))
+        encoder, decoder = build_captioner(replace(config, train_backbone=False))
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f'{config_path}: not a model config ({str(err).splitlines()[0]})') from None
+    try:
+        with open(vocab_path, encoding='utf-8') as f:
+            vocab = Vocabulary.from_words(json.load(f)['words'])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CheckpointError(f'{vocab_path}: not a vocabulary ({str(err).splitlines()[0]})') from None
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f'{vocab_path}: holds {len(vocab)} words but {config_path} says {config.vocab_size}')
+    modules = {'encoder': encoder, 'decoder': decoder}
+    check_weights_fit(tensors, modules, weights_path, config_path)
+    for name, module in modules.items():
+        module.load_state_dict({key.removeprefix(f'{name}.'): value for key, value in tensors.items()
+                                if key.startswith(f'{name}.')})
+    return TrainedCaptioner(encoder.to(device).eval(), decoder.to(device).eval(), vocab, config)
+
+
+def check_weights_fit(tensors, modules, weights_path, config_path):
+    """Every weight the modules built from config.json need, of the shape they need, and no other: else one line
+    with the first few differences."""
+    expected = {f'{name}.{key}': value.shape for name, module in modules.items()
+                for key, value in module.state_dict().items()}
+    problems = [f'no {key}' for key in expected if key not in tensors]
+    problems += [f'unexpected {key}' for key in tensors if key not in expected]
+    problems += [f'{key} is {tuple(tensors[key].shape)}, not {tuple(shape)}' for key, shape in expected.items()
+                 if key in tensors and tensors[key].shape != shape]
+    if problems:
+        more = f' and {len(problems) - 3} more' if len(problems) > 3 else ''
+        raise CheckpointError(f'{weights_path} does not fit {config_path}: {"; ".join(problems[:3])}{more}')

@@ -79,7 +79,8 @@ def score_captions(references, results):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt', help='checkpoint from train.py')
+    parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt',
+                        help='checkpoint from train.py, or folder from export.py --format safetensors')
     parser.add_argument('--image_dir', type=str, default='data/resized_val2014', help='the images to caption')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_val2014.json',
                         help="reference captions: COCO format, or Karpathy's dataset_*.json (see --split)")

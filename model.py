@@ -362,6 +362,9 @@ def caption_loss(model, inputs, captions, lengths):
 def read_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain data load, code never runs. Every file this
     project reads this way holds a dict (a checkpoint or a state dict), so anything else is refused."""
+    if os.path.isdir(path):  # most likely export.py's safetensors folder, given where a checkpoint file is needed
+        raise CheckpointError(f'{path}: a folder, not a checkpoint file (an export.py folder holds only weights; '
+                              'train.py --resume needs the train.py checkpoint, which also holds the optimizer)')
     if not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such file')
     try:

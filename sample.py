@@ -1,6 +1,6 @@
 """Caption images with a trained model.
 
-    python sample.py --image png/example.png
+    python sample.py --image png/example.png     # models/checkpoint.pt, else the shipped shapes model
     python sample.py --image photo1.jpg photo2.jpg --output_dir captioned/
     python sample.py --image png/example.png --sample 5 --top_p 0.9    # five different captions
     python sample.py --image photos/ --json captions.json                  # every image in a folder
@@ -8,7 +8,9 @@
         --decoder_path decoder-5-3000.pkl --vocab_path vocab.pkl     # the tutorial's published files
     python sample.py --image png/example.png --onnx models/onnx      # export.py's files, with onnxruntime
 
-A train.py checkpoint carries its model sizes and vocabulary, so there is nothing to match by hand.
+A train.py checkpoint, or export.py's safetensors folder, carries its model sizes and vocabulary, so there is
+nothing to match by hand. Without --checkpoint, models/checkpoint.pt is used if it exists, else models/shapes,
+the demo model shipped with the repository, which knows only the synthetic shapes.
 Images are captioned --batch_size at a time, so memory stays the same however many there are.
 """
 import argparse
@@ -21,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from build_vocab import VocabError, load_vocab
-from decoding import check_max_len, load_captioner, load_onnx_captioner, load_tutorial
+from decoding import check_max_len, default_model, load_captioner, load_onnx_captioner, load_tutorial
 from files import CheckpointError, ImageError, load_image, save_file
 from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
 from model import DecodeSettings
@@ -76,7 +78,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--image', type=str, nargs='+', required=True,
                         help='images to caption; a folder stands for every image file in it')
-    parser.add_argument('--checkpoint', type=str, default='models/checkpoint.pt', help='checkpoint from train.py')
+    parser.add_argument('--checkpoint', type=str, default=None,
+                        help='checkpoint from train.py, or folder from export.py --format safetensors (None: '
+                             'models/checkpoint.pt if it exists, else the shipped shapes model models/shapes)')
     parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder state dict")
     parser.add_argument('--decoder_path', type=str, default=None, help="the tutorial's decoder state dict")
     parser.add_argument('--vocab_path', type=str, default=None,
@@ -122,7 +126,8 @@ def parse_args(argv=None):
 
 
 def load_model(args, device):
-    """The TrainedCaptioner of --onnx (on the CPU), the tutorial's three files, or a --checkpoint."""
+    """The TrainedCaptioner of --onnx (on the CPU), the tutorial's three files, or a --checkpoint (by default
+    decoding.default_model's, named on stderr, where it does not mix with the captions)."""
     if args.onnx:
         return load_onnx_captioner(args.onnx)
     if args.encoder_path or args.decoder_path:
@@ -130,6 +135,10 @@ def load_model(args, device):
             raise CheckpointError('the tutorial format needs --encoder_path, --decoder_path and --vocab_path')
         sizes = dict(embed_size=args.embed_size, hidden_size=args.hidden_size, num_layers=args.num_layers)
         return load_tutorial(args.encoder_path, args.decoder_path, args.vocab_path, sizes, device)
+    if args.checkpoint is None:
+        args.checkpoint, line = default_model('models/checkpoint.pt')
+        if line:
+            print(line, file=sys.stderr)
     if not os.path.exists(args.checkpoint):
         raise CheckpointError(f'{args.checkpoint}: no such file; train a model first (python train.py), '
                               'or pass --checkpoint PATH')

@@ -13,8 +13,9 @@ baseline more likely and the others less likely. The reward is pycocoevalcap's C
 document frequencies of all training references, computed once.
 
 The model sizes and the vocabulary come from the checkpoint; --init_from takes only its weights (a
-fresh optimizer, from the first epoch). The encoder stays in eval mode, so its BatchNorm statistics
-stay those of cross-entropy training; its layers are trained as cross-entropy training trained them.
+fresh optimizer, from the first epoch), so an export.py --format safetensors folder serves as well. The
+encoder stays in eval mode, so its BatchNorm statistics stay those of cross-entropy training; its layers are
+trained as cross-entropy training trained them.
 """
 import os
 import sys
@@ -44,7 +45,8 @@ def add_arguments(parser):
     group = parser.add_argument_group('self-critical training (scst.py)')
     group.add_argument('--scst', action='store_true', help='fine-tune for CIDEr-D with self-critical training')
     group.add_argument('--init_from', type=str, default=None,
-                       help='with --scst: the cross-entropy checkpoint to start from (its weights only)')
+                       help='with --scst: the cross-entropy checkpoint to start from (its weights only), or '
+                            'its export.py --format safetensors folder')
     group.add_argument('--scst_baseline', choices=['greedy', 'mean'], default='greedy',
                        help="the reward to beat: the greedy caption's, or the mean of the image's other samples")
     group.add_argument('--scst_samples', type=positive_int, default=5, help='captions sampled per image')

@@ -10,6 +10,7 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 
 import decoding
+import export
 import scst
 import synthetic
 import train as trainer
@@ -161,6 +162,18 @@ def test_scst_from_the_cache_and_from_images_and_resuming(trained, tmp_path):
     result = run('sample.py', '--checkpoint', str(tmp_path / 'images' / 'checkpoint.pt'),
                              '--image', str(image), timeout=120)
     assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
+
+
+def test_scst_starts_from_an_exported_folder_as_from_its_checkpoint(trained, tmp_path):
+    export.export_safetensors(str(trained / 'ce' / 'checkpoint.pt'), str(tmp_path / 'shared'))
+    features = ['--features', str(trained / 'cache'), '--num_epochs', '1']
+    from_checkpoint = scst.train(scst_args(trained, tmp_path / 'a', *features))
+    args = scst_args(trained, tmp_path / 'b', *features)
+    args.init_from = str(tmp_path / 'shared')
+    from_folder = scst.train(args)
+    for a, b in zip(from_checkpoint[:2], from_folder[:2]):
+        for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), key
 
 
 def test_scst_mistakes_are_one_line_errors(trained, tmp_path):
