@@ -211,7 +211,8 @@ def test_out_of_memory_suggests_a_smaller_batch(trained, tmp_path, monkeypatch, 
     argv = ['--image_dir', str(trained / 'data' / 'train'),
             '--caption_path', str(trained / 'data' / 'annotations' / 'captions_train.json'),
             '--vocab_path', str(trained / 'vocab.json'), '--model_path', str(tmp_path), '--backbone', 'smallcnn',
-            '--weights', 'none', '--num_workers', '0', '--batch_size', '64', '--image_size', '32', '--crop_size', '32']
+            '--weights', 'none', '--num_workers', '0', '--batch_size', '64', '--image_size', '32', '--crop_size', '32',
+            '--device', 'cpu']
     with pytest.raises(SystemExit) as caught:
         trainer.main(argv)
     assert 'out of GPU memory with --batch_size 64; try a smaller --batch_size' in str(caught.value.code)
