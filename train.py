@@ -426,8 +426,9 @@ def end_epoch(run):
     run.skipped = run.unreadable_this_epoch = 0
     improved = validate(run) if run.val_loader is not None else False
     if run.writer is not None:
-        with backbone_on_device(run):
-            captions = sample_captions(run.model, run.val_set or run.loader.dataset, run.vocab, run.device,
+        shown = run.val_set or run.loader.dataset
+        with contextlib.nullcontext() if isinstance(shown, FeatureDataset) else backbone_on_device(run):
+            captions = sample_captions(run.model, shown, run.vocab, run.device,
                                        cudagraphs=run.args.compile == 'reduce-overhead')
         run.writer.add_text('captions', captions, run.step)
         tensorboard(run.writer.flush, run.log_dir)

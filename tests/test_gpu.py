@@ -307,7 +307,7 @@ def test_tf32_and_cudnn_search_on_a_gpu_only():
 
 def test_with_features_the_backbone_moves_to_the_device_only_to_validate(synthetic_set, tmp_path, monkeypatch):
     """Training from a feature cache never runs the backbone: it stays where it was built (the CPU) and comes
-    to the device only for validation on images, which works now."""
+    to the device only for validation and the TensorBoard captions of the validation images, which work now."""
     cache = tmp_path / 'cache'
     extract_features.main(['--image_dir', str(synthetic_set / 'train'), '--caption_path',
                            str(synthetic_set / 'annotations' / 'captions_train.json'), '--output_dir', str(cache),
@@ -321,8 +321,8 @@ def test_with_features_the_backbone_moves_to_the_device_only_to_validate(synthet
 
     monkeypatch.setattr(nn.Module, 'to', to)
     _, _, _, history = trainer.train(tiny_args(synthetic_set, tmp_path / 'models', '--features', cache,
-                                               validate=True, num_epochs=2, tensorboard='none'))
+                                               validate=True, num_epochs=2))
     assert len(history['val']) == 2
-    # The head and the decoder once; the backbone (a Sequential) only around each validation.
-    assert moves == [('Linear', 'cpu'), ('BatchNorm1d', 'cpu'), ('DecoderRNN', 'cpu')] + \
-        [('Sequential', 'cpu'), ('Sequential', 'cpu')] * 2
+    # The head and the decoder once; the backbone (a Sequential) there and back around each validation and
+    # each table of captions.
+    assert moves == [('Linear', 'cpu'), ('BatchNorm1d', 'cpu'), ('DecoderRNN', 'cpu')] + [('Sequential', 'cpu')] * 8

@@ -276,7 +276,7 @@ def test_killing_training_while_it_saves_never_corrupts_the_checkpoint(trained, 
                '--vocab_path', trained / 'vocab.json', '--model_path', tmp_path, '--backbone', 'smallcnn',
                '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--embed_size', '16',
                '--hidden_size', '24', '--batch_size', '8', '--num_workers', '0', '--save_step', '1',
-               '--num_epochs', '1000']
+               '--device', 'cpu', '--num_epochs', '1000']
     steps, path = [], tmp_path / 'checkpoint.pt'
     for delay in (0.3, 0.7, 1.1):
         before = path.stat().st_mtime_ns if path.exists() else None
