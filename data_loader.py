@@ -172,15 +172,17 @@ def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, s
     return batches(dataset, batch_size, shuffle, num_workers, sampler)
 
 
-def batches(dataset, batch_size, shuffle, num_workers, sampler=None, collate=collate_fn):
+def batches(dataset, batch_size, shuffle, num_workers, sampler=None, collate=collate_fn, pin_memory=False):
     """A DataLoader with collate_fn. Its own generator keeps the global RNG untouched, so a resumed
-    run draws the same random numbers as an uninterrupted one. A ResumableSampler cuts the batches itself."""
+    run draws the same random numbers as an uninterrupted one. A ResumableSampler cuts the batches itself.
+    pin_memory (for a CUDA device): batches in page-locked memory, which copies to the GPU with
+    non_blocking=True while the GPU keeps computing."""
     if isinstance(sampler, ResumableSampler):
         return data.DataLoader(dataset=dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                               persistent_workers=num_workers > 0, generator=torch.Generator())
+                               persistent_workers=num_workers > 0, generator=torch.Generator(), pin_memory=pin_memory)
     return data.DataLoader(dataset=dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                            sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                           persistent_workers=num_workers > 0, generator=torch.Generator())
+                           persistent_workers=num_workers > 0, generator=torch.Generator(), pin_memory=pin_memory)
 
 
 def batch_sizes(count, batch_size):

@@ -107,16 +107,18 @@ class GridLoop(TimeLoop):
 
     def __init__(self, batch_sizes, reverse, device, compiled_steps, steps_per_call):
         self.compiled_steps, self.steps_per_call = compiled_steps, steps_per_call
-        steps, batch = len(batch_sizes), batch_sizes[0]
+        steps, batch, rows = len(batch_sizes), batch_sizes[0], sum(batch_sizes)
         padded_steps = math.ceil(steps / steps_per_call) * steps_per_call
-        time, sequence = torch.arange(steps).view(-1, 1), torch.arange(batch).view(1, -1)
-        in_packed_data = sequence < torch.tensor(batch_sizes).view(-1, 1)  # row-major order is the packed order
+        # Built on the device, from the one copy of batch_sizes (_to_device): no index tensor waits for it.
+        sizes = _to_device(batch_sizes, device)
+        time = torch.repeat_interleave(torch.arange(steps, device=device), sizes, output_size=rows)  # of each row
+        sequence = torch.arange(rows, device=device) - (torch.cumsum(sizes, 0) - sizes)[time]
         grid_step = steps - 1 - time if reverse else time
-        cells = (grid_step * batch + sequence)[in_packed_data]
-        running = torch.zeros(padded_steps * batch, dtype=torch.bool)
-        running[cells] = True
         # Where each packed row goes in the grid, and which cells of the grid are running.
-        self.cells, self.running = cells.to(device), running.view(padded_steps, batch, 1).to(device)
+        self.cells = grid_step * batch + sequence
+        self.running = torch.zeros(padded_steps * batch, dtype=torch.bool, device=device)
+        self.running[self.cells] = True
+        self.running = self.running.view(padded_steps, batch, 1)
 
     def _run(self, z_x, weight_hh, weight_hr, h0, s0):
         cells, running = self.cells, self.running
@@ -135,17 +137,25 @@ class GridLoop(TimeLoop):
 
 
 def _last_rows(batch_sizes, device):
-    """Rows of the packed output holding each sequence's final state, per direction.
+    """Rows of the packed output holding each sequence's final state, per direction, on the device.
 
     Going forward, sequence j ends at step length_j - 1; going backward it ends at step 0.
     """
-    sizes = torch.tensor(batch_sizes, dtype=torch.long)
-    batch = int(sizes[0]) if len(batch_sizes) else 0
-    sequence = torch.arange(batch)
+    sizes = _to_device(batch_sizes, device)
+    sequence = torch.arange(batch_sizes[0] if batch_sizes else 0, device=device)
     lengths = (sizes.unsqueeze(0) > sequence.unsqueeze(1)).sum(1)
     starts = torch.cumsum(sizes, 0) - sizes
     forward = starts[lengths - 1] + sequence
-    return forward.to(device), sequence.to(device)
+    return forward, sequence
+
+
+def _to_device(numbers, device):
+    """A list of ints as a long tensor on the device. To a GPU through page-locked memory, asynchronously: a
+    plain copy from the CPU would wait for all the work queued on the GPU, at every forward."""
+    tensor = torch.tensor(numbers, dtype=torch.long)
+    if device.type == 'cuda':
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _schedule(batch_sizes, reverse):

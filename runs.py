@@ -45,34 +45,80 @@ def pick_device(name=None):
 
 
 def setup_distributed(device_name=None):
-    """(rank, world size, device): torchrun's environment variables choose DDP, NCCL on GPU, gloo on CPU."""
+    """(rank, world size, device): torchrun's environment variables choose DDP, NCCL on GPU, gloo on CPU.
+
+    Under torchrun each process takes the GPU of its LOCAL_RANK (--device cuda, or none where there is a
+    GPU), or runs on the CPU (--device cpu, or none where there is no GPU). What cannot work is a ValueError
+    of one line, before any process waits for the others: more processes on this machine than GPUs, a
+    PyTorch without NCCL, a --device that names one GPU for every process.
+    """
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if world_size == 1:
         return 0, 1, pick_device(device_name)
     local_rank = int(os.environ['LOCAL_RANK'])
-    if torch.cuda.is_available() and device_name != 'cpu':
+    if device_name not in (None, 'cuda', 'cpu'):
+        raise ValueError(f'--device {device_name}: under torchrun each process takes the GPU of its LOCAL_RANK; '
+                         'pass --device cuda, --device cpu, or none')
+    if device_name == 'cpu' or (device_name is None and not torch.cuda.is_available()):
+        device, backend = torch.device('cpu'), 'gloo'
+    else:
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ValueError(f'the process of LOCAL_RANK {local_rank} has no GPU: this machine has {gpus} CUDA '
+                             f'GPU{"" if gpus == 1 else "s"}, one for each process; start torchrun with '
+                             f'--nproc_per_node={gpus} at most, or pass --device cpu')
+        if not dist.is_nccl_available():
+            raise ValueError('this PyTorch has no NCCL, which training on several GPUs needs: install a CUDA '
+                             'build of PyTorch with NCCL, or pass --device cpu to train in CPU processes')
         torch.cuda.set_device(local_rank)
         device, backend = torch.device('cuda', local_rank), 'nccl'
-    else:
-        device, backend = torch.device('cpu'), 'gloo'
     dist.init_process_group(backend)
     return dist.get_rank(), world_size, device
 
 
-def any_process(flag, device, world_size):
-    """Whether flag is true in any process, so that all of them take the same branch at the same step."""
+def agree(flags, device, world_size):
+    """Whether each of the flags (bools, or one-element tensors on the device) is true in any process, as a
+    list of bools: every process takes the same branch at the same step. Under DDP one tensor and one
+    all-reduce however many flags, and one wait for the device: the flags are written into the tensor on
+    the device, so nothing before the end waits for it. In one process, one wait for each tensor flag."""
     if world_size == 1:
-        return flag
-    tensor = torch.tensor(float(flag), device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+        return [bool(flag) for flag in flags]
+    values = torch.zeros(len(flags), device=device)
+    for i, flag in enumerate(flags):
+        values[i] = flag
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [value > 0 for value in values.tolist()]
+
+
+def amp_dtype(device):
+    """The autocast dtype of --amp on this device: bfloat16 where it computes in bfloat16 natively (GPUs of
+    compute capability 8.0 and later, ROCm, the CPU), else float16, which needs a GradScaler.
+
+    The capability is that of the device in use, not the current one. torch.cuda.is_bf16_supported()
+    answers for the current device, and by default it also counts emulated bfloat16, which is slow.
+    """
+    if device.type != 'cuda' or torch.version.hip:
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def configure_cuda(device, tf32=True):
+    """Let training on a GPU take CUDA's fast paths: TF32 in float32 matrix multiplies and cuDNN
+    convolutions (tf32=False: full float32), and cuDNN's search for the fastest convolution algorithm,
+    which pays because the images train.py feeds have one size (the crop), so it searches once per batch
+    size. Nothing changes on other devices."""
+    if device.type != 'cuda':
+        return
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
 
 
 # What --resume takes from the checkpoint when the flag is not given again. The model's settings (every
 # CaptionerConfig field) describe the weights it holds, so contradicting them is an error; the schedule's
 # may change on purpose.
 MODEL_SETTINGS = tuple(f.name for f in CaptionerConfig.flags())
-SCHEDULE_SETTINGS = ('num_epochs', 'batch_size', 'learning_rate', 'lr_schedule', 'grad_clip', 'seed', 'no_flip')
+SCHEDULE_SETTINGS = ('num_epochs', 'batch_size', 'learning_rate', 'lr_schedule', 'grad_clip', 'seed', 'no_flip',
+                     'amp')
 # What every checkpoint either trainer writes holds (scst.py's has None for the scheduler and the scaler).
 CHECKPOINT_KEYS = ('model_args', 'encoder', 'decoder', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch',
                    'batches_done', 'step', 'history')
@@ -219,16 +265,43 @@ class RunState:
         states = {key: thing.state_dict() for key, thing in self.stateful().items()}
         return {'model_args': asdict(self.config), 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
                 **states, **self.checkpoint_marks(), 'epoch': self.epoch, 'batches_done': self.batches_done,
-                'step': self.step, 'history': self.history, 'rng': torch.get_rng_state(), 'args': vars(self.args)}
+                'step': self.step, 'history': self.history, 'rng': torch.get_rng_state(),
+                'cuda_rng': self.cuda_rng_states(), 'args': vars(self.args)}
+
+    def cuda_rng_states(self):
+        """The CUDA random state of each process's GPU, by rank (None for a run on another device): dropout
+        and SCST's sampling draw from it, so without it a resumed run on a GPU draws other numbers.
+
+        Only the GPU each process uses: torch.cuda.get_rng_state_all() would open a CUDA context on every GPU
+        of the machine in every process. Under DDP every process must call this at the same time.
+        """
+        if self.device.type != 'cuda':
+            return None
+        state = torch.cuda.get_rng_state(self.device)
+        if not dist.is_initialized():
+            return [state]
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return states
 
     def restore(self, resumed):
         """Load a Resumed checkpoint into the modules, the optimizer (and whatever else stateful() names) and
-        the random-number generator, and take its position and history."""
+        the random-number generators, and take its position and history.
+
+        A checkpoint from before the CUDA states were kept, or from a run on another device, leaves the
+        GPU's generator as the seed set it. A state a GradScaler saved while disabled is empty: a run whose
+        --amp now needs float16 (on an older GPU) starts its scaler afresh instead of failing.
+        """
         checkpoint = resumed.checkpoint
         try:
             for key, thing in self.stateful().items():
-                thing.load_state_dict(checkpoint[key])
+                if checkpoint[key] != {}:
+                    thing.load_state_dict(checkpoint[key])
             torch.set_rng_state(checkpoint['rng'])
+            cuda_states = checkpoint.get('cuda_rng')
+            if cuda_states and self.device.type == 'cuda':
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                torch.cuda.set_rng_state(cuda_states[rank if rank < len(cuda_states) else 0], self.device)
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f'{resumed.path}: cannot resume with these settings ({str(err).splitlines()[0]})') \
                 from None

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
+from itertools import chain
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,17 @@ from model import (
     read_checkpoint,
     save_checkpoint,
 )
-from runs import RunState, StopRequest, any_process, check_paths, save_run, settle_settings, setup_distributed
+from runs import (
+    RunState,
+    StopRequest,
+    agree,
+    amp_dtype,
+    check_paths,
+    configure_cuda,
+    save_run,
+    settle_settings,
+    setup_distributed,
+)
 
 
 def parse_args(argv=None):
@@ -92,6 +103,9 @@ def parse_args(argv=None):
     parser.add_argument('--amp', action='store_true', help='mixed precision: bf16 (fp16 on older GPUs) autocast')
     parser.add_argument('--compile', nargs='?', const='default', choices=['default', 'reduce-overhead'], default=None,
                         help="run the LSTM's time loop through torch.compile (reduce-overhead: as CUDA graphs)")
+    parser.add_argument('--no_tf32', action='store_true',
+                        help='on a GPU, float32 matrix products and convolutions in full float32, not in TF32 '
+                             '(faster, with a 10-bit mantissa)')
     parser.add_argument('--resume', type=str, nargs='?', const='latest', default=None,
                         help="continue a run from a checkpoint, with its settings (no path: checkpoint.pt "
                              "in --model_path)")
@@ -168,8 +182,10 @@ def build_model(args, vocab_size):
 
 
 def build_loaders(run):
-    """The training loader (each process its own share) and, in the main process, the validation loader."""
+    """The training and validation loaders, each process with its own share of both. On a GPU, in
+    page-locked memory, so that batches copy to it while it computes."""
     args, config, vocab = run.args, run.config, run.vocab
+    pin_memory = run.device.type == 'cuda'
     if args.features:
         dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
     else:
@@ -178,13 +194,17 @@ def build_loaders(run):
                               return_errors=True, split=args.split)
     run.sampler = ResumableSampler(dataset, args.batch_size, run.rank, run.world_size, args.seed)
     run.loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=run.sampler,
-                         collate=collate_skipping)
-    if args.val_caption_path and run.main_process:
+                         collate=collate_skipping, pin_memory=pin_memory)
+    if args.val_caption_path:
         run.val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
                                   eval_transform(config.image_size, config.crop_size), skip_unreadable=not args.strict,
                                   return_errors=True, split='val')
-        run.val_loader = batches(first_images(run.val_set, args.val_max_images), args.batch_size, shuffle=False,
-                                 num_workers=args.num_workers, collate=collate_skipping)
+        validated = first_images(run.val_set, args.val_max_images)
+        # Every process validates every world_size-th caption: no caption twice, so the sums of all the
+        # shares are those of the whole set.
+        share = range(run.rank, len(validated), run.world_size)
+        run.val_loader = batches(validated, args.batch_size, shuffle=False, num_workers=args.num_workers,
+                                 sampler=share, collate=collate_skipping, pin_memory=pin_memory)
 
 
 def lr_factor(step, schedule, total_steps):
@@ -205,8 +225,10 @@ def build_optimizer(run):
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, lambda step: lr_factor(step, args.lr_schedule, total_steps))
     if args.amp:
-        fp16 = device.type == 'cuda' and not torch.cuda.is_bf16_supported()
-        run.amp_dtype = torch.float16 if fp16 else torch.bfloat16
+        run.amp_dtype = amp_dtype(device)
+        if run.main_process:
+            print(f'--amp: bfloat16 autocast on {device}' if run.amp_dtype == torch.bfloat16 else
+                  f'--amp: float16 autocast with gradient scaling on {device}, which has no native bfloat16')
     run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
 
 
@@ -216,6 +238,7 @@ def start_run(args):
     vocab = load_vocab(args.vocab_path)
     resumed = settle_settings(args, vocab)
     rank, world_size, device = setup_distributed(args.device)
+    configure_cuda(device, tf32=not args.no_tf32)
     torch.manual_seed(args.seed)
     encoder, decoder, config = build_model(args, len(vocab))
     if resumed:
@@ -223,7 +246,9 @@ def start_run(args):
     run = Run(args=args, rank=rank, world_size=world_size, device=device, vocab=vocab, config=config,
               encoder=encoder, decoder=decoder)
     build_loaders(run)
-    run.model = run.ddp_model = Captioner(encoder, decoder, from_features=bool(args.features)).to(device)
+    run.model = run.ddp_model = Captioner(encoder, decoder, from_features=bool(args.features))
+    for part in on_device(run):
+        part.to(device)
     if args.compile:
         decoder.lstm.compile_loop(mode=args.compile)
     build_optimizer(run)
@@ -238,8 +263,32 @@ def start_run(args):
         run.writer = tensorboard(lambda: SummaryWriter(run.log_dir, purge_step=run.step if args.resume else None),
                                  run.log_dir)
     if world_size > 1:
+        if args.features:  # the backbone on the CPU, frozen and the same everywhere: nothing for DDP to sync
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                run.model, [f'encoder.resnet.{name}' for name, _ in chain(encoder.resnet.named_parameters(),
+                                                                          encoder.resnet.named_buffers())])
         run.ddp_model = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == 'cuda' else None)
     return run
+
+
+def on_device(run):
+    """The parts of the model that live on the device. From a feature cache (--features) all but the
+    backbone: training never runs it, so it waits on the CPU, out of the GPU's memory, until validation
+    and the logged captions need it for images (backbone_on_device)."""
+    encoder = run.encoder
+    return [encoder.linear, encoder.bn, run.decoder] if run.args.features else [run.model]
+
+
+@contextlib.contextmanager
+def backbone_on_device(run):
+    """The backbone on the device while images are captioned; with --features, back on the CPU afterwards."""
+    if run.args.features:
+        run.encoder.resnet.to(run.device)
+    try:
+        yield
+    finally:
+        if run.args.features:
+            run.encoder.resnet.to('cpu')
 
 
 def report_resumed(run, resume_path):
@@ -269,21 +318,27 @@ def report_unreadable(run, errors):
     run.unreadable_this_epoch += len(errors)
 
 
-def train_step(run, inputs, captions, lengths):
-    """One optimizer step on a batch; returns its loss, or None for a NaN or inf loss skipped with
-    --skip_nonfinite (all processes skip it together)."""
-    args, device = run.args, run.device
+def batch_loss(run, inputs, captions, lengths):
+    """A batch's loss, its tensors copied to the device without waiting for it (from page-locked memory on a GPU)."""
+    device = run.device
     with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-        loss, _ = caption_loss(run.ddp_model, inputs.to(device), captions.to(device), lengths)
-    nonfinite = not torch.isfinite(loss)
-    if any_process(nonfinite, device, run.world_size):
+        loss, _ = caption_loss(run.ddp_model, inputs.to(device, non_blocking=True),
+                               captions.to(device, non_blocking=True), lengths)
+    return loss
+
+
+def train_step(run, loss, nonfinite):
+    """One optimizer step from a batch's loss; False when the loss was NaN or inf in some process
+    (nonfinite) and --skip_nonfinite skips the batch, as every process does."""
+    args = run.args
+    if nonfinite:
         if not args.skip_nonfinite:
-            value = loss.item() if nonfinite else 'NaN or inf in another process'
+            value = loss.item() if not torch.isfinite(loss) else 'NaN or inf in another process'
             raise NonFiniteLoss(f'the loss became {value} at epoch {run.epoch + 1}, step {run.step + 1}; '
                                 f'{run.checkpoint_path} is the last good checkpoint. Try a lower '
                                 '--learning_rate, --grad_clip, or --skip_nonfinite')
         run.skipped += 1
-        return None
+        return False
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if args.grad_clip:
@@ -293,7 +348,7 @@ def train_step(run, inputs, captions, lengths):
     run.scaler.update()
     run.scheduler.step()
     run.step += 1
-    return loss
+    return True
 
 
 def log_loss(run, loss, bar):
@@ -307,7 +362,16 @@ def log_loss(run, loss, bar):
 
 
 def train_epoch(run, stop, on_step=None):
-    """The rest of the current epoch, from the batch a resumed run stopped at."""
+    """The rest of the current epoch, from the batch a resumed run stopped at.
+
+    Under DDP every process must take the same branch at every step, or the others wait for it forever:
+    skip a batch with no readable image in some process, skip (or stop at) a NaN or inf loss in some
+    process, stop after the step when some process was asked to. The last two travel together (agree):
+    one all-reduce after the forward pass, the step's one wait for the device in a single process. The
+    first needs its own, before the forward pass. It cannot join them by fetching the next batch early:
+    with --num_workers 0 its random crops draw from the generator the checkpoint saves, so a run resumed
+    after this step would crop that batch differently.
+    """
     args = run.args
     run.sampler.start(run.epoch, run.batches_done)
     start_step, start_batches = run.step, run.batches_done
@@ -319,21 +383,23 @@ def train_epoch(run, stop, on_step=None):
             torch.compiler.cudagraph_mark_step_begin()  # a skipped batch leaves a backward pending
         report_unreadable(run, errors)
         run.batches_done += 1
-        # Under DDP every process must skip the same steps, or the others wait for it forever.
-        if any_process(inputs is None, run.device, run.world_size):
+        [unreadable] = agree([inputs is None], run.device, run.world_size)
+        if unreadable:
             continue
-        loss = train_step(run, inputs, captions, lengths)
-        if loss is None:
-            continue
-        if run.step % args.log_step == 0:
+        loss = batch_loss(run, inputs, captions, lengths)
+        nonfinite, stopping = agree([~torch.isfinite(loss), stop.requested], run.device, run.world_size)
+        trained = train_step(run, loss, nonfinite)
+        if trained and run.step % args.log_step == 0:
             log_loss(run, loss, bar)
-        if on_step is not None:
+        if trained and on_step is not None:
             on_step(run.step)
-        if any_process(stop.requested, run.device, run.world_size):
+        if run.world_size == 1:  # one process's own flag is the agreed one, and it may have changed since
+            stopping = stop.requested
+        if stopping:
             save(run)
             raise Interrupted(f'stopped at epoch {run.epoch + 1}, step {run.step}; checkpoint saved to '
                               f'{run.checkpoint_path}; continue with --resume')
-        if args.save_step and run.step % args.save_step == 0:
+        if trained and args.save_step and run.step % args.save_step == 0:
             save(run)
     check_something_trained(run, run.batches_done - start_batches, run.step > start_step)
 
@@ -360,8 +426,11 @@ def end_epoch(run):
     run.skipped = run.unreadable_this_epoch = 0
     improved = validate(run) if run.val_loader is not None else False
     if run.writer is not None:
-        run.writer.add_text('captions', sample_captions(run.model, run.val_set or run.loader.dataset, run.vocab,
-                                                        run.device), run.step)
+        shown = run.val_set or run.loader.dataset
+        with contextlib.nullcontext() if isinstance(shown, FeatureDataset) else backbone_on_device(run):
+            captions = sample_captions(run.model, shown, run.vocab, run.device,
+                                       cudagraphs=run.args.compile == 'reduce-overhead')
+        run.writer.add_text('captions', captions, run.step)
         tensorboard(run.writer.flush, run.log_dir)
     checkpoint = save(run)
     if improved and run.main_process:
@@ -370,11 +439,23 @@ def end_epoch(run):
 
 
 def validate(run):
-    """The held-out loss, into the history and the logs; returns whether it is the lowest so far."""
-    value = validation_loss(run.model, run.val_loader, run.device, run.args.strict)
+    """The held-out loss, into the history and the logs; returns whether it is the lowest so far.
+
+    Under DDP every process validates its share at the same time (the shares' sums make the loss), so none
+    waits for another longer than a share takes, however large the validation set. They validate the main
+    process's model, the one the checkpoint holds: its BatchNorm statistics are sent to the others, which
+    each updated their own in their last training step.
+    """
+    if run.world_size > 1:
+        for buffer in (buffer for part in on_device(run) for buffer in part.buffers()):
+            dist.broadcast(buffer, 0)
+    with backbone_on_device(run):  # the validation set is images, also when training from a feature cache
+        value = validation_loss(Captioner(run.encoder, run.decoder), run.val_loader, run.device, run.args.strict,
+                                run.world_size, cudagraphs=run.args.compile == 'reduce-overhead')
     improved = value < min((entry['loss'] for entry in run.history['val']), default=math.inf)
     run.history['val'].append({'epoch': run.epoch - 1, 'step': run.step, 'loss': value, 'perplexity': math.exp(value)})
-    print(f'epoch {run.epoch}: validation loss {value:.4f}, perplexity {math.exp(value):.2f}', flush=True)
+    if run.main_process:
+        print(f'epoch {run.epoch}: validation loss {value:.4f}, perplexity {math.exp(value):.2f}', flush=True)
     if run.writer is not None:
         run.writer.add_scalar('val/loss', value, run.step)
         run.writer.add_scalar('val/perplexity', math.exp(value), run.step)
@@ -410,23 +491,41 @@ def train(args, on_epoch_end=None, on_step=None):
 
 
 @torch.no_grad()
-def validation_loss(model, loader, device, strict=False):
+def validation_loss(model, loader, device, strict=False, world_size=1, cudagraphs=False):
+    """The mean loss per word of the loader's captions. Under DDP (world_size > 1) each process passes its
+    share and gets the mean of all the shares' captions together, as one process over the whole set.
+
+    The batches' losses stay on the device until the end, so the loop never waits for it. cudagraphs
+    (--compile reduce-overhead): each forward begins a new CUDA-graph step, as each training step does,
+    so that the graphs recorded for training replay here instead of being recorded again.
+    """
     model.eval()
-    total, count = 0.0, 0
+    losses, counts = [], []
     for inputs, captions, lengths, errors in tqdm(loader, desc='validation', leave=False, dynamic_ncols=True):
         if errors and strict:
             raise ImageError(unreadable_message(errors[0]))
         if inputs is None:
             continue
-        loss, n = caption_loss(model, inputs.to(device), captions.to(device), lengths)
-        total, count = total + loss.item() * n, count + n
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, n = caption_loss(model, inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True),
+                               lengths)
+        losses.append(loss.detach())
+        counts.append(n)
     model.train()
+    total = sum(loss * n for loss, n in zip(torch.stack(losses).cpu().tolist(), counts)) if losses else 0.0
+    count = sum(counts)
+    if world_size > 1:
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, count = sums.tolist()
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def sample_captions(model, dataset, vocab, device, count=4):
-    """A Markdown table of greedy captions of the first few images of a dataset, beside a reference caption."""
+def sample_captions(model, dataset, vocab, device, count=4, cudagraphs=False):
+    """A Markdown table of greedy captions of the first few images of a dataset, beside a reference caption.
+    The dataset holds images, or cached features (a FeatureDataset); cudagraphs as for validation_loss."""
     model.eval()
     rows, seen = ['| image | caption | a reference |', '|---|---|---|'], set()
     for index in range(len(dataset)):
@@ -437,7 +536,9 @@ def sample_captions(model, dataset, vocab, device, count=4):
         if inputs is None:
             continue
         seen.add(image['id'])
-        encode = model.encoder.head if model.from_features else model.encoder
+        encode = model.encoder.head if isinstance(dataset, FeatureDataset) else model.encoder
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         ids = model.decoder.sample(encode(inputs.unsqueeze(0).to(device)))
         caption, reference = ids_to_sentence(ids[0], vocab), ids_to_sentence(reference, vocab)
         rows.append(f"| {image['file_name']} | {caption} | {reference} |")

@@ -1,7 +1,13 @@
 """What many test files share: synthetic sets made once per session, tiny training runs, and the scripts'
-command lines."""
+command lines, all on the CPU whether or not the machine has a GPU.
+
+CAPTIONING_FAKE_CUDA=1 python -m pytest runs the suite as a machine with one CUDA GPU would (see
+tests/fake_cuda/sitecustomize.py): a test that does not pin its device then fails here, loudly. .ci/run
+runs the suite that way.
+"""
 import contextlib
 import errno
+import importlib.util
 import io
 import os
 import subprocess
@@ -17,12 +23,26 @@ import train as trainer
 from build_vocab import build_vocab, save_vocab
 
 REPO = Path(__file__).resolve().parents[1]
+FAKE_CUDA_DIR = REPO / 'tests' / 'fake_cuda'
+FAKE_CUDA = os.environ.get('CAPTIONING_FAKE_CUDA') == '1'
+if FAKE_CUDA:  # in this process, and (through PYTHONPATH) in every Python the tests start
+    os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [str(FAKE_CUDA_DIR), os.environ.get('PYTHONPATH')]))
+    _spec = importlib.util.spec_from_file_location('fake_cuda', FAKE_CUDA_DIR / 'sitecustomize.py')
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+REAL_GPU = getattr(torch.cuda, 'really_available', torch.cuda.is_available)()  # whatever the fake says
+needs_gpu = pytest.mark.skipif(not REAL_GPU, reason='needs a CUDA GPU')
+# The scripts that pick the best device when --device is not given.
+DEVICE_SCRIPTS = {'train.py', 'sample.py', 'evaluate.py', 'extract_features.py'}
 
 
 def run(*args, cwd=REPO, env=None, timeout=300):
-    """A script's command line, run as a user would: python SCRIPT ARGS..., output captured as text."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    """A script's command line, run as a user would: python SCRIPT ARGS..., output captured as text. A script
+    that picks a device gets --device cpu unless the command names one: the tests compare with CPU results,
+    and on a machine with a GPU the script would pick CUDA."""
+    args = list(map(str, args))
+    if Path(args[0]).name in DEVICE_SCRIPTS and '--device' not in args:
+        args += ['--device', 'cpu']
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope='session')
@@ -50,12 +70,12 @@ def synthetic_set(synthetic_sets):
 
 def tiny_args(data, model_path, *extra, validate=False, **overrides):
     """train.py's arguments for a small, fast run on the synthetic set at data: a small CNN and decoder on
-    32-pixel images. overrides replace a flag's value (True: a switch on; None: the flag left out); extra
-    flags go last, as on a command line; validate=True adds the held-out images."""
+    32-pixel images, on the CPU. overrides replace a flag's value (True: a switch on; None: the flag left out);
+    extra flags go last, as on a command line; validate=True adds the held-out images."""
     flags = dict(image_dir=data / 'train', caption_path=data / 'annotations' / 'captions_train.json',
                  vocab_path=data / 'vocab.json', model_path=model_path, backbone='smallcnn', weights='none',
                  image_size=32, crop_size=32, embed_size=16, hidden_size=24, batch_size=16, num_workers=0,
-                 log_step=1, learning_rate=3e-3)
+                 log_step=1, learning_rate=3e-3, device='cpu')
     if validate:
         flags.update(val_image_dir=data / 'val', val_caption_path=data / 'annotations' / 'captions_val.json')
     flags.update(overrides)

@@ -49,7 +49,7 @@ def test_a_checkpoint_from_before_the_config_captions_and_resumes(synthetic_set,
                                str(synthetic_set / 'vocab.json'), '--caption_path',
                                str(synthetic_set / 'annotations' / 'captions_train.json'),
                                '--model_path', str(tmp_path / 'models'), '--num_workers', '0', '--tensorboard', 'none',
-                               '--resume', '--num_epochs', '3'])
+                               '--resume', '--num_epochs', '3', '--device', 'cpu'])
     _, decoder, _, history = trainer.train(args)
     assert decoder.lstm.hidden_size == 12 and history['train'][-1]['epoch'] == 2  # its settings, one more epoch
     saved = read_checkpoint(str(tmp_path / 'models' / 'checkpoint.pt'))

@@ -140,10 +140,10 @@ def test_sample_py_writes_n_different_captions(tmp_path):
         '--image_dir', str(root / 'train'), '--caption_path', str(root / 'annotations' / 'captions_train.json'),
         '--vocab_path', str(root / 'vocab.json'), '--model_path', str(tmp_path / 'models'), '--backbone', 'smallcnn',
         '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--embed_size', '16', '--hidden_size', '16',
-        '--batch_size', '16', '--num_workers', '0', '--num_epochs', '1']))
+        '--batch_size', '16', '--num_workers', '0', '--num_epochs', '1', '--device', 'cpu']))
     image = str(sorted((root / 'val').iterdir())[0])
     checkpoint = str(tmp_path / 'models' / 'checkpoint.pt')
-    command = [sys.executable, 'sample.py', '--checkpoint', checkpoint, '--image', image]
+    command = [sys.executable, 'sample.py', '--checkpoint', checkpoint, '--image', image, '--device', 'cpu']
     result = subprocess.run(command + ['--sample', '6', '--temperature', '2'], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

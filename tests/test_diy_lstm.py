@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_loops
+from conftest import needs_gpu
 from DIY_LSTM import LSTM, LSTMCell
 
 
@@ -392,7 +393,7 @@ def test_compiled_loop_runs_whole_calls_and_leaves_short_inputs_to_the_plain_loo
         assert calls == expected_calls
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a CUDA GPU')
+@needs_gpu
 def test_compiled_loop_with_cuda_graphs_matches_nn_lstm():
     """Training steps of varied lengths and a smaller last batch, then evaluation, replayed as CUDA graphs."""
     torch.manual_seed(8)

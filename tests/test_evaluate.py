@@ -203,7 +203,7 @@ def test_evaluate_runs_through_its_command_line(trained, tmp_path):
     command = [sys.executable, 'evaluate.py', '--checkpoint', str(trained / 'models' / 'checkpoint.pt'),
                '--image_dir', str(trained / 'data' / 'val'),
                '--caption_path', str(trained / 'data' / 'annotations' / 'captions_val.json'),
-               '--results_path', str(results), '--beam_size', '2', '--batch_size', '16']
+               '--results_path', str(results), '--beam_size', '2', '--batch_size', '16', '--device', 'cpu']
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     for metric in ('BLEU-1', 'BLEU-4', 'ROUGE-L', 'CIDEr'):

@@ -97,7 +97,7 @@ def test_top_units_are_the_most_varying():
 
 def test_sample_py_writes_the_gate_picture_and_numbers(synthetic_set, checkpoint, tmp_path):
     image = str(sorted((synthetic_set / 'val').iterdir())[1])
-    run = [sys.executable, 'sample.py', '--image', image, '--checkpoint', str(checkpoint)]
+    run = [sys.executable, 'sample.py', '--image', image, '--checkpoint', str(checkpoint), '--device', 'cpu']
     plain = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
     result = subprocess.run(run + ['--gates', str(tmp_path / 'g.png'), '--gates_json', str(tmp_path / 'g.json')],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -120,7 +120,8 @@ def test_sample_py_writes_the_gate_picture_and_numbers(synthetic_set, checkpoint
 
 def test_sample_py_gates_refuses_bad_input_cleanly(synthetic_set, checkpoint, tmp_path):
     images = [str(p) for p in sorted((synthetic_set / 'val').iterdir())[:2]]
-    run = [sys.executable, 'sample.py', '--checkpoint', str(checkpoint), '--gates', str(tmp_path / 'g.png')]
+    run = [sys.executable, 'sample.py', '--checkpoint', str(checkpoint), '--gates', str(tmp_path / 'g.png'),
+           '--device', 'cpu']
     two = subprocess.run(run + ['--image', *images], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert two.returncode == 2 and 'take one --image' in two.stderr
     bad = tmp_path / 'bad.png'

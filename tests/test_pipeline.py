@@ -11,7 +11,7 @@ from torch import nn
 
 import train as trainer
 from build_vocab import load_vocab, tokenize
-from conftest import REPO, learning_args, run
+from conftest import REAL_GPU, REPO, learning_args, run
 from data_loader import get_loader, train_transform
 from decoding import load_captioner
 from model import CheckpointError, DecoderRNN, EncoderCNN, read_checkpoint, save_checkpoint
@@ -96,7 +96,7 @@ def test_gpu_saved_checkpoint_loads_on_cpu(synthetic_set, tmp_path, monkeypatch)
     monkeypatch.setattr(torch.serialization, 'location_tag', lambda storage: 'cuda:0')
     torch.save(checkpoint, tmp_path / 'gpu.pt')
     monkeypatch.undo()
-    if not torch.cuda.is_available():
+    if not REAL_GPU:
         with pytest.raises(RuntimeError, match='CUDA'):
             torch.load(tmp_path / 'gpu.pt', weights_only=True)
     encoder, decoder, _, _ = load_captioner(str(tmp_path / 'gpu.pt'))
@@ -193,7 +193,8 @@ def test_sample_loads_the_tutorial_files(tmp_path):
     Image.new('RGB', (300, 200), (120, 160, 60)).save(image)
     command = [sys.executable, 'sample.py', '--image', str(image),
                '--encoder_path', str(tmp_path / 'encoder-5-3000.pkl'),
-               '--decoder_path', str(tmp_path / 'decoder-5-3000.pkl'), '--vocab_path', str(tmp_path / 'vocab.pkl')]
+               '--decoder_path', str(tmp_path / 'decoder-5-3000.pkl'), '--vocab_path', str(tmp_path / 'vocab.pkl'),
+               '--device', 'cpu']
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert all(word in words[3:] for word in result.stdout.split())
@@ -243,7 +244,9 @@ def test_demo_runs_end_to_end_on_a_tiny_set(tmp_path):
     command = [sys.executable, 'demo.py', '--root', str(tmp_path / 'data'), '--model_path', str(tmp_path / 'models'),
                '--png_dir', str(tmp_path / 'png'), '--num_train', '40', '--num_val', '10', '--max_epochs', '2',
                '--hidden_size', '32']
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # demo.py picks its device by itself and has no --device: on the CPU, as a GPU machine's user would ask.
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert sum(line.startswith('epoch') and 'held-out content accuracy' in line for line in lines) == 2

@@ -59,7 +59,8 @@ def train_main(trained, tmp_path, *extra, caption_path=None, image_dir=None):
             '--caption_path', str(caption_path or trained / 'data' / 'annotations' / 'captions_train.json'),
             '--vocab_path', str(trained / 'vocab.json'), '--model_path', str(tmp_path / 'models'),
             '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
-            '--embed_size', '16', '--hidden_size', '24', '--batch_size', '8', '--num_workers', '0', *extra]
+            '--embed_size', '16', '--hidden_size', '24', '--batch_size', '8', '--num_workers', '0', '--device', 'cpu',
+            *extra]
     try:
         trainer.main(argv)
     except SystemExit as exit:
@@ -185,7 +186,8 @@ def test_a_bare_tensor_is_not_a_checkpoint(trained, tmp_path, capsys):
     bare = tmp_path / 'tensor.pt'
     torch.save(torch.arange(5), bare)
     with pytest.raises(SystemExit) as caught:
-        sample.main(['--checkpoint', str(bare), '--image', str(trained / 'data' / 'val' / '000000000001.png')])
+        sample.main(['--checkpoint', str(bare), '--image', str(trained / 'data' / 'val' / '000000000001.png'),
+                     '--device', 'cpu'])
     assert_one_line(caught.value.code, f'error: {bare}: holds a Tensor, not a checkpoint', 'train.py')
     message = train_main(trained, tmp_path, '--num_epochs', '2', f'--resume={bare}')
     assert_one_line(message, f'error: {bare}: holds a Tensor, not a checkpoint')
@@ -203,14 +205,14 @@ def test_a_checkpoint_trained_for_zero_words_asks_for_max_len(trained, tmp_path,
     torch.save(checkpoint, path)
     image = str(sorted((trained / 'data' / 'val').iterdir())[0])
     with pytest.raises(SystemExit) as caught:
-        sample.main(['--checkpoint', str(path), '--image', image])
+        sample.main(['--checkpoint', str(path), '--image', image, '--device', 'cpu'])
     assert_one_line(caught.value.code, f'error: {path} was trained with --max_seq_length 0', 'pass --max_seq_length N')
     with pytest.raises(SystemExit) as caught:
-        evaluate.main(['--checkpoint', str(path), '--image_dir', str(trained / 'data' / 'val'),
+        evaluate.main(['--checkpoint', str(path), '--image_dir', str(trained / 'data' / 'val'), '--device', 'cpu',
                        '--caption_path', str(trained / 'data' / 'annotations' / 'captions_val.json')])
     assert_one_line(caught.value.code, f'error: {path} was trained with --max_seq_length 0')
     capsys.readouterr()
-    sample.main(['--checkpoint', str(path), '--image', image, '--max_len', '3', '--beam_size', '2'])
+    sample.main(['--checkpoint', str(path), '--image', image, '--max_len', '3', '--beam_size', '2', '--device', 'cpu'])
     assert 1 <= len(capsys.readouterr().out.split()) <= 3
 
 
@@ -227,7 +229,7 @@ def test_sample_never_prints_an_empty_caption(trained, tmp_path, capsys):
     no_rule = model.DecodeSettings(min_len=0)
     assert decoder.sample(features, no_rule)[0, 0] == 2  # without the rule: just <end>, an empty caption
     for beam_size in ('1', '3'):
-        sample.main(['--checkpoint', str(path), '--image', image, '--beam_size', beam_size])
+        sample.main(['--checkpoint', str(path), '--image', image, '--beam_size', beam_size, '--device', 'cpu'])
         words = capsys.readouterr().out.split()
         assert len(words) >= 1 and not any(w.startswith('<') for w in words)
 
@@ -283,7 +285,7 @@ def test_a_full_disk_while_sample_py_writes_its_outputs_is_one_line(trained, tmp
                   else f'{image.stem}_captioned.png')
     with pytest.raises(SystemExit) as caught:
         sample.main(['--checkpoint', str(trained / 'models' / 'checkpoint.pt'), '--image', str(image),
-                     output, str(target[output])])
+                     output, str(target[output]), '--device', 'cpu'])
     assert_one_line(caught.value.code, 'error: could not write', 'No space left on device')
     assert [path for path in tmp_path.rglob('*') if path.is_file()] == []  # no half file, no temporary
 

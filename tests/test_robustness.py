@@ -211,7 +211,8 @@ def test_out_of_memory_suggests_a_smaller_batch(trained, tmp_path, monkeypatch, 
     argv = ['--image_dir', str(trained / 'data' / 'train'),
             '--caption_path', str(trained / 'data' / 'annotations' / 'captions_train.json'),
             '--vocab_path', str(trained / 'vocab.json'), '--model_path', str(tmp_path), '--backbone', 'smallcnn',
-            '--weights', 'none', '--num_workers', '0', '--batch_size', '64', '--image_size', '32', '--crop_size', '32']
+            '--weights', 'none', '--num_workers', '0', '--batch_size', '64', '--image_size', '32', '--crop_size', '32',
+            '--device', 'cpu']
     with pytest.raises(SystemExit) as caught:
         trainer.main(argv)
     assert 'out of GPU memory with --batch_size 64; try a smaller --batch_size' in str(caught.value.code)
@@ -275,7 +276,7 @@ def test_killing_training_while_it_saves_never_corrupts_the_checkpoint(trained, 
                '--vocab_path', trained / 'vocab.json', '--model_path', tmp_path, '--backbone', 'smallcnn',
                '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--embed_size', '16',
                '--hidden_size', '24', '--batch_size', '8', '--num_workers', '0', '--save_step', '1',
-               '--num_epochs', '1000']
+               '--device', 'cpu', '--num_epochs', '1000']
     steps, path = [], tmp_path / 'checkpoint.pt'
     for delay in (0.3, 0.7, 1.1):
         before = path.stat().st_mtime_ns if path.exists() else None

@@ -71,7 +71,8 @@ def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(synthetic
     broken.write_text('not a png')
     command = [sys.executable, 'extract_features.py', '--image_dir', str(images),
                '--caption_path', str(synthetic_set / 'annotations' / 'captions_train.json'), '--backbone', 'smallcnn',
-               '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--batch_size', '10']  # 2 workers
+               '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--batch_size', '10',  # 2 workers
+               '--device', 'cpu']
     result = subprocess.run(command + ['--output_dir', str(tmp_path / 'strict'), '--strict'], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     errors = [line for line in result.stderr.replace('\r', '\n').splitlines() if line.startswith('error')]
@@ -111,7 +112,7 @@ def test_a_failed_write_never_leaves_half_a_done_file(synthetic_set, tmp_path, m
     argv = ['--image_dir', str(synthetic_set / 'train'),
             '--caption_path', str(synthetic_set / 'annotations' / 'captions_train.json'),
             '--output_dir', str(tmp_path / 'features'), '--backbone', 'smallcnn', '--weights', 'none',
-            '--image_size', '32', '--crop_size', '32', '--batch_size', '10', '--num_workers', '0']
+            '--image_size', '32', '--crop_size', '32', '--batch_size', '10', '--num_workers', '0', '--device', 'cpu']
     monkeypatch.setattr(np, 'save', disk_full_on_third_save)
     with pytest.raises(SystemExit) as caught:  # one line naming the file, no traceback
         extract_features.main(argv)
@@ -288,7 +289,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(synthetic_set, tmp_path)
                '--vocab_path', str(synthetic_set / 'vocab.json'), '--model_path', str(tmp_path),
                '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
                '--embed_size', '16', '--hidden_size', '24', '--batch_size', '4', '--num_workers', '0',
-               '--num_epochs', '50', '--save_step', '0']
+               '--device', 'cpu', '--num_epochs', '50', '--save_step', '0']
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / 'history.json').exists() and time.time() < deadline:  # the first epoch has ended
@@ -313,7 +314,8 @@ def test_torchrun_launches_distributed_training(synthetic_set, tmp_path):
                '--vocab_path', str(synthetic_set / 'vocab.json'), '--model_path', str(tmp_path),
                '--backbone', 'smallcnn',
                '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--embed_size', '16',
-               '--hidden_size', '24', '--batch_size', '16', '--num_workers', '0', '--num_epochs', '1']
+               '--hidden_size', '24', '--batch_size', '16', '--num_workers', '0', '--num_epochs', '1',
+               '--device', 'cpu']
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert result.returncode == 0, result.stderr[-3000:]

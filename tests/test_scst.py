@@ -108,7 +108,7 @@ def trained(tmp_path_factory):
     command = [sys.executable, 'extract_features.py', '--image_dir', str(root / 'train'),
                '--caption_path', str(root / 'annotations' / 'captions_train.json'), '--output', str(root / 'cache'),
                '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
-               '--batch_size', '16', '--num_workers', '0']
+               '--batch_size', '16', '--num_workers', '0', '--device', 'cpu']
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     trainer.train(trainer.parse_args(common(root, root / 'ce') + [
@@ -121,7 +121,7 @@ def common(root, model_path):
     return ['--image_dir', str(root / 'train'), '--caption_path', str(root / 'annotations' / 'captions_train.json'),
             '--model_path', str(model_path), '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32',
             '--crop_size', '32', '--no_flip', '--embed_size', '16', '--hidden_size', '32', '--batch_size', '16',
-            '--num_workers', '0', '--log_step', '1', '--save_step', '0']
+            '--num_workers', '0', '--log_step', '1', '--save_step', '0', '--device', 'cpu']
 
 
 def scst_args(root, model_path, *extra):

@@ -25,8 +25,6 @@ from data_loader import CocoDataset, eval_transform, read_coco
 from decoding import load_captioner
 from model import CheckpointError, read_checkpoint
 
-NO_GPU = not torch.cuda.is_available()
-
 
 def error_lines(result):
     """The lines of stderr that are errors (tqdm's bars write to stderr too)."""
@@ -58,7 +56,7 @@ def data_flags(root):
     return ['--image_dir', root / 'data' / 'train',
             '--caption_path', root / 'data' / 'annotations' / 'captions_train.json',
             '--vocab_path', root / 'vocab.json',
-            '--weights', 'none', '--num_workers', '0']
+            '--weights', 'none', '--num_workers', '0', '--device', 'cpu']
 
 
 def train_args(root, model_path, *extra):
@@ -82,18 +80,18 @@ def test_sample_before_training_says_to_train_first(tmp_path):
     assert_one_error(result, 'models/checkpoint.pt', 'train a model first', '--checkpoint')
 
 
-def test_pick_device_refuses_devices_this_machine_lacks():
+def test_pick_device_refuses_devices_this_machine_lacks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)  # a machine without a GPU, even on one with
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     assert devices.pick_device('cpu') == torch.device('cpu')
     with pytest.raises(ValueError, match='not a device name; the devices here are: .*cpu'):
         devices.pick_device('gpu')
-    if NO_GPU:
-        with pytest.raises(ValueError, match='no CUDA device here; the devices here are: .*cpu'):
-            devices.pick_device('cuda')
+    with pytest.raises(ValueError, match='no CUDA device here; the devices here are: .*cpu'):
+        devices.pick_device('cuda')
     with pytest.raises(ValueError, match='no CUDA device 99 here'):
         devices.pick_device('cuda:99')
 
 
-@pytest.mark.skipif(not NO_GPU, reason='this machine has a CUDA GPU')
 def test_device_cuda_without_a_gpu_is_one_line_in_every_script(trained, tmp_path):
     root, _ = trained
     checkpoint = root / 'models' / 'checkpoint.pt'
@@ -106,8 +104,9 @@ def test_device_cuda_without_a_gpu_is_one_line_in_every_script(trained, tmp_path
          '--caption_path', val_captions, '--results_path', tmp_path / 'results.json'],
         ['extract_features.py', '--image_dir', root / 'data' / 'val', '--caption_path', val_captions,
          '--output_dir', tmp_path / 'features', '--backbone', 'smallcnn', '--weights', 'none']]
+    no_gpu = dict(os.environ, CUDA_VISIBLE_DEVICES='')  # what a machine without a GPU has, even on one with
     for command in commands:
-        line = assert_one_error(run(*command, '--device', 'cuda'))
+        line = assert_one_error(run(*command, '--device', 'cuda', env=no_gpu))
         assert line == 'error: --device cuda: there is no CUDA device here; the devices here are: cpu', command[0]
 
 
