@@ -6,7 +6,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.utils.data as data
-from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
 from tqdm import tqdm
@@ -30,11 +29,20 @@ def read_coco(path, split='train'):
 
 
 def train_transform(crop_size, flip=True):
-    """The tutorial's augmentation: random crop of the resized image, random mirror."""
+    """The tutorial's augmentation: random crop of the resized image, random mirror. It takes a PIL image, or
+    the same pixels as a uint8 (3, H, W) tensor (ImageCache's), and makes the same tensor of both from the
+    same random numbers: no PIL image need be made for a cached one."""
     steps = [transforms.RandomCrop(crop_size)]
     if flip:
         steps.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose(steps + [to_float, transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def to_float(image):
+    """transforms.ToTensor for uint8 (3, H, W) tensors too, with its arithmetic: the value as a float / 255."""
+    if isinstance(image, torch.Tensor):
+        return image.to(torch.get_default_dtype()).div(255)
+    return transforms.functional.to_tensor(image)
 
 
 def eval_transform(image_size, crop_size):
@@ -54,10 +62,11 @@ def decoded(path):
 class ImageCache:
     """Decoded images kept in memory, so that each is decoded once a run instead of once per caption per
     epoch (train.py --cache_images). The pixels of all of them lie in one flat uint8 tensor: DataLoader
-    workers share a tensor's memory, forked or spawned, where a dict of arrays would be copied into each
-    forked worker page by page as reference counts were touched, and pickled whole to each spawned one. An
-    image that could not be read keeps its reason, raised again at each read, so that training skips it or
-    stops (--strict) exactly as when it reads the files."""
+    workers share a tensor's memory, forked or spawned. A dict of arrays or PIL images would hold a Python
+    object per image, whose reference counts, touched at every read, copy the memory pages around them
+    into each forked worker, and it would be pickled whole to each spawned one. An image that could not be
+    read keeps its reason, raised again at each read, so that training skips it or stops (--strict)
+    exactly as when it reads the files."""
 
     CHUNK = 256  # images decoded between checks of the budget
 
@@ -105,17 +114,21 @@ class ImageCache:
         return self.pixels.numel()
 
     def image(self, image_id):
-        """The image as load_image gives it, pixel for pixel, so that the same transform makes the same tensor."""
+        """The pixels load_image gives, as a new uint8 (3, H, W) tensor, which train_transform turns into what
+        it makes of load_image's PIL image; a copy, so that no transform can change the cache."""
         where = self.where[image_id]
         if isinstance(where, str):
             raise ImageError(where)
-        offset, shape = where
-        return Image.fromarray(self.pixels[offset:offset + int(np.prod(shape))].view(shape).numpy())
+        offset, (height, width, channels) = where
+        pixels = self.pixels[offset:offset + height * width * channels]
+        return pixels.view(height, width, channels).permute(2, 0, 1).contiguous()
 
 
 class CocoDataset(data.Dataset):
     """One item per caption annotation: (image tensor, word ids from <start> to <end>); or, for a group of
     captions of one image (a tuple of their indices, see GroupedSampler), the image once with all of them.
+    Images come from their files as PIL images or, after cache_images, from memory as uint8 tensors: a
+    cached dataset's transform must take those (train_transform does).
 
     Unusable captions are dropped with a count (see usable_captions); a caption longer than max_words
     words is cut there, keeping its <end>. With skip_unreadable, captions of images missing from root are

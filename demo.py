@@ -7,8 +7,7 @@
 3. trains a small CNN + DIY_LSTM decoder with train.py, reporting held-out loss and the share of
    validation images whose greedy caption names exactly the right sizes, colours and shapes, until
    that share has passed 95% and stopped improving (or --minutes have passed); the images are decoded
-   once into memory, each batch holds 12 images with 5 captions each (one CNN pass per image), and bf16
-   autocast is on where the CPU computes in bf16 natively,
+   once into memory, and bf16 autocast is on where the CPU computes in bf16 natively,
 4. captions png/example.png with the most accurate checkpoint and writes png/example_captioned.png.
 
     python demo.py --hard
@@ -97,8 +96,10 @@ def parse_args(argv=None):
     parser.add_argument('--max_epochs', type=positive_int, default=100, help='the most epochs it trains')
     parser.add_argument('--hidden_size', type=positive_int, default=256, help="the decoder LSTM's hidden size")
     parser.add_argument('--seed', type=int, default=0, help='seed of the synthetic set and of training')
-    parser.add_argument('--captions_per_image', type=positive_int, default=5,
-                        help="train.py's: images per batch with this many captions each (1: one image per caption)")
+    parser.add_argument('--captions_per_image', type=positive_int, default=1,
+                        help="train.py's: N > 1 puts N captions of each image in a batch, one CNN pass for them; "
+                             "faster steps, but each epoch shows the CNN each image once, not five times, and "
+                             "it learned far less per epoch here (see docs/training.md)")
     parser.add_argument('--cache_images', type=nonnegative_float, default=2, metavar='GB',
                         help="train.py's: decode the images once if they fit in this many GB (0: every time)")
     parser.add_argument('--amp', choices=['auto', 'on', 'off'], default='auto',

@@ -7,12 +7,17 @@ The demo's settings (smallcnn on 64x64 images, hidden 256, batch 64, --num_worke
 own dataset, sampler and collate functions, on a synthetic set made for the run:
 
 - plain: one image per caption, read from its PNG file at every use (--captions_per_image 1
-  --cache_images 0, the tutorial's way and this project's before issue 22);
-- grouped: the images decoded once into memory, batches of 12 images with 5 captions each, the CNN run
-  once per image (--captions_per_image 5, the demo's way now).
+  --cache_images 0, the tutorial's way and the demo's before issue 22);
+- cached: one image per caption, the images decoded once into memory (--cache_images, the demo's way now);
+- grouped: cached, and batches of 12 images with 5 captions each, the CNN run once per image
+  (--captions_per_image 5). Faster steps, but it learns less per epoch (docs/training.md).
+
+Every caption is tokenized before timing: train.py tokenizes each on first use, so only a run's first
+epoch pays for it, and the figures are those of the epochs after.
 
 Each in float32 and under bf16 autocast (--amp); bf16 is marked "emulated" where the CPU has no bf16
-instructions (demo.py leaves it off there). A step is split into loading (the DataLoader's next batch:
+instructions (demo.py leaves it off there), and there its steps can take ten times as long, so that
+--no_bf16 is what keeps the run to a couple of minutes. A step is split into loading (the DataLoader's next batch:
 decode or copy, crop, collate), encoder (forward, with each image's features copied to its captions),
 decoder (forward and the loss) and backward + Adam (with the demo's gradient clipping). The cases take
 turns, a few steps each, in rotating order; every figure is the median over all their steps, and
@@ -41,6 +46,7 @@ from synthetic import easy, hard, make_synthetic_coco
 
 PARTS = ('loading', 'encoder', 'decoder', 'backward + Adam')
 PATHS = {'plain': ['--captions_per_image', '1', '--cache_images', '0'],
+         'cached': ['--captions_per_image', '1', '--cache_images', '2'],
          'grouped': ['--captions_per_image', '5', '--cache_images', '2']}
 
 
@@ -84,6 +90,8 @@ def cases_of(setting, folder, num_images, precisions):
         args = demo.train_args(demo_args, vocab_path)
         vocab = load_vocab(vocab_path)
         dataset = trainer.training_set(args, CaptionerConfig.from_args(args, len(vocab)), vocab)
+        for index in range(len(dataset)):
+            dataset.caption(index)  # tokenized once, as in every epoch of train.py but its first
         start = time.perf_counter()
         print(f'{setting} set, {path}:', flush=True)
         trainer.cache_training_images(dataset, args)
@@ -139,7 +147,7 @@ def report(cases, native_bf16):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--repeats', type=positive_int, default=7, help='turns of every case; medians over them')
+    parser.add_argument('--repeats', type=positive_int, default=5, help='turns of every case; medians over them')
     parser.add_argument('--steps', type=positive_int, default=5, help='steps of a case in each turn')
     parser.add_argument('--warmup', type=positive_int, default=3, help='untimed steps of each case first')
     parser.add_argument('--num_images', type=positive_int, default=1000, help='training images of each set')
