@@ -1,16 +1,19 @@
 """COCO-format (or Karpathy-split) captions as batches: (images, padded word ids, lengths), longest caption first."""
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.utils.data as data
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
+from tqdm import tqdm
 
 from build_vocab import tokenize, usable_captions
 from caption_files import load_captions
 from files import ImageError, load_image
+from model import ImageGroups
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -26,11 +29,20 @@ def read_coco(path, split='train'):
 
 
 def train_transform(crop_size, flip=True):
-    """The tutorial's augmentation: random crop of the resized image, random mirror."""
+    """The tutorial's augmentation: random crop of the resized image, random mirror. It takes a PIL image, or
+    the same pixels as a uint8 (3, H, W) tensor (ImageCache's), and makes the same tensor of both from the
+    same random numbers: no PIL image need be made for a cached one."""
     steps = [transforms.RandomCrop(crop_size)]
     if flip:
         steps.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose(steps + [to_float, transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def to_float(image):
+    """transforms.ToTensor for uint8 (3, H, W) tensors too, with its arithmetic: the value as a float / 255."""
+    if isinstance(image, torch.Tensor):
+        return image.to(torch.get_default_dtype()).div(255)
+    return transforms.functional.to_tensor(image)
 
 
 def eval_transform(image_size, crop_size):
@@ -39,8 +51,84 @@ def eval_transform(image_size, crop_size):
                                transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def decoded(path):
+    """The image at path as an (height, width, 3) uint8 array, or the reason it cannot be read."""
+    try:
+        return np.asarray(load_image(path))
+    except ImageError as err:
+        return str(err)
+
+
+class ImageCache:
+    """Decoded images kept in memory, so that each is decoded once a run instead of once per caption per
+    epoch (train.py --cache_images). The pixels of all of them lie in one flat uint8 tensor: DataLoader
+    workers share a tensor's memory, forked or spawned. A dict of arrays or PIL images would hold a Python
+    object per image, whose reference counts, touched at every read, copy the memory pages around them
+    into each forked worker, and it would be pickled whole to each spawned one. An image that could not be
+    read keeps its reason, raised again at each read, so that training skips it or stops (--strict)
+    exactly as when it reads the files."""
+
+    CHUNK = 256  # images decoded between checks of the budget
+
+    def __init__(self, pixels, where):
+        self.pixels, self.where = pixels, where  # where: {image id: (offset, shape)}, or the reason it failed
+
+    @staticmethod
+    def estimate(paths):
+        """The bytes len(paths) images take decoded, judged by the first readable one: resize.py makes them
+        all the same size, and reading them all to know would cost what the cache saves."""
+        for path in paths:
+            pixels = decoded(path)
+            if not isinstance(pixels, str):
+                return pixels.nbytes * len(paths)
+        return 0
+
+    @classmethod
+    def fill(cls, paths, budget, estimate, progress=False):
+        """The images of paths ({image id: path}) decoded, by a thread per core (Pillow decodes outside the
+        GIL), into room for the estimated bytes, made larger if need be; None if they take more than budget
+        bytes after all."""
+        items = list(paths.items())
+        pixels, where, filled = torch.empty(min(estimate, budget), dtype=torch.uint8), {}, 0
+        with ThreadPoolExecutor(os.cpu_count()) as pool, \
+                tqdm(total=len(items), desc='decoding the images once', disable=not progress) as bar:
+            for start in range(0, len(items), cls.CHUNK):
+                chunk = items[start:start + cls.CHUNK]
+                for (image_id, _), image in zip(chunk, pool.map(decoded, [path for _, path in chunk])):
+                    if isinstance(image, str):
+                        where[image_id] = image
+                        continue
+                    end = filled + image.size
+                    if end > budget:
+                        return None
+                    if end > len(pixels):  # larger images than the first: make room, up to the budget
+                        pixels = torch.cat([pixels[:filled], torch.empty(min(max(end, 2 * filled), budget) - filled,
+                                                                         dtype=torch.uint8)])
+                    pixels[filled:end].numpy()[:] = image.reshape(-1)
+                    where[image_id], filled = (filled, image.shape), end
+                bar.update(len(chunk))
+        return cls(pixels[:filled].clone() if filled < len(pixels) else pixels, where)
+
+    @property
+    def nbytes(self):
+        return self.pixels.numel()
+
+    def image(self, image_id):
+        """The pixels load_image gives, as a new uint8 (3, H, W) tensor, which train_transform turns into what
+        it makes of load_image's PIL image; a copy, so that no transform can change the cache."""
+        where = self.where[image_id]
+        if isinstance(where, str):
+            raise ImageError(where)
+        offset, (height, width, channels) = where
+        pixels = self.pixels[offset:offset + height * width * channels]
+        return pixels.view(height, width, channels).permute(2, 0, 1).contiguous()
+
+
 class CocoDataset(data.Dataset):
-    """One item per caption annotation: (image tensor, word ids from <start> to <end>).
+    """One item per caption annotation: (image tensor, word ids from <start> to <end>); or, for a group of
+    captions of one image (a tuple of their indices, see GroupedSampler), the image once with all of them.
+    Images come from their files as PIL images or, after cache_images, from memory as uint8 tensors: a
+    cached dataset's transform must take those (train_transform does).
 
     Unusable captions are dropped with a count (see usable_captions); a caption longer than max_words
     words is cut there, keeping its <end>. With skip_unreadable, captions of images missing from root are
@@ -61,11 +149,12 @@ class CocoDataset(data.Dataset):
         self.vocab, self.transform, self.max_words = vocab, transform, max_words
         self.return_errors = skip_unreadable or return_errors
         self.word_ids = {}  # tokenized once, on first use: tokenizing costs as much as decoding a small image
+        self.cache = None  # an ImageCache, once cache_images has filled one
 
     def _check_images(self, json, skip_missing):
         """Count the images the annotations name but root lacks, before any training starts."""
         needed = {self.coco.anns[ann_id]['image_id'] for ann_id in self.ids}
-        missing = {i for i in needed if not os.path.isfile(os.path.join(self.root, self.coco.imgs[i]['file_name']))}
+        missing = {i for i in needed if not os.path.isfile(self.path(i))}
         if not missing:
             return
         message = f'{len(missing)} of the {len(needed)} images named in {json} are missing from {self.root}'
@@ -77,17 +166,38 @@ class CocoDataset(data.Dataset):
         print(f'note: {message}; their captions are skipped')
         self.ids = [ann_id for ann_id in self.ids if self.coco.anns[ann_id]['image_id'] not in missing]
 
+    def path(self, image_id):
+        return os.path.join(self.root, self.coco.imgs[image_id]['file_name'])
+
+    def image_id(self, index):
+        """The id of the image that caption index describes."""
+        return self.coco.anns[self.ids[index]]['image_id']
+
+    def cache_images(self, budget, progress=False):
+        """Decode the images of the captions into memory once (an ImageCache), if they take at most budget
+        bytes; returns (whether they are cached, the bytes they take): when too many, the estimate, or None
+        if they passed the budget only as they were read."""
+        paths = {image_id: self.path(image_id) for image_id in dict.fromkeys(map(self.image_id, range(len(self))))}
+        estimate = ImageCache.estimate(paths.values())
+        if estimate > budget:
+            return False, estimate
+        self.cache = ImageCache.fill(paths, budget, estimate, progress)
+        return self.cache is not None, self.cache and self.cache.nbytes
+
+    def image(self, image_id):
+        """The image, transformed: from the cache if there is one, else decoded from its file."""
+        image = self.cache.image(image_id) if self.cache is not None else load_image(self.path(image_id))
+        return self.transform(image) if self.transform is not None else image
+
     def __getitem__(self, index):
-        image_id = self.coco.anns[self.ids[index]]['image_id']
+        group = index if isinstance(index, tuple) else None
         try:
-            image = load_image(os.path.join(self.root, self.coco.imgs[image_id]['file_name']))
+            image = self.image(self.image_id(group[0] if group else index))
         except ImageError as err:
             if not self.return_errors:
                 raise
-            return None, str(err)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.caption(index)
+            return None, [str(err)] * len(group) if group else str(err)  # a group: the reason for each caption
+        return image, [self.caption(i) for i in group] if group else self.caption(index)
 
     def caption(self, index):
         if index not in self.word_ids:
@@ -142,10 +252,9 @@ class FeatureDataset(CocoDataset):
             raise ValueError(f'{folder}: {len(missing)} images of {json} are not in the cache')
         self.mirror = mirror
 
-    def __getitem__(self, index):
-        row = self.row[self.coco.anns[self.ids[index]]['image_id']]
+    def image(self, image_id):
         view = int(torch.randint(2, ())) if self.mirror else 0
-        return torch.from_numpy(self.features[row, view].astype(np.float32)), self.caption(index)
+        return torch.from_numpy(self.features[self.row[image_id], view].astype(np.float32))
 
 
 def collate_fn(batch):
@@ -165,6 +274,23 @@ def collate_skipping(batch):
     errors = [reason for image, reason in batch if image is None]
     readable = [item for item in batch if item[0] is not None]
     return (*collate_fn(readable), errors) if readable else (None, None, None, errors)
+
+
+def collate_groups(batch):
+    """collate_skipping for batches of groups (GroupedSampler): (ImageGroups, targets, lengths, errors), each
+    image once; errors hold an unreadable image's reason once for each of its captions, so that training
+    counts the captions it skipped as with collate_skipping."""
+    images, rows, errors = [], [], []
+    for image, captions in batch:
+        if image is None:
+            errors += captions  # the reasons
+            continue
+        rows += [(torch.tensor(len(images)), caption) for caption in captions]
+        images.append(image)
+    if not images:
+        return None, None, None, errors
+    image_of, targets, lengths = collate_fn(rows)  # sorted by length, each caption with its image's row
+    return ImageGroups(torch.stack(images), image_of), targets, lengths, errors
 
 
 def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, sampler=None):
@@ -212,7 +338,7 @@ class ResumableSampler(data.Sampler):
 
     def __init__(self, dataset, batch_size, rank, world_size, seed):
         self.share = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        self.batch_size, self.skip = batch_size, 0
+        self.batch_size, self.epoch, self.skip = batch_size, 0, 0
         self.sizes = batch_sizes(self.share.num_samples, batch_size)
 
     @property
@@ -225,18 +351,71 @@ class ResumableSampler(data.Sampler):
         return len(self.sizes)
 
     def start(self, epoch, batches_done):
-        self.share.set_epoch(epoch)
-        self.skip = batches_done
+        self.epoch, self.skip = epoch, batches_done
+
+    def share_of_epoch(self):
+        """This process's items of the current epoch, in order: caption indices."""
+        self.share.set_epoch(self.epoch)
+        return list(self.share)
 
     def __iter__(self):
-        indices, start = list(self.share), 0
+        items, start = self.share_of_epoch(), 0
         for number, size in enumerate(self.sizes):
             if number >= self.skip:
-                yield indices[start:start + size]
+                yield items[start:start + size]
             start += size
 
     def __len__(self):
         return len(self.sizes) - self.skip
+
+
+class GroupedSampler(ResumableSampler):
+    """ResumableSampler for grouped batches (train.py --captions_per_image N), whose items are groups: tuples
+    of up to N caption indices of one image, which CocoDataset reads as the image once with its captions.
+
+    Each epoch, each image's captions are shuffled and cut into as few groups as hold them, of sizes as even
+    as can be (7 captions, N 5: 4 and 3), so every caption is trained once an epoch whatever its image's
+    count; then the groups are shuffled. Each process gets its share of the groups as DistributedSampler
+    gives it captions, the first ones repeated to even the shares up: the group count is the same every
+    epoch, so every process takes the same number of steps each epoch (one waiting for another's step
+    would wait forever), and the learning-rate schedule knows them in advance. A group never spans
+    processes. Batches hold batch_size // N groups, cut by batch_sizes, so no batch has one image alone
+    while the share has more. Everything is seeded by seed and epoch, so a resumed run sees the same
+    batches. image_ids: the image of each caption index."""
+
+    def __init__(self, image_ids, batch_size, captions_per_image, rank, world_size, seed):
+        if batch_size < 2 * captions_per_image:
+            raise ValueError(f'--batch_size {batch_size} holds fewer than two images of --captions_per_image '
+                             f'{captions_per_image} captions, and the encoder\'s BatchNorm cannot train on one image: '
+                             f'give a --batch_size of at least {2 * captions_per_image}, or fewer captions per image')
+        self.captions = {}  # image id: its caption indices
+        for index, image_id in enumerate(image_ids):
+            self.captions.setdefault(image_id, []).append(index)
+        self.per_group, self.rank, self.world_size, self.seed = captions_per_image, rank, world_size, seed
+        groups = sum(-(-len(indices) // captions_per_image) for indices in self.captions.values())
+        self.groups_per_share = -(-groups // world_size)
+        self.batch_size, self.epoch, self.skip = batch_size, 0, 0
+        self.sizes = batch_sizes(self.groups_per_share, batch_size // captions_per_image)
+
+    @property
+    def num_samples(self):
+        """The groups of each process's share of an epoch."""
+        return self.groups_per_share
+
+    def share_of_epoch(self):
+        """This process's groups of the current epoch, in order."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(sum(map(len, self.captions.values())), generator=generator).tolist()
+        groups = []
+        for indices in self.captions.values():
+            shuffled = sorted(indices, key=order.__getitem__)  # the image's captions in a random order
+            parts = np.array_split(shuffled, -(-len(shuffled) // self.per_group))
+            groups += [tuple(part.tolist()) for part in parts]
+        groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+        total = self.groups_per_share * self.world_size
+        if len(groups) < total:
+            groups = (groups * -(-total // len(groups)))[:total]
+        return groups[self.rank::self.world_size]
 
 
 def first_images(dataset, count=None):

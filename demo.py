@@ -6,7 +6,8 @@
 2. builds its vocabulary with build_vocab.py,
 3. trains a small CNN + DIY_LSTM decoder with train.py, reporting held-out loss and the share of
    validation images whose greedy caption names exactly the right sizes, colours and shapes, until
-   that share has passed 95% and stopped improving (or --minutes have passed),
+   that share has passed 95% and stopped improving (or --minutes have passed); the images are decoded
+   once into memory, and bf16 autocast is on where the CPU computes in bf16 natively,
 4. captions png/example.png with the most accurate checkpoint and writes png/example_captioned.png.
 
     python demo.py --hard
@@ -18,6 +19,7 @@ held-out captions instead of captioning the example.
 import argparse
 import json
 import os
+import platform
 import time
 
 import torch
@@ -25,7 +27,7 @@ import torch
 import train as trainer
 from build_vocab import build_vocab, save_vocab
 from decoding import TrainedCaptioner, load_captioner
-from flags import HelpFormatter, count, positive_float, positive_int
+from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
 from model import CaptionerConfig, save_checkpoint
 from sample import captioned_picture
 from synthetic import easy, hard, make_synthetic_coco
@@ -52,7 +54,31 @@ def learned_enough(accuracies, target=0.95, patience=2):
     return best >= target and len(accuracies) - 1 - accuracies.index(best) >= patience
 
 
-def parse_args():
+def cpu_runs_bf16_natively():
+    """Whether this CPU computes in bf16 in hardware (AVX512-BF16 or AMX on x86, Arm's BF16 extension), where
+    bf16 autocast pays; elsewhere it is emulated and slower than float32. oneDNN's own check also says yes
+    for every AVX-512 CPU, emulating or not, so on x86 the instructions themselves are asked for too. Both
+    are private torch functions (in torch 2.5 and since): a torch without them counts as no."""
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if native and platform.machine().lower() in ('x86_64', 'amd64'):
+            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(native)
+
+
+def choose_amp(setting):
+    """(whether to train under bf16 autocast, one line saying why) for --amp auto, on or off."""
+    if setting != 'auto':
+        return setting == 'on', f'bf16 autocast: {setting} (--amp {setting})'
+    if cpu_runs_bf16_natively():
+        return True, 'bf16 autocast: on, since this CPU computes in bf16 natively (--amp off to train in float32)'
+    return False, ('bf16 autocast: off, since this CPU would only emulate bf16, slower than float32 '
+                   f'({torch.backends.cpu.get_cpu_capability()}; --amp on to use it anyway)')
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--hard', action='store_true', help='the hard shapes set of synthetic/hard.py')
     parser.add_argument('--root', default=None,
@@ -70,7 +96,15 @@ def parse_args():
     parser.add_argument('--max_epochs', type=positive_int, default=100, help='the most epochs it trains')
     parser.add_argument('--hidden_size', type=positive_int, default=256, help="the decoder LSTM's hidden size")
     parser.add_argument('--seed', type=int, default=0, help='seed of the synthetic set and of training')
-    args = parser.parse_args()
+    parser.add_argument('--captions_per_image', type=positive_int, default=1,
+                        help="train.py's: N > 1 puts N captions of each image in a batch, one CNN pass for them; "
+                             "faster steps, but each epoch shows the CNN each image once, not five times, and "
+                             "it learned far less per epoch here (see docs/training.md)")
+    parser.add_argument('--cache_images', type=nonnegative_float, default=2, metavar='GB',
+                        help="train.py's: decode the images once if they fit in this many GB (0: every time)")
+    parser.add_argument('--amp', choices=['auto', 'on', 'off'], default='auto',
+                        help='bf16 autocast: auto turns it on only where the CPU computes in bf16 natively')
+    args = parser.parse_args(argv)
     suffix = '_hard' if args.hard else ''
     args.root = args.root or f'data/synthetic{suffix}'
     args.model_path = args.model_path or f'models/demo{suffix}'
@@ -78,7 +112,7 @@ def parse_args():
     return args
 
 
-def train_args(args, vocab_path):
+def train_args(args, vocab_path, amp=False):
     """train.py's flags for the synthetic set: the small CNN learns the shapes in minutes on a CPU."""
     return trainer.parse_args([
         '--image_dir', os.path.join(args.root, 'train'),
@@ -91,7 +125,8 @@ def train_args(args, vocab_path):
         '--hidden_size', str(args.hidden_size), '--forget_bias', '1', '--grad_clip', '5',
         '--batch_size', '64', '--learning_rate', '3e-3', '--num_epochs', str(args.max_epochs),
         '--num_workers', '0', '--log_step', '20', '--save_step', '0', '--seed', str(args.seed),
-        '--max_seq_length', '32' if args.hard else '20'])
+        '--max_seq_length', '32' if args.hard else '20', '--captions_per_image', str(args.captions_per_image),
+        '--cache_images', str(args.cache_images), *(['--amp'] if amp else [])])
 
 
 def train_most_accurate(args, vocab, best_path):
@@ -117,7 +152,9 @@ def train_most_accurate(args, vocab, best_path):
             return False
         return elapsed * (epoch + 2) / (epoch + 1) <= args.minutes * 60
 
-    trainer.train(train_args(args, os.path.join(args.root, 'vocab.json')), on_epoch_end)
+    amp, line = choose_amp(args.amp)
+    print(line, flush=True)
+    trainer.train(train_args(args, os.path.join(args.root, 'vocab.json'), amp), on_epoch_end)
     return accuracies
 
 

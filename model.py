@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 import torchvision
@@ -321,6 +322,19 @@ def set_forget_bias(lstm, value):
                 bias[hidden:2 * hidden] = value if name.startswith('bias_ih') else 0.0
 
 
+class ImageGroups(NamedTuple):
+    """The inputs of a grouped batch (train.py --captions_per_image N): each image (or its cached features)
+    once, and for each caption the row of its image. The encoder then runs once per image instead of once per
+    caption; a row per caption rather than a count per image, because the batch's captions are sorted by
+    length, which mixes the images' captions up. A NamedTuple, so that DataLoader's pin_memory and
+    DistributedDataParallel move it to the device as they move a tensor, and train.py's step takes either."""
+    images: torch.Tensor
+    image_of: torch.Tensor
+
+    def to(self, device, **kwargs):
+        return ImageGroups(self.images.to(device, **kwargs), self.image_of.to(device, **kwargs))
+
+
 class Captioner(nn.Module):
     """Encoder and decoder as one module, so that DistributedDataParallel sees a single forward."""
 
@@ -329,9 +343,16 @@ class Captioner(nn.Module):
         self.encoder, self.decoder, self.from_features = encoder, decoder, from_features
 
     def forward(self, inputs, captions, lengths):
-        with running_statistics(self, self.training and len(inputs) == 1):
-            features = self.encoder.head(inputs) if self.from_features else self.encoder(inputs)
-            return self.decoder(features, captions, lengths)
+        """inputs: a batch of images (or cached features), one per caption, or ImageGroups."""
+        return self.decoder(self.features(inputs), captions, lengths)
+
+    def features(self, inputs):
+        """Each caption's image embedding. For ImageGroups the encoder sees each image once and its embedding
+        is copied to each of its captions, so the gradients of all of them flow back into that one pass."""
+        images, image_of = inputs if isinstance(inputs, ImageGroups) else (inputs, None)
+        with running_statistics(self, self.training and len(images) == 1):
+            features = self.encoder.head(images) if self.from_features else self.encoder(images)
+        return features if image_of is None else features[image_of]
 
 
 @contextlib.contextmanager
@@ -340,7 +361,7 @@ def running_statistics(module, wanted=True):
     (training mode stops with "Expected more than 1 value per channel when training"), so a batch of one,
     which training meets only with --batch_size 1, a share of one caption or a batch whose other images
     could not be read (see data_loader.batch_sizes), is normalized as at inference, and leaves the running
-    statistics as they were."""
+    statistics as they were. So is a grouped batch of one image, whatever its number of captions."""
     batch_norm = nn.modules.batchnorm._BatchNorm
     layers = [m for m in module.modules() if isinstance(m, batch_norm) and m.training] if wanted else []
     for layer in layers:

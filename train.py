@@ -30,8 +30,10 @@ from build_vocab import VocabError, load_vocab
 from data_loader import (
     CocoDataset,
     FeatureDataset,
+    GroupedSampler,
     ResumableSampler,
     batches,
+    collate_groups,
     collate_skipping,
     eval_transform,
     first_images,
@@ -39,7 +41,7 @@ from data_loader import (
     train_transform,
 )
 from files import CheckpointError, ImageError
-from flags import HelpFormatter, count, positive_float, positive_int
+from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
 from model import (
     Captioner,
     CaptionerConfig,
@@ -91,7 +93,14 @@ def parse_args(argv=None):
     parser.add_argument('--num_epochs', type=positive_int, default=5, help='passes over the training captions')
     parser.add_argument('--batch_size', type=positive_int, default=128,
                         help='captions per step, per process (so torchrun multiplies it)')
+    parser.add_argument('--captions_per_image', type=positive_int, default=1,
+                        help='N > 1: batches of --batch_size // N images with up to N of their captions each, so '
+                             'the encoder runs once per image, not once per caption; every caption is still '
+                             'trained once an epoch (cross-entropy training only)')
     parser.add_argument('--num_workers', type=count, default=2, help='processes that read and decode images')
+    parser.add_argument('--cache_images', type=nonnegative_float, default=2, metavar='GB',
+                        help='decode the training images once and keep them in memory when they take at most this '
+                             'many GB (judged by the first image); 0: read them from their files at every use')
     parser.add_argument('--learning_rate', type=positive_float, default=0.001, help="Adam's learning rate")
     parser.add_argument('--lr_schedule', choices=['constant', 'cosine'], default='constant',
                         help='cosine decays the learning rate to 0 over all steps')
@@ -181,20 +190,49 @@ def build_model(args, vocab_size):
     return encoder, decoder, config
 
 
+def training_set(args, config, vocab):
+    """The training captions with their images, or with their cached features (--features)."""
+    if args.features:
+        return FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
+    return CocoDataset(args.image_dir, args.caption_path, vocab, train_transform(config.crop_size, not args.no_flip),
+                       skip_unreadable=not args.strict, return_errors=True, split=args.split)
+
+
+def cache_training_images(dataset, args, report=True):
+    """--cache_images: the training images decoded once into memory when they fit, else read from their files
+    at every use, as the tutorial reads them; report: say in one line which."""
+    if not args.cache_images:
+        line = 'images: read from their files at every use (--cache_images 0)'
+    else:
+        cached, size = dataset.cache_images(int(args.cache_images * 1e9), progress=report)
+        line = (f'images: decoded once into memory ({size / 1e6:.0f} MB), cropped from there every epoch' if cached
+                else 'images: read from their files at every use: decoded, they would take more than '
+                     f'--cache_images {args.cache_images:g} GB' + (f' (about {size / 1e9:.1f})' if size else ''))
+    if report:
+        print(line, flush=True)
+
+
+def training_sampler(dataset, args, rank, world_size):
+    """(batch sampler, collate function) of the training batches: captions one by one, or in groups per
+    image with --captions_per_image."""
+    if args.captions_per_image == 1:
+        return ResumableSampler(dataset, args.batch_size, rank, world_size, args.seed), collate_skipping
+    image_ids = [dataset.image_id(index) for index in range(len(dataset))]
+    return (GroupedSampler(image_ids, args.batch_size, args.captions_per_image, rank, world_size, args.seed),
+            collate_groups)
+
+
 def build_loaders(run):
     """The training and validation loaders, each process with its own share of both. On a GPU, in
     page-locked memory, so that batches copy to it while it computes."""
     args, config, vocab = run.args, run.config, run.vocab
     pin_memory = run.device.type == 'cuda'
-    if args.features:
-        dataset = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
-    else:
-        dataset = CocoDataset(args.image_dir, args.caption_path, vocab,
-                              train_transform(config.crop_size, not args.no_flip), skip_unreadable=not args.strict,
-                              return_errors=True, split=args.split)
-    run.sampler = ResumableSampler(dataset, args.batch_size, run.rank, run.world_size, args.seed)
+    dataset = training_set(args, config, vocab)
+    run.sampler, collate = training_sampler(dataset, args, run.rank, run.world_size)  # may refuse: before decoding
+    if not args.features:
+        cache_training_images(dataset, args, report=run.main_process)
     run.loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=run.sampler,
-                         collate=collate_skipping, pin_memory=pin_memory)
+                         collate=collate, pin_memory=pin_memory)
     if args.val_caption_path:
         run.val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
                                   eval_transform(config.image_size, config.crop_size), skip_unreadable=not args.strict,

@@ -2,6 +2,7 @@
 
     python -m bench.lstm      # DIY_LSTM against nn.LSTM on the decoder's workload
     python -m bench.train     # one training step, split into its parts
+    python -m bench.demo_step # the demo's step: files and one image per caption, or cached and grouped
     python -m bench.sample    # sample.py's time and memory on many images
     python -m bench.onnx      # onnxruntime against PyTorch, greedy and beam search
     python -m bench.resize    # resize.py's speed
