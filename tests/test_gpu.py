@@ -27,7 +27,8 @@ import train as trainer
 from build_vocab import SPECIAL_TOKENS, Vocabulary, load_vocab
 from conftest import FAKE_CUDA_DIR, REAL_GPU, REPO, tiny_args
 from data_loader import CocoDataset, batches, collate_skipping, eval_transform
-from model import Captioner, CaptionerConfig, load_captioner, read_checkpoint
+from decoding import load_captioner
+from model import Captioner, CaptionerConfig, read_checkpoint
 
 # --- the fake GPU of the test suite -----------------------------------------------------------
 
