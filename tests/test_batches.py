@@ -90,7 +90,7 @@ def train_main(data, tmp_path, *extra, caption_path=None, image_dir=None, valida
             '--vocab_path', str(data / 'vocab.json'), '--model_path', str(tmp_path / 'models'),
             '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
             '--embed_size', '16', '--hidden_size', '24', '--num_workers', '0', '--tensorboard', 'none',
-            '--lr_schedule', 'cosine', *extra]
+            '--lr_schedule', 'cosine', '--device', 'cpu', *extra]
     if validate:
         argv += ['--val_image_dir', str(data / 'val'), '--val_caption_path', str(spoilt / 'captions_val.json')]
     try:
@@ -180,6 +180,7 @@ def test_torchrun_with_one_caption_over_in_each_process_trains(data, tmp_path, s
     data, spoilt = data
     # 113 usable captions: 57 for each of the 2 processes (one repeated), in batches of 8: six, then 5 and 4.
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+               '--device', 'cpu',
                '--image_dir', str(data / 'train'), '--caption_path', str(spoilt / 'captions_train.json'),
                '--vocab_path', str(data / 'vocab.json'), '--model_path', str(tmp_path / 'models'),
                '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',

@@ -234,6 +234,7 @@ def test_too_small_a_batch_for_two_images_is_refused_in_one_line(synthetic_set, 
                                              '--vocab_path', synthetic_set / 'vocab.json', '--model_path', tmp_path,
                                              '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32',
                                              '--crop_size', '32', '--num_workers', '0', '--batch_size', '9',
+                                             '--device', 'cpu',
                                              '--captions_per_image', '5']])
     assert str(exit.value.code).startswith('error: --batch_size 9 holds fewer than two images of '
                                            '--captions_per_image 5 captions')
@@ -274,6 +275,7 @@ def test_grouping_from_the_feature_cache_trains(synthetic_set, tmp_path):
 
 def test_torchrun_trains_grouped_batches_in_lockstep(synthetic_set, tmp_path):
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+               '--device', 'cpu',
                '--image_dir', str(synthetic_set / 'train'),
                '--caption_path', str(synthetic_set / 'annotations' / 'captions_train.json'),
                '--vocab_path', str(synthetic_set / 'vocab.json'), '--model_path', str(tmp_path),
