@@ -7,6 +7,7 @@ DIY_LSTM is faster).
 
     python -m bench.lstm                  # CPU, 2 threads, float32
     python -m bench.lstm --device cuda    # on a GPU, against cuDNN; compiled with CUDA graphs
+    python -m bench.lstm --amp            # all three under bf16 autocast, as train.py --amp runs them
 
 On a GPU all three run in full float32: TF32 is turned off for matrix multiplies and for cuDNN, whose
 LSTM would otherwise round through TF32 while DIY_LSTM's products do not, and differ by more than the
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+import demo
 import lstm_loops
 from DIY_LSTM import LSTM
 from flags import HelpFormatter, positive_int
@@ -72,11 +74,28 @@ def decode_step(lstm, batch, args, device):
     return run
 
 
-def check_same(results, case):
-    """Timings mean something only if all three compute the same, to float32 rounding through time."""
+def under_autocast(fn, device):
+    """fn under bf16 autocast, as train.py --amp runs the decoder where the device computes in bf16."""
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn()
+    return run
+
+
+def amp_label(amp):
+    if not amp:
+        return 'off'
+    return 'bf16' if demo.cpu_runs_bf16_natively() else 'bf16(emulated: this CPU has no bf16 instructions)'
+
+
+def check_same(results, case, amp):
+    """Timings mean something only if all three compute the same, to the rounding of their precision: float32
+    through time, or under bf16 autocast (8 bits of mantissa) within 5% of the largest value."""
     for key, result in results.items():
         for value, expected in zip(result, results['nn.LSTM']):
-            if not torch.allclose(value.float(), expected.float(), rtol=1e-2, atol=1e-3):
+            value, expected = value.float(), expected.float()
+            scale = expected.abs().max() if amp else 0.0
+            if not torch.allclose(value, expected, rtol=1e-2, atol=max(1e-3, 5e-2 * float(scale))):
                 raise SystemExit(f'{case}: {key} differs from nn.LSTM by up to {(value - expected).abs().max():.2e}')
 
 
@@ -99,14 +118,14 @@ def cpu_libraries():
     return text
 
 
-def median_times(case, runs, repeats, device):
+def median_times(case, runs, repeats, device, amp):
     """{module: median milliseconds of runs[module]()}, timed back to back in rotating order, after a
     warm-up (in which the compiled loop compiles, then records CUDA graphs) and a check that all agree."""
     results = {}
     for key, fn in runs.items():
         for _ in range(3):
             results[key] = fn()
-    check_same(results, case)
+    check_same(results, case, amp)
     times = {key: [] for key in runs}
     keys = list(runs)
     for i in range(repeats):
@@ -129,6 +148,8 @@ def main(argv=None):
                         help='torch.compile mode for the compiled loop (None: reduce-overhead on CUDA, else default)')
     parser.add_argument('--steps_per_call', type=positive_int, default=8,
                         help='time steps per call of the compiled loop')
+    parser.add_argument('--amp', action='store_true',
+                        help='bf16 autocast around all three (emulated, and slow, on a CPU without bf16 instructions)')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -165,11 +186,15 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type
     print(f'device={name} threads={torch.get_num_threads()} input={args.embed_size} hidden={args.hidden_size} '
           f'batch={batch} repeats={args.repeats} compile mode={mode} steps_per_call={args.steps_per_call} '
-          f'torch={torch.__version__}' + (f' {cpu_libraries()}\n' if device.type == 'cpu' else ' tf32=off\n'))
+          f'torch={torch.__version__} amp={amp_label(args.amp)}'
+          + (f' {cpu_libraries()}\n' if device.type == 'cpu' else ' tf32=off\n'))
     print('| case | nn.LSTM (ms) | DIY_LSTM (ms) | compiled (ms) | DIY / nn.LSTM | compiled / nn.LSTM |')
     print('|---|---:|---:|---:|---:|---:|')
     for case, make in cases:
-        ms = median_times(case, {key: make(module) for key, module in modules.items()}, args.repeats, device)
+        runs = {key: make(module) for key, module in modules.items()}
+        if args.amp:
+            runs = {key: under_autocast(run, device) for key, run in runs.items()}
+        ms = median_times(case, runs, args.repeats, device, args.amp)
         print(f'| {case} | {ms["nn.LSTM"]:.3f} | {ms["DIY_LSTM"]:.3f} | {ms["compiled"]:.3f} | '
               f'{ms["DIY_LSTM"] / ms["nn.LSTM"]:.2f} | {ms["compiled"] / ms["nn.LSTM"]:.2f} |', flush=True)
 
