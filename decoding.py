@@ -47,7 +47,7 @@ def sample(decoder, features, settings):
     top_p and those rules); mask marks the words up to and including <end>; after <end> a row holds <end>.
     Gradients flow to the decoder and features when enabled, as SCST needs."""
     end_id, start_id = settings.end_id, settings.start_id
-    inputs, states = features.repeat_interleave(settings.samples, dim=0), None
+    inputs, states = decoder.start(features.repeat_interleave(settings.samples, dim=0))
     finished = torch.zeros(inputs.size(0), dtype=torch.bool, device=features.device)
     said = torch.zeros(inputs.size(0), dtype=torch.long, device=features.device)
     words, log_probs, mask = [], [], []
@@ -210,7 +210,8 @@ class OnnxDecoder:
     """decoder_step.onnx, decoded by DecoderRNN's own greedy and beam search loops."""
 
     sample, beam_search, decode_length = DecoderRNN.sample, DecoderRNN.beam_search, DecoderRNN.decode_length
-    forbid = staticmethod(DecoderRNN.forbid)
+    forbid, start = staticmethod(DecoderRNN.forbid), staticmethod(DecoderRNN.start)
+    select = staticmethod(DecoderRNN.select)
 
     def __init__(self, session, config):
         self.session, self.config = session, config

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from DIY_LSTM import LSTM
+from DIY_LSTM import LSTM, LSTMCell
 from files import CheckpointError, save_file
 from flags import nonnegative_float, positive_int
 
@@ -41,6 +41,12 @@ class CaptionerConfig:
     image_size: int = setting(256, 'size resize.py gave the images', positive_int)
     crop_size: int = setting(224, 'size for randomly cropping images', positive_int)
     forget_bias: float | None = setting(None, 'initial forget-gate bias (None: random)', float)
+    decoder: str = setting('fc', "fc: the tutorial's decoder, which sees the image once as one vector; attention: "
+                           'soft attention over the grid of the CNN at every word (Show, Attend and Tell)', str)
+    grid_size: int = setting(7, "attention: a ResNet's last map is pooled to grid_size x grid_size cells "
+                             "(smallcnn's is used as it is)", positive_int)
+    attention_size: int = setting(512, 'attention: size of the layer that scores the cells', positive_int)
+    dropout: float = setting(0.5, 'attention: dropout before the output layer', nonnegative_float)
 
     @classmethod
     def flags(cls):
@@ -105,14 +111,26 @@ class DecodeSettings:
                        start_id=vocab('<start>'))
 
 
+DECODERS = ('fc', 'attention')
+
+
 def build_captioner(config, weights=None):
     """(encoder, decoder) as config describes them. weights: where the backbone's starting weights come
     from (see backbone_trunk); a checkpoint's own weights are loaded afterwards."""
-    encoder = EncoderCNN(config.embed_size, config.backbone, weights, config.train_backbone, config.bn_momentum)
-    decoder = DecoderRNN(config.embed_size, config.hidden_size, config.vocab_size, config.num_layers,
-                         config.max_seq_length)
+    if config.decoder not in DECODERS:
+        raise ValueError(f'--decoder {config.decoder} is not known: use {" or ".join(DECODERS)}')
+    grid_size = config.grid_size if config.decoder == 'attention' else None
+    encoder = EncoderCNN(config.embed_size, config.backbone, weights, config.train_backbone, config.bn_momentum,
+                         grid_size)
+    if config.decoder == 'attention':
+        decoder = AttentionDecoder(config, encoder.features_size)
+        lstm = decoder.cell
+    else:
+        decoder = DecoderRNN(config.embed_size, config.hidden_size, config.vocab_size, config.num_layers,
+                             config.max_seq_length)
+        lstm = decoder.lstm
     if config.forget_bias is not None:
-        set_forget_bias(decoder.lstm, config.forget_bias)
+        set_forget_bias(lstm, config.forget_bias)
     return encoder, decoder
 
 
@@ -132,14 +150,17 @@ RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnex
            'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2')
 
 
-def backbone_trunk(name, weights):
-    """A classification network without its final fc layer, and the size of the pooled features.
+def backbone_trunk(name, weights, grid_size=None):
+    """A classification network without its final fc layer, and the size of its features: pooled to one
+    vector per image, or with grid_size, for the attention decoder, to grid_size x grid_size cells (a ResNet's
+    last map; smallcnn's last map as it is).
 
     weights: 'DEFAULT' (torchvision's ImageNet weights, downloaded once), None (random), or the path
     of a local .pth state dict such as torchvision's resnet152-394f9c45.pth, for machines offline.
     """
     if name == 'smallcnn':
-        return small_cnn()
+        trunk, features = small_cnn()
+        return (trunk if grid_size is None else trunk[:-1]), features
     if name not in RESNETS:
         raise ValueError(f'--backbone {name} is not supported: use smallcnn or a torchvision ResNet '
                          f'({", ".join(RESNETS)})')
@@ -151,16 +172,27 @@ def backbone_trunk(name, weights):
                               f'and pass --weights PATH, or --weights none') from err
     if local:
         net.load_state_dict(read_checkpoint(weights))
-    return nn.Sequential(*list(net.children())[:-1]), net.fc.in_features
+    layers = list(net.children())[:-2]  # up to layer4; the same names as the pooled trunk's, so weights load in both
+    pool = nn.AdaptiveAvgPool2d(1 if grid_size is None else grid_size)
+    return nn.Sequential(*layers, pool), net.fc.in_features
 
 
 class EncoderCNN(nn.Module):
+    """The CNN and its head. For the fc decoder: the pooled features, through a linear layer and BatchNorm,
+    to one embed_size vector per image. With grid_size, for the attention decoder: the grid of cells,
+    (batch, cells, features_size), with no head, since the decoder's attention reads the cells as they are;
+    linear and bn are then identities, so that every script treats both encoders alike."""
+
     def __init__(self, embed_size, backbone='resnet152', weights='DEFAULT', train_backbone=False,
-                 bn_momentum=0.01):
+                 bn_momentum=0.01, grid_size=None):
         super().__init__()
-        self.resnet, features = backbone_trunk(backbone, weights)
-        self.linear = nn.Linear(features, embed_size)
-        self.bn = nn.BatchNorm1d(embed_size, momentum=bn_momentum)
+        self.resnet, self.features_size = backbone_trunk(backbone, weights, grid_size)
+        self.grid = grid_size is not None
+        if self.grid:
+            self.linear, self.bn = nn.Identity(), nn.Identity()
+        else:
+            self.linear = nn.Linear(self.features_size, embed_size)
+            self.bn = nn.BatchNorm1d(embed_size, momentum=bn_momentum)
         self.train_backbone = train_backbone
         self.resnet.requires_grad_(train_backbone)
 
@@ -175,9 +207,11 @@ class EncoderCNN(nn.Module):
         return self.head(self.pooled(images))
 
     def pooled(self, images):
-        """The backbone's pooled features: what extract_features.py caches for a frozen backbone."""
+        """The backbone's pooled features, (batch, features) or, for attention, (batch, cells, features): what
+        extract_features.py caches for a frozen backbone."""
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
-            return self.resnet(images).flatten(1)
+            maps = self.resnet(images)
+            return maps.flatten(2).transpose(1, 2) if self.grid else maps.flatten(1)
 
     def head(self, pooled):
         return self.bn(self.linear(pooled))
@@ -196,30 +230,11 @@ def repeated_trigrams(sequences, vocab_size, end_id):
     return mask
 
 
-class DecoderRNN(nn.Module):
-    def __init__(self, embed_size, hidden_size, vocab_size, num_layers, max_seq_length=20):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, embed_size)
-        self.lstm = LSTM(embed_size, hidden_size, num_layers, batch_first=True)
-        self.linear = nn.Linear(hidden_size, vocab_size)
-        self.max_seq_length = max_seq_length
-
-    def forward(self, features, captions, lengths):
-        """Teacher forcing: step 0 sees the image, step t sees word t-1 and predicts word t.
-
-        Returns scores for the packed (non-padding) positions only, in the order of
-        pack_padded_sequence(captions, lengths, batch_first=True).data.
-        """
-        embeddings = self.embed(captions[:, :-1])
-        inputs = torch.cat((features.unsqueeze(1), embeddings), 1)
-        packed = pack_padded_sequence(inputs, lengths, batch_first=True)
-        hiddens, _ = self.lstm(packed)
-        return self.linear(hiddens.data)
-
-    def step(self, inputs, states):
-        """One decoding step: log-probabilities of the next word, and the new LSTM state."""
-        hiddens, states = self.lstm(inputs.unsqueeze(1), states)
-        return self.linear(hiddens.squeeze(1)).log_softmax(-1), states
+class CaptionDecoder(nn.Module):
+    """What both decoders share: greedy decoding and beam search, written once over four methods each decoder
+    has. start(features) gives the first step's inputs and state; step(inputs, state) gives log-probabilities of
+    the next word and the new state; embed(words) turns the chosen words into the next inputs; select(state,
+    rows) keeps the state's rows in that order (beam search's reshuffle of beams)."""
 
     def decode_length(self, max_len):
         max_len = max_len or self.max_seq_length
@@ -244,7 +259,7 @@ class DecoderRNN(nn.Module):
         """Greedy decoding for a batch, with the rules of forbid(); stops once every caption has produced <end>.
         settings.block_trigrams: never choose a word that repeats a trigram of the caption."""
         end_id, start_id = settings.end_id, settings.start_id
-        inputs, states = features, None
+        inputs, states = self.start(features)
         words, finished = [], torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
         said = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
         for t in range(self.decode_length(settings.max_len)):
@@ -277,7 +292,7 @@ class DecoderRNN(nn.Module):
         # Every beam starts from the image; only beam 0 counts at first, so the first step picks distinct words.
         scores = features.new_full((batch, beams), -math.inf)
         scores[:, 0] = 0.0
-        inputs, states = features.repeat_interleave(beams, dim=0), None
+        inputs, states = self.start(features.repeat_interleave(beams, dim=0))
         sequences = torch.zeros(batch, beams, 0, dtype=torch.long, device=features.device)
         finished = torch.zeros(batch, beams, dtype=torch.bool, device=features.device)
         offsets = torch.arange(batch, device=features.device).unsqueeze(1) * beams
@@ -300,8 +315,7 @@ class DecoderRNN(nn.Module):
             sequences = torch.cat([sequences.gather(1, origin.unsqueeze(2).expand_as(sequences)),
                                    words.unsqueeze(2)], dim=2)
             finished = finished.gather(1, origin) | (words == end_id)
-            rows = (offsets + origin).flatten()
-            states = tuple(state[:, rows] for state in states)
+            states = self.select(states, (offsets + origin).flatten())
             inputs = self.embed(words.flatten())
         lengths = ((sequences != end_id).cumsum(2) == torch.arange(1, sequences.size(2) + 1, device=scores.device))
         lengths = lengths.sum(2) + finished.long()  # words up to and including <end>
@@ -311,6 +325,159 @@ class DecoderRNN(nn.Module):
             return sequences.gather(1, order.unsqueeze(2).expand_as(sequences)), scores.gather(1, order)
         best = ranking.argmax(1)
         return sequences[torch.arange(batch), best]
+
+
+class DecoderRNN(CaptionDecoder):
+    """The tutorial's decoder: the image embedding is the LSTM's input at step 0, and words follow."""
+
+    def __init__(self, embed_size, hidden_size, vocab_size, num_layers, max_seq_length=20):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.lstm = LSTM(embed_size, hidden_size, num_layers, batch_first=True)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+        self.max_seq_length = max_seq_length
+
+    def forward(self, features, captions, lengths):
+        """Teacher forcing: step 0 sees the image, step t sees word t-1 and predicts word t.
+
+        Returns scores for the packed (non-padding) positions only, in the order of
+        pack_padded_sequence(captions, lengths, batch_first=True).data.
+        """
+        embeddings = self.embed(captions[:, :-1])
+        inputs = torch.cat((features.unsqueeze(1), embeddings), 1)
+        packed = pack_padded_sequence(inputs, lengths, batch_first=True)
+        hiddens, _ = self.lstm(packed)
+        return self.linear(hiddens.data)
+
+    @staticmethod
+    def start(features):
+        return features, None  # the LSTM starts from zeros
+
+    def step(self, inputs, states):
+        """One decoding step: log-probabilities of the next word, and the new LSTM state."""
+        hiddens, states = self.lstm(inputs.unsqueeze(1), states)
+        return self.linear(hiddens.squeeze(1)).log_softmax(-1), states
+
+    @staticmethod
+    def select(states, rows):
+        return tuple(state[:, rows] for state in states)  # (h, c), each (layers, batch, hidden)
+
+
+class SoftAttention(nn.Module):
+    """Additive attention (Bahdanau et al., ICLR 2015) over the image's cells, as Show, Attend and Tell uses it
+    (Xu et al., ICML 2015). Each cell i, with features a_i, gets a score from the decoder's last hidden state h:
+
+        e_i = w . tanh(W_a a_i + W_h h),    alpha = softmax(e),    context = sum_i alpha_i a_i
+
+    W_a a_i does not depend on h, so keys() computes it once per image, not once per word."""
+
+    def __init__(self, features_size, hidden_size, attention_size):
+        super().__init__()
+        self.cell_proj = nn.Linear(features_size, attention_size)  # W_a
+        self.hidden_proj = nn.Linear(hidden_size, attention_size)  # W_h
+        self.score = nn.Linear(attention_size, 1)  # w
+
+    def keys(self, grid):
+        return self.cell_proj(grid)
+
+    def forward(self, grid, keys, h):
+        """The context (batch, features) and the weights alpha (batch, cells), which sum to 1 over the cells."""
+        e = self.score(torch.tanh(keys + self.hidden_proj(h).unsqueeze(1))).squeeze(2)
+        alpha = e.softmax(1)
+        return torch.bmm(alpha.unsqueeze(1), grid).squeeze(1), alpha
+
+
+class AttentionState(NamedTuple):
+    """The attention decoder's state while it decodes: the cell's h and s, the image's grid and its keys, and
+    the attention weights of the last step (for the pictures of sample.py --attention)."""
+    h: torch.Tensor
+    s: torch.Tensor
+    grid: torch.Tensor
+    keys: torch.Tensor
+    alpha: torch.Tensor | None = None
+
+
+class AttentionScores(NamedTuple):
+    """What the attention decoder's forward returns: the scores, as DecoderRNN's, and the doubly stochastic
+    penalty, which caption_loss adds (train.py --alpha_c)."""
+    scores: torch.Tensor
+    penalty: torch.Tensor
+
+
+class AttentionDecoder(CaptionDecoder):
+    """Show, Attend and Tell's decoder (Xu et al., ICML 2015) on DIY_LSTM.LSTMCell. At every step the cell reads
+    the last word's embedding and a context of the image: the grid's cells weighed by SoftAttention from
+    h(t-1), the context scaled by a gate beta = sigmoid(f_beta(h(t-1))) that lets the cell turn the image down
+    for words like "and". h(0) and s(0) come from the mean of the cells. Step 0 has no word before it (its
+    embedding is zeros) and predicts <start>, so the scores line up with the fc decoder's, word for word.
+
+    cell: the LSTM cell class, DIY_LSTM.LSTMCell; the tests build the same decoder on nn.LSTMCell."""
+
+    def __init__(self, config, features_size, cell=LSTMCell):
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.embed_size)
+        self.attention = SoftAttention(features_size, config.hidden_size, config.attention_size)
+        self.init_h = nn.Linear(features_size, config.hidden_size)
+        self.init_s = nn.Linear(features_size, config.hidden_size)
+        self.f_beta = nn.Linear(config.hidden_size, features_size)
+        self.cell = cell(config.embed_size + features_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.linear = nn.Linear(config.hidden_size, config.vocab_size)
+        self.max_seq_length = config.max_seq_length
+
+    def attend(self, words, h, s, grid, keys):
+        """One step of the cell: (h, s, alpha) after reading words' embeddings and the gated context."""
+        context, alpha = self.attention(grid, keys, h)
+        beta = torch.sigmoid(self.f_beta(h))
+        h, s = self.cell(torch.cat([words, beta * context], 1), (h, s))
+        return h, s, alpha
+
+    def forward(self, grid, captions, lengths):
+        """Teacher forcing through the packed schedule: captions are sorted by length, longest first, and at
+        step t only the first batch_sizes[t] of them, those still running, are computed. Returns AttentionScores,
+        the scores in the order of pack_padded_sequence(captions, lengths, batch_first=True).data."""
+        batch_sizes = pack_padded_sequence(captions, lengths, batch_first=True).batch_sizes.tolist()
+        words = self.embed(captions[:, :-1])
+        words = torch.cat([words.new_zeros(words.size(0), 1, words.size(2)), words], 1)
+        state = self.start(grid)[1]
+        h, s, keys = state.h, state.s, state.keys
+        scores, alphas = [], []
+        for t, running in enumerate(batch_sizes):
+            h, s, alpha = self.attend(words[:running, t], h[:running], s[:running], grid[:running], keys[:running])
+            scores.append(self.linear(self.dropout(h)))
+            alphas.append(nn.functional.pad(alpha, (0, 0, 0, grid.size(0) - running)))
+        # Each cell should get about as much attention over the whole caption as any other (the paper's 4.2.1).
+        penalty = ((1.0 - torch.stack(alphas).sum(0)) ** 2).mean()
+        return AttentionScores(torch.cat(scores), penalty)
+
+    def start(self, grid):
+        """Step 0's inputs (no word yet: zeros) and state (h(0) and s(0) from the mean cell)."""
+        mean = grid.mean(1)
+        state = AttentionState(torch.tanh(self.init_h(mean)), torch.tanh(self.init_s(mean)), grid,
+                               self.attention.keys(grid))
+        return grid.new_zeros(grid.size(0), self.embed.embedding_dim), state
+
+    def step(self, inputs, state):
+        h, s, alpha = self.attend(inputs, state.h, state.s, state.grid, state.keys)
+        return self.linear(h).log_softmax(-1), state._replace(h=h, s=s, alpha=alpha)
+
+    @staticmethod
+    def select(state, rows):
+        """Beam search moves a row only among the beams of its own image, whose grids are the same, so only
+        h and s are gathered."""
+        return state._replace(h=state.h[rows], s=state.s[rows])
+
+    @torch.no_grad()
+    def attention_maps(self, grid, words):
+        """The attention weights (steps, cells) of one image's caption, words (steps,) its word ids as decoded
+        (starting with <start>): step t's weights are those with which word t was chosen."""
+        inputs, state = self.start(grid.unsqueeze(0))
+        maps = []
+        for word in words:
+            _, state = self.step(inputs, state)
+            maps.append(state.alpha[0])
+            inputs = self.embed(word.view(1))
+        return torch.stack(maps)
 
 
 def set_forget_bias(lstm, value):
@@ -373,11 +540,17 @@ def running_statistics(module, wanted=True):
             layer.train()
 
 
-def caption_loss(model, inputs, captions, lengths):
-    """Mean cross-entropy over the real (packed) words of the batch, and how many words that was."""
+def caption_loss(model, inputs, captions, lengths, alpha_c=0.0):
+    """Mean cross-entropy over the real (packed) words of the batch, and how many words that was. For the
+    attention decoder, plus alpha_c times its doubly stochastic penalty (training; validation reports the
+    cross-entropy alone)."""
     outputs = model(inputs, captions, lengths)
+    scores, penalty = outputs if isinstance(outputs, AttentionScores) else (outputs, None)
     targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-    return nn.functional.cross_entropy(outputs.float(), targets), targets.numel()
+    loss = nn.functional.cross_entropy(scores.float(), targets)
+    if penalty is not None and alpha_c:
+        loss = loss + alpha_c * penalty.float()
+    return loss, targets.numel()
 
 
 def read_checkpoint(path):

@@ -118,7 +118,7 @@ def configure_cuda(device, tf32=True):
 # may change on purpose.
 MODEL_SETTINGS = tuple(f.name for f in CaptionerConfig.flags())
 SCHEDULE_SETTINGS = ('num_epochs', 'batch_size', 'learning_rate', 'lr_schedule', 'grad_clip', 'seed', 'no_flip',
-                     'amp', 'captions_per_image')
+                     'amp', 'captions_per_image', 'alpha_c')
 # What every checkpoint either trainer writes holds (scst.py's has None for the scheduler and the scaler).
 CHECKPOINT_KEYS = ('model_args', 'encoder', 'decoder', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch',
                    'batches_done', 'step', 'history')

@@ -105,6 +105,9 @@ def parse_args(argv=None):
     parser.add_argument('--lr_schedule', choices=['constant', 'cosine'], default='constant',
                         help='cosine decays the learning rate to 0 over all steps')
     parser.add_argument('--grad_clip', type=positive_float, default=None, help='clip the gradient norm to this value')
+    parser.add_argument('--alpha_c', type=nonnegative_float, default=1.0,
+                        help="--decoder attention: weight of the doubly stochastic penalty, which asks every cell to "
+                             "get about as much attention over a caption as any other")
     parser.add_argument('--strict', action='store_true',
                         help='stop at a missing or unreadable image instead of skipping it')
     parser.add_argument('--skip_nonfinite', action='store_true',
@@ -361,7 +364,7 @@ def batch_loss(run, inputs, captions, lengths):
     device = run.device
     with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         loss, _ = caption_loss(run.ddp_model, inputs.to(device, non_blocking=True),
-                               captions.to(device, non_blocking=True), lengths)
+                               captions.to(device, non_blocking=True), lengths, run.args.alpha_c)
     return loss
 
 

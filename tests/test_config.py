@@ -74,7 +74,7 @@ def test_the_checkpoint_holds_the_whole_config_and_rebuilds_the_same_model(synth
     saved = read_checkpoint(str(tmp_path / 'checkpoint.pt'))['model_args']
     assert saved == dict(vocab_size=len(vocab), embed_size=16, hidden_size=24, num_layers=2, max_seq_length=7,
                          backbone='smallcnn', train_backbone=False, bn_momentum=0.2, image_size=32, crop_size=32,
-                         forget_bias=2.5)
+                         forget_bias=2.5, decoder='fc', grid_size=7, attention_size=512, dropout=0.5)
     encoder2, decoder2, _, config = load_captioner(str(tmp_path / 'checkpoint.pt'))
     assert asdict(config) == saved and decoder2.max_seq_length == 7 and encoder2.bn.momentum == 0.2
     images = torch.randn(2, 3, 32, 32)
