@@ -547,9 +547,10 @@ def caption_loss(model, inputs, captions, lengths, alpha_c=0.0):
     outputs = model(inputs, captions, lengths)
     scores, penalty = outputs if isinstance(outputs, AttentionScores) else (outputs, None)
     targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-    loss = nn.functional.cross_entropy(scores.float(), targets)
+    at_least_float32 = torch.promote_types(scores.dtype, torch.float32)  # autocast's bf16 or fp16 is too coarse
+    loss = nn.functional.cross_entropy(scores.to(at_least_float32), targets)
     if penalty is not None and alpha_c:
-        loss = loss + alpha_c * penalty.float()
+        loss = loss + alpha_c * penalty.to(at_least_float32)
     return loss, targets.numel()
 
 
