@@ -134,15 +134,17 @@ def build_captioner(config, weights=None):
     return encoder, decoder
 
 
-def small_cnn(width=16):
-    """A five-layer CNN that learns the synthetic shapes from scratch in minutes on a CPU."""
+def small_cnn(width=16, grid=False):
+    """A five-layer CNN that learns the synthetic shapes from scratch in minutes on a CPU. Pooled to one vector,
+    or with grid, its last map as it is, for the attention decoder: the last layer then keeps its input's size
+    (stride 1, the same weights), so that a 64-pixel image has 4x4 cells to attend to rather than 2x2."""
     layers, channels = [], 3
-    for out in [width, 2 * width, 4 * width, 8 * width, 8 * width]:
-        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
+    for i, out in enumerate([width, 2 * width, 4 * width, 8 * width, 8 * width]):
+        stride = 1 if grid and i == 4 else 2
+        layers += [nn.Conv2d(channels, out, 3, stride=stride, padding=1, bias=False),
                    nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         channels = out
-    layers.append(nn.AdaptiveAvgPool2d(1))
-    return nn.Sequential(*layers), channels
+    return nn.Sequential(*layers, *([] if grid else [nn.AdaptiveAvgPool2d(1)])), channels
 
 
 # The torchvision networks whose layers end in avgpool and fc, which is what EncoderCNN takes apart.
@@ -153,14 +155,13 @@ RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnex
 def backbone_trunk(name, weights, grid_size=None):
     """A classification network without its final fc layer, and the size of its features: pooled to one
     vector per image, or with grid_size, for the attention decoder, to grid_size x grid_size cells (a ResNet's
-    last map; smallcnn's last map as it is).
+    last map; smallcnn's last map as it is, see small_cnn).
 
     weights: 'DEFAULT' (torchvision's ImageNet weights, downloaded once), None (random), or the path
     of a local .pth state dict such as torchvision's resnet152-394f9c45.pth, for machines offline.
     """
     if name == 'smallcnn':
-        trunk, features = small_cnn()
-        return (trunk if grid_size is None else trunk[:-1]), features
+        return small_cnn(grid=grid_size is not None)
     if name not in RESNETS:
         raise ValueError(f'--backbone {name} is not supported: use smallcnn or a torchvision ResNet '
                          f'({", ".join(RESNETS)})')
