@@ -4,7 +4,8 @@
     python app.py --checkpoint models/checkpoint.pt --port 8080 --host 0.0.0.0
 
 The page shows the greedy caption, the beam-search captions with their log-probabilities, and the gate picture
-of gates.py. It needs no internet: the fonts and scripts come from the gradio package, and analytics are off.
+of gates.py; for a model trained with --decoder attention, the attention picture of sample.py --attention beside it.
+It needs no internet: the fonts and scripts come from the gradio package, and analytics are off.
 """
 import argparse
 import os
@@ -25,29 +26,33 @@ EXAMPLES = [os.path.join(HERE, 'png', name) for name in ('example.png', 'example
 
 
 def describe(path, captioner, settings):
-    """(message, greedy caption, table in Markdown of the settings.beam_size beams, gate picture) for one
-    uploaded file."""
+    """(message, greedy caption, table in Markdown of the settings.beam_size beams, gate picture, attention picture)
+    for one uploaded file; the attention picture is None for an fc model, which has none."""
     if path is None:
-        return '', '', '', None
+        return '', '', '', None, None
     try:
         result = gates.record(path, captioner)
     except ImageError:
         name = os.path.basename(path)
-        return f'error: {name} is not an image this page can read; upload a PNG or JPEG', '', '', None
+        return f'error: {name} is not an image this page can read; upload a PNG or JPEG', '', '', None, None
     vocab = captioner.vocab
     beams, scores = captioner.decoder.beam_search(result['feature'], settings.for_vocab(vocab), all_beams=True)
     rows = [f'| {rank} | {ids_to_sentence(ids, vocab)} | {score:.3f} |'
             for rank, (ids, score) in enumerate(zip(beams[0], scores[0].tolist()), start=1) if score > -float('inf')]
     table = '\n'.join([f'| beam | caption (beam size {settings.beam_size}) | log p |', '|---:|---|---:|', *rows])
-    return '', result['caption'], table, gates.picture(result)
+    attention = gates.attention_picture(result) if result['attention'] is not None else None
+    return '', result['caption'], table, gates.picture(result), attention
 
 
 def build(captioner, settings, model_line=None):
-    """The page; model_line, which model it uses when none was named, goes beneath the title."""
+    """The page; model_line, which model it uses when none was named, goes beneath the title. The attention picture
+    is there only for a model trained with --decoder attention."""
+    attention = captioner.config.decoder == 'attention'
     with gr.Blocks(title='Captioner: inside the LSTM', analytics_enabled=False) as page:
         gr.Markdown('# Image captioning with a hand-written LSTM\nUpload an image or pick an example. The picture '
                     'at the bottom shows the LSTM at every word it wrote: input gate g, forget gate f, output '
                     'gate q and memory s (as tanh(s)); docs/lstm.md says how to read it.'
+                    + (' Beside it, where the model looked in the image for each word.' if attention else '')
                     + (f'\n\n{model_line}' if model_line else ''))
         with gr.Row():
             upload = gr.File(label='image', type='filepath', elem_id='upload')
@@ -56,10 +61,13 @@ def build(captioner, settings, model_line=None):
                 greedy = gr.Textbox(label='greedy caption', interactive=False, elem_id='greedy')
                 table = gr.Markdown(elem_id='beams')
         gr.Examples([[path] for path in EXAMPLES if os.path.exists(path)], inputs=[upload])
-        gate_picture = gr.Image(label='gates of the greedy caption', type='pil', interactive=False,
-                                elem_id='gates', format='png')
+        with gr.Row():
+            gate_picture = gr.Image(label='gates of the greedy caption', type='pil', interactive=False,
+                                    elem_id='gates', format='png')
+            attention_picture = gr.Image(label='attention of the greedy caption', type='pil', interactive=False,
+                                         elem_id='attention', format='png', visible=attention)
         upload.change(lambda path: describe(path, captioner, settings), inputs=[upload],
-                      outputs=[message, greedy, table, gate_picture])
+                      outputs=[message, greedy, table, gate_picture, attention_picture])
     return page
 
 

@@ -15,6 +15,12 @@
 does the same on the hard shapes set of synthetic/hard.py (data/synthetic_hard, models/demo_hard), where
 content accuracy counts every object and the caption must also name how many there are; it prints a few
 held-out captions instead of captioning the example.
+
+    python demo.py --decoder attention
+
+trains the attention decoder (Show, Attend and Tell) instead, into models/demo_attention (models/demo_hard_attention
+with --hard), so that it leaves the fc model where it is, and writes png/example_captioned_attention.png;
+sample.py --attention then shows where it looked for each word.
 """
 import argparse
 import json
@@ -28,7 +34,7 @@ import train as trainer
 from build_vocab import build_vocab, save_vocab
 from decoding import TrainedCaptioner, load_captioner
 from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
-from model import CaptionerConfig, save_checkpoint
+from model import DECODERS, CaptionerConfig, save_checkpoint
 from sample import captioned_picture
 from synthetic import easy, hard, make_synthetic_coco
 
@@ -84,7 +90,8 @@ def parse_args(argv=None):
     parser.add_argument('--root', default=None,
                         help='where the synthetic set goes (default: data/synthetic, or data/synthetic_hard)')
     parser.add_argument('--model_path', default=None,
-                        help='where checkpoints go (default: models/demo, or models/demo_hard)')
+                        help='where checkpoints go (default: models/demo, models/demo_hard, with _attention after '
+                             'either for --decoder attention)')
     parser.add_argument('--png_dir', default='png', help='where the example and its captioned picture are')
     parser.add_argument('--num_train', type=positive_int, default=8000, help='training images')
     parser.add_argument('--num_val', type=positive_int, default=500, help='held-out images')
@@ -95,6 +102,8 @@ def parse_args(argv=None):
                         help='epochs without a better accuracy, after passing --target, before training stops')
     parser.add_argument('--max_epochs', type=positive_int, default=100, help='the most epochs it trains')
     parser.add_argument('--hidden_size', type=positive_int, default=256, help="the decoder LSTM's hidden size")
+    parser.add_argument('--decoder', choices=DECODERS, default='fc',
+                        help="train.py's: fc, the tutorial's decoder, or attention, Show, Attend and Tell's")
     parser.add_argument('--seed', type=int, default=0, help='seed of the synthetic set and of training')
     parser.add_argument('--captions_per_image', type=positive_int, default=1,
                         help="train.py's: N > 1 puts N captions of each image in a batch, one CNN pass for them; "
@@ -107,7 +116,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     suffix = '_hard' if args.hard else ''
     args.root = args.root or f'data/synthetic{suffix}'
-    args.model_path = args.model_path or f'models/demo{suffix}'
+    args.model_path = args.model_path or f'models/demo{suffix}' + ('_attention' if args.decoder == 'attention' else '')
     args.kind = hard if args.hard else easy
     return args
 
@@ -122,7 +131,7 @@ def train_args(args, vocab_path, amp=False):
         '--vocab_path', vocab_path, '--model_path', args.model_path,
         '--backbone', 'smallcnn', '--weights', 'none', '--train_backbone', '--bn_momentum', '0.1',
         '--image_size', '64', '--crop_size', '64', '--no_flip',
-        '--hidden_size', str(args.hidden_size), '--forget_bias', '1', '--grad_clip', '5',
+        '--hidden_size', str(args.hidden_size), '--decoder', args.decoder, '--forget_bias', '1', '--grad_clip', '5',
         '--batch_size', '64', '--learning_rate', '3e-3', '--num_epochs', str(args.max_epochs),
         '--num_workers', '0', '--log_step', '20', '--save_step', '0', '--seed', str(args.seed),
         '--max_seq_length', '32' if args.hard else '20', '--captions_per_image', str(args.captions_per_image),
@@ -183,7 +192,8 @@ def main():
         if not os.path.exists(example):
             easy.write_example(example)
         captions, _ = captioner.caption([example])
-        out = os.path.join(args.png_dir, 'example_captioned.png')
+        out = os.path.join(args.png_dir, 'example_captioned.png' if args.decoder == 'fc' else
+                           f'example_captioned_{args.decoder}.png')
         captioned_picture(example, captions[example]).save(out)
         print(f'{example}: {captions[example]}  ->  {out}')
     print(f'total time: {(time.time() - start) / 60:.1f} min')

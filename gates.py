@@ -1,7 +1,9 @@
-"""See inside the LSTM while it writes a caption: its gates at every generated word, as numbers and as a picture.
+"""See inside the LSTM while it writes a caption: its gates at every generated word, as numbers and as a picture,
+and, for a model trained with --decoder attention, where it looked in the image for every word.
 
     python sample.py --image png/example.png --checkpoint models/demo/best.pt --gates png/example_gates.png
     python sample.py --image png/example.png --checkpoint models/demo/best.pt --gates_json gates.json
+    python sample.py --image png/example.png --checkpoint models/demo_attention/best.pt --attention attention.png
     python gates.py --checkpoint models/demo/best.pt     # units that track something, on the synthetic set
 
 The decoder first writes its caption exactly as sample.py does (greedy, or the best beam). `replay` then runs
@@ -12,6 +14,7 @@ so recording costs them nothing.
 import argparse
 import io
 import json
+import math
 import os
 import sys
 import textwrap
@@ -19,12 +22,13 @@ import textwrap
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from data_loader import eval_transform
 from decoding import load_captioner
 from files import CheckpointError, ImageError, atomic_write, load_image
 from flags import HelpFormatter
-from model import DecodeSettings, ids_to_sentence
+from model import AttentionDecoder, DecodeSettings, ids_to_sentence
 from synthetic import easy
 
 # What each heatmap shows, in the letters of DIY_LSTM.py, its colour map and its range.
@@ -32,13 +36,32 @@ PANELS = (('g', 'input gate g', 'viridis', 0, 1), ('f', 'forget gate f', 'viridi
           ('q', 'output gate q', 'viridis', 0, 1), ('s', 'memory s, shown as tanh(s)', 'RdBu_r', -1, 1))
 
 
+def cell_step(x, h, s, weights):
+    """One step of the cell equations of DIY_LSTM.py, every value kept. weights: (weight_ih, weight_hh, bias),
+    the blocks in DIY_LSTM's (and PyTorch's) order g, f, a, q."""
+    weight_ih, weight_hh, bias = weights
+    z_g, z_f, a, z_q = (weight_ih @ x + weight_hh @ h + bias).chunk(4)
+    g, f, q = torch.sigmoid(z_g), torch.sigmoid(z_f), torch.sigmoid(z_q)
+    s = f * s + g * torch.tanh(a)  # memory update
+    h = q * torch.tanh(s)          # hidden update
+    return dict(g=g, f=f, a=a, q=q, s=s, h=h)
+
+
+def stacked(steps):
+    """The values of every step, one (steps, hidden) tensor per letter."""
+    return {key: torch.stack([step[key] for step in steps]) for key in steps[0]}
+
+
 @torch.no_grad()
 def replay(decoder, feature, ids):
     """g, f, a, q, s and h of every layer at every step, for one caption's word ids (ending with <end> if any).
 
     Step 0 sees the image feature and writes word 0; step t sees word t-1 and writes word t. Returns one dict
-    per layer, each value a (steps, hidden) tensor.
+    per layer, each value a (steps, hidden) tensor. The attention decoder has one layer, its cell; feature is
+    then the image's grid (cells, features).
     """
+    if isinstance(decoder, AttentionDecoder):
+        return [replay_attention(decoder, feature, ids)]
     lstm = decoder.lstm
     inputs = torch.cat([feature.unsqueeze(0), decoder.embed(ids[:-1])])
     layers = []
@@ -48,20 +71,45 @@ def replay(decoder, feature, ids):
         h = s = inputs.new_zeros(lstm.hidden_size)
         steps = []
         for x in inputs:
-            z_g, z_f, a, z_q = (weight_ih @ x + weight_hh @ h + bias).chunk(4)
-            g, f, q = torch.sigmoid(z_g), torch.sigmoid(z_f), torch.sigmoid(z_q)
-            s = f * s + g * torch.tanh(a)  # memory update
-            h = q * torch.tanh(s)          # hidden update
-            steps.append(dict(g=g, f=f, a=a, q=q, s=s, h=h))
-        layers.append({key: torch.stack([step[key] for step in steps]) for key in steps[0]})
+            steps.append(cell_step(x, h, s, (weight_ih, weight_hh, bias)))
+            h, s = steps[-1]['h'], steps[-1]['s']
+        layers.append(stacked(steps))
         inputs = layers[-1]['h']
     return layers
+
+
+def replay_attention(decoder, grid, ids):
+    """The attention decoder's cell, replayed as replay does the fc decoder's LSTM. Its input at step t is what
+    AttentionDecoder.attend gives it, [embedding of word t-1; beta * context], built here from the same pieces
+    (the attention and the gate beta, both read from h(t-1)); step 0 has no word before it, so zeros, and h(0),
+    s(0) come from the mean cell, as in AttentionDecoder.start."""
+    cell = decoder.cell
+    first, state = decoder.start(grid.unsqueeze(0))
+    words = torch.cat([first, decoder.embed(ids[:-1])])
+    bias = cell.bias_ih + cell.bias_hh if cell.bias else 0
+    h, s = state.h[0], state.s[0]
+    steps = []
+    for word in words:
+        context, _ = decoder.attention(state.grid, state.keys, h.unsqueeze(0))
+        beta = torch.sigmoid(decoder.f_beta(h))
+        steps.append(cell_step(torch.cat([word, beta * context[0]]), h, s, (cell.weight_ih, cell.weight_hh, bias)))
+        h, s = steps[-1]['h'], steps[-1]['s']
+    return stacked(steps)
+
+
+def as_seen(image, config):
+    """The image resized and centre-cropped as eval_transform does, before it becomes a tensor: the area that the
+    attention decoder's grid of cells covers."""
+    resize, crop = eval_transform(config.image_size, config.crop_size).transforms[:2]
+    return crop(resize(image))
 
 
 @torch.no_grad()
 def record(path, captioner, settings=DecodeSettings()):
     """Caption one image as sample.py does (a decoding.TrainedCaptioner, greedy or beam search as settings say)
-    and replay its LSTM: a dict with the image, its feature, the caption, its words and the gates.
+    and replay its LSTM: a dict with the image, its feature, the caption, its words and the gates. For the
+    attention decoder also 'attention', the weights (steps, cells) with which each word was chosen, and 'seen',
+    the crop of the image they cover; both None for the fc decoder.
 
     Raises files.ImageError for an unreadable image.
     """
@@ -73,10 +121,13 @@ def record(path, captioner, settings=DecodeSettings()):
     ids = ids[:int(ends[0]) + 1] if len(ends) else ids  # up to and including the first <end>
     layers = replay(decoder, feature[0], ids)
     log_probs = decoder.linear(layers[-1]['h']).log_softmax(-1).gather(1, ids.unsqueeze(1)).squeeze(1)
+    attention = isinstance(decoder, AttentionDecoder)
     return dict(image=image, feature=feature.cpu(), caption=ids_to_sentence(ids.cpu(), vocab), ids=ids.cpu(),
                 words=[vocab.idx2word[int(i)] for i in ids], log_probs=log_probs.cpu(),
                 layers=[{key: value.cpu() for key, value in layer.items()} for layer in layers],
-                decoding=f'beam search, beam {settings.beam_size}' if settings.beam_size > 1 else 'greedy')
+                decoding=f'beam search, beam {settings.beam_size}' if settings.beam_size > 1 else 'greedy',
+                attention=decoder.attention_maps(feature[0], ids).cpu() if attention else None,
+                seen=as_seen(image, config) if attention else None)
 
 
 def top_units(layer, top=32):
@@ -120,15 +171,52 @@ def figure(result, top=32):
     return fig
 
 
-def png_bytes(result, top=32, dpi=100):
+def attention_panels(result):
+    """The steps that get a panel in the attention picture: every word of the caption, and <end>, but not a
+    first <start>, which train.py's captions always begin with, whatever the image."""
+    return [t for t, word in enumerate(result['words']) if t > 0 or word != '<start>']
+
+
+def attention_figure(result, columns=6):
+    """A matplotlib Figure of the attention decoder's weights: one panel per word (see attention_panels), the
+    image as the model saw it with the weights of the step that chose the word laid over it. The grid's
+    weights are upsampled bilinearly to the image, so each cell's weight is brightest at the cell's centre; one
+    colour scale, from 0 to the largest weight of the caption, serves every panel, so panels compare."""
+    from matplotlib.figure import Figure
+    seen = np.asarray(result['seen'])
+    steps = attention_panels(result)
+    weights = result['attention']
+    side = math.isqrt(weights.size(1))  # the grid is square: side x side cells
+    maps = nn.functional.interpolate(weights.view(-1, 1, side, side), size=seen.shape[:2], mode='bilinear',
+                                     align_corners=False)[:, 0].numpy()
+    columns = max(1, min(columns, len(steps)))
+    rows = -(-len(steps) // columns)
+    fig = Figure(figsize=(2.1 * columns, 2.3 * rows + 0.9), layout='constrained')
+    for panel, step in enumerate(steps):
+        axes = fig.add_subplot(rows, columns, panel + 1)
+        axes.imshow(seen)
+        axes.imshow(maps[step], cmap='inferno', alpha=0.6, vmin=0, vmax=float(weights.max()))
+        axes.set_title(result['words'][step], fontsize=11)
+        axes.set_axis_off()
+    fig.suptitle(f'{result["caption"]}\n({result["decoding"]}; {side}x{side} cells, bright: more attention, '
+                 f'up to {float(weights.max()):.2f} of it on one cell)', fontsize=10)
+    return fig
+
+
+def png_bytes(fig, dpi=100):
     buffer = io.BytesIO()
-    figure(result, top).savefig(buffer, format='png', dpi=dpi)
+    fig.savefig(buffer, format='png', dpi=dpi)
     return buffer.getvalue()
 
 
 def picture(result, top=32):
     """The gate picture as a PIL image, for app.py."""
-    return Image.open(io.BytesIO(png_bytes(result, top)))
+    return Image.open(io.BytesIO(png_bytes(figure(result, top))))
+
+
+def attention_picture(result):
+    """The attention picture as a PIL image, for app.py."""
+    return Image.open(io.BytesIO(png_bytes(attention_figure(result))))
 
 
 def as_json(result):
@@ -142,14 +230,18 @@ def as_json(result):
                 layers=layers)
 
 
-def save(result, png_path=None, json_path=None, top=32):
-    """Write the picture and/or the numbers, each through a temporary file, so neither is ever half-written."""
+def save(result, png_path=None, json_path=None, attention_path=None, top=32):
+    """Write the gate picture, the numbers and/or the attention picture, each through a temporary file, so none
+    is ever half-written."""
     if png_path:
-        data = png_bytes(result, top)
+        data = png_bytes(figure(result, top))
         atomic_write(png_path, lambda f: f.write(data))
     if json_path:
         text = json.dumps(as_json(result)).encode()
         atomic_write(json_path, lambda f: f.write(text))
+    if attention_path:
+        data = png_bytes(attention_figure(result))
+        atomic_write(attention_path, lambda f: f.write(data))
 
 
 def step_labels(words):
@@ -221,9 +313,8 @@ def main(argv=None):
               + ', '.join(f'unit {u} r = {float(r[u]):+.2f}' for u in best)
               + f'; median |r| of all {len(r)} units {float(r.abs().median()):.2f}')
     if args.out:
-        data = io.BytesIO()
-        units_figure(found, len(results)).savefig(data, format='png', dpi=100)
-        atomic_write(args.out, lambda f: f.write(data.getvalue()))
+        data = png_bytes(units_figure(found, len(results)))
+        atomic_write(args.out, lambda f: f.write(data))
 
 
 if __name__ == '__main__':

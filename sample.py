@@ -7,6 +7,8 @@
     python sample.py --image png/example.png --encoder_path encoder-5-3000.pkl \\
         --decoder_path decoder-5-3000.pkl --vocab_path vocab.pkl     # the tutorial's published files
     python sample.py --image png/example.png --onnx models/onnx      # export.py's files, with onnxruntime
+    python sample.py --image png/example.png --checkpoint models/demo_attention/most_accurate.pt \\
+        --attention attention.png     # where a model trained with --decoder attention looked for each word
 
 A train.py checkpoint, or export.py's safetensors folder, carries its model sizes and vocabulary, so there is
 nothing to match by hand. Without --checkpoint, models/checkpoint.pt is used if it exists, else models/shapes,
@@ -102,6 +104,9 @@ def parse_args(argv=None):
                         help='rank beams by log p / length^alpha')
     parser.add_argument('--gates', type=str, default=None, help="one image: PNG of the LSTM's gates at every word")
     parser.add_argument('--gates_json', type=str, default=None, help='one image: the gates as JSON numbers')
+    parser.add_argument('--attention', type=str, default=None,
+                        help='one image: PNG of where the model looked for every word (a model trained with '
+                             '--decoder attention)')
     parser.add_argument('--batch_size', type=positive_int, default=32, help='images captioned at a time')
     parser.add_argument('--block_trigrams', action='store_true', help='no trigram may repeat within a caption')
     parser.add_argument('--sample', type=count, default=0, metavar='N', help='print N sampled captions per image')
@@ -114,14 +119,16 @@ def parse_args(argv=None):
     parser.add_argument('--onnx', type=str, default=None,
                         help="export.py's folder: caption with onnxruntime on the CPU")
     args = parser.parse_args(argv)
-    if (args.gates or args.gates_json) and len(args.image) != 1:
-        parser.error('--gates and --gates_json take one --image')
-    if (args.gates or args.gates_json) and args.onnx:
-        parser.error('--gates and --gates_json need the PyTorch model: leave out --onnx')
+    inside = args.gates or args.gates_json or args.attention
+    if inside and len(args.image) != 1:
+        parser.error('--gates, --gates_json and --attention take one --image')
+    if inside and args.onnx:
+        parser.error('--gates, --gates_json and --attention need the PyTorch model: leave out --onnx')
     if args.top_p > 1:
         parser.error(f'--top_p is a probability: at most 1, not {args.top_p}')
-    if args.sample and (args.gates or args.gates_json or args.output_dir or args.grid):
-        parser.error('--sample prints its captions (and writes --json); leave out --gates, --output_dir and --grid')
+    if args.sample and (inside or args.output_dir or args.grid):
+        parser.error('--sample prints its captions (and writes --json); leave out --gates, --attention, '
+                     '--output_dir and --grid')
     return args
 
 
@@ -152,16 +159,21 @@ def load_model(args, device):
     return captioner
 
 
-def show_gates(args, captioner, settings):
+def show_inside(args, captioner, settings):
+    """--gates, --gates_json and --attention: print the image's caption and write the pictures and numbers of
+    gates.record. --attention is refused before anything is written if the model has no attention to show."""
     import gates
+    if args.attention and captioner.config.decoder != 'attention':
+        sys.exit('error: --attention needs a model trained with --decoder attention')
     try:
         result = gates.record(args.image[0], captioner, settings)
         print(result['caption'])
-        gates.save(result, args.gates, args.gates_json)
+        gates.save(result, args.gates, args.gates_json, args.attention)
     except ImageError as err:
         sys.exit(f'error: {err}')
     except OSError as err:
-        sys.exit(f'error: could not write {err.filename or args.gates or args.gates_json} ({err.strerror or err})')
+        written = err.filename or args.gates or args.gates_json or args.attention
+        sys.exit(f'error: could not write {written} ({err.strerror or err})')
 
 
 def caption_all(args, captioner, settings):
@@ -214,8 +226,8 @@ def main(argv=None):
         captioner = load_model(args, pick_device('cpu' if args.onnx else args.device))
     except (CheckpointError, VocabError, ValueError) as err:
         sys.exit(f'error: {err}')
-    if args.gates or args.gates_json:
-        return show_gates(args, captioner, settings)
+    if args.gates or args.gates_json or args.attention:
+        return show_inside(args, captioner, settings)
     try:
         failed = caption_all(args, captioner, settings)
     except CheckpointError as err:  # an output file could not be written: a full disk, a read-only folder
