@@ -210,11 +210,13 @@ class CocoDataset(data.Dataset):
 
 
 def open_cache(folder):
-    """(features, done, meta) of a cache from extract_features.py; the features are memory-mapped.
-    meta['unreadable'] maps the ids of images it could not read to the reason."""
+    """(features, done, meta) of a cache from extract_features.py; the features are memory-mapped, so that a
+    cache of grids larger than memory trains. meta['unreadable'] maps the ids of images it could not read to
+    the reason; meta['grid_size'] is None for pooled vectors, as in every cache from before grids."""
     try:
         with open(os.path.join(folder, 'meta.json')) as f:
             meta = json.load(f)
+        meta.setdefault('grid_size', None)
         features = np.load(os.path.join(folder, 'features.npy'), mmap_mode='r')
         done = np.load(os.path.join(folder, 'done.npy'))
         unreadable_path = os.path.join(folder, 'unreadable.json')
@@ -227,13 +229,32 @@ def open_cache(folder):
     return features, done, meta
 
 
+def cache_kind(grid_size):
+    """What a cache of this grid_size holds, and the flags that make one."""
+    if grid_size is None:
+        return 'pooled features', '--decoder fc'
+    return 'grids', f'--decoder attention --grid_size {grid_size}'
+
+
+def check_cache_kind(folder, meta, grid_size):
+    """A cache of pooled vectors cannot feed the attention decoder, nor a grid the fc decoder or a decoder of
+    another grid; refused in one line that says which cache to make."""
+    if meta['grid_size'] != grid_size:
+        (held, held_flags), (needed, needed_flags) = cache_kind(meta['grid_size']), cache_kind(grid_size)
+        raise ValueError(f'{folder} holds {held} ({held_flags}) but this model reads {needed}: make a cache for it '
+                         f'with extract_features.py {needed_flags}')
+
+
 class FeatureDataset(CocoDataset):
     """CocoDataset with the cached backbone features in place of images: the centre crop, or at random
-    (with mirror=True) its mirror image. Captions of images extract_features.py could not read are left out."""
+    (with mirror=True) its mirror image. Captions of images extract_features.py could not read are left out.
+    grid_size: the model's CaptionerConfig.feature_grid (None: pooled vectors); a cache of another kind is
+    refused. Each item is read from the memory-mapped file when it is asked for."""
 
-    def __init__(self, folder, json, vocab, mirror=True, split='train'):
+    def __init__(self, folder, json, vocab, mirror=True, split='train', grid_size=None):
         super().__init__(None, json, vocab, split=split)
         self.features, done, meta = open_cache(folder)
+        check_cache_kind(folder, meta, grid_size)
         unreadable = meta['unreadable']
         if not all(done[row] or image_id in unreadable for row, image_id in enumerate(meta['image_ids'])):
             raise ValueError(f'{folder}: only {int(done.sum())} of {len(done)} images are extracted; '

@@ -2,7 +2,7 @@
 folder (load_captioner), the tutorial's files (load_tutorial) or export.py's ONNX files (load_onnx_captioner), captions
 image files in batches (greedy, beam search, or sampled) as one DecodeSettings says. Sampling has a temperature and
 nucleus (top-p) truncation, for sample.py --sample and for self-critical training (scst.py). With the ONNX files the
-encoder and the decoder step run in onnxruntime, and greedy decoding and beam search stay DecoderRNN's own loops."""
+encoder and the decoder step run in onnxruntime, and greedy decoding and beam search stay CaptionDecoder's own loops."""
 import hashlib
 import json
 import math
@@ -18,6 +18,9 @@ from build_vocab import Vocabulary, load_vocab
 from data_loader import eval_transform
 from files import CheckpointError, ImageError, load_image
 from model import (
+    AttentionDecoder,
+    AttentionState,
+    CaptionDecoder,
     CaptionerConfig,
     DecoderRNN,
     DecodeSettings,
@@ -207,10 +210,11 @@ class OnnxEncoder:
 
 
 class OnnxDecoder:
-    """decoder_step.onnx, decoded by DecoderRNN's own greedy and beam search loops."""
+    """decoder_step.onnx of the fc decoder, decoded by the decoders' own greedy and beam search loops
+    (CaptionDecoder's), which ask it for start, step, embed and select."""
 
-    sample, beam_search, decode_length = DecoderRNN.sample, DecoderRNN.beam_search, DecoderRNN.decode_length
-    forbid, start = staticmethod(DecoderRNN.forbid), staticmethod(DecoderRNN.start)
+    sample, beam_search, decode_length = CaptionDecoder.sample, CaptionDecoder.beam_search, CaptionDecoder.decode_length
+    forbid, start = staticmethod(CaptionDecoder.forbid), staticmethod(DecoderRNN.start)
     select = staticmethod(DecoderRNN.select)
 
     def __init__(self, session, config):
@@ -231,6 +235,24 @@ class OnnxDecoder:
         log_probs, h, c = self.session.run(None, {'token': token.numpy(), 'feature': feature.numpy(),
                                                   'h': states[0].numpy(), 'c': states[1].numpy()})
         return torch.from_numpy(log_probs), (torch.from_numpy(h), torch.from_numpy(c))
+
+
+class OnnxAttentionDecoder(OnnxDecoder):
+    """decoder_step.onnx of the attention decoder (export.AttentionStep): the state is AttentionDecoder's, h and s
+    for each row and its grid, and the step computes the keys from the grid itself."""
+
+    select = staticmethod(AttentionDecoder.select)
+
+    def start(self, grid):
+        """Token -1: the graph's first step, which takes h and s from the grid (the zeros here are not used)."""
+        zeros = grid.new_zeros(grid.size(0), self.config.hidden_size)
+        return torch.full((grid.size(0),), -1), AttentionState(zeros, zeros, grid, keys=None)
+
+    def step(self, inputs, state):
+        log_probs, h, s, alpha = self.session.run(None, {'token': inputs.numpy(), 'grid': state.grid.numpy(),
+                                                         'h': state.h.numpy(), 's': state.s.numpy()})
+        return torch.from_numpy(log_probs), state._replace(h=torch.from_numpy(h), s=torch.from_numpy(s),
+                                                           alpha=torch.from_numpy(alpha))
 
 
 def load_onnx_captioner(folder, threads=None):
@@ -255,7 +277,8 @@ def load_onnx_captioner(folder, threads=None):
         config = CaptionerConfig.from_dict({**saved, 'vocab_size': len(vocab)})
     except Exception as err:
         raise CheckpointError(f'{folder}: not a folder written by export.py ({str(err).splitlines()[0]})') from None
-    return TrainedCaptioner(OnnxEncoder(sessions[0]), OnnxDecoder(sessions[1], config), vocab, config)
+    decoder = (OnnxAttentionDecoder if config.decoder == 'attention' else OnnxDecoder)(sessions[1], config)
+    return TrainedCaptioner(OnnxEncoder(sessions[0]), decoder, vocab, config)
 
 
 # --- Safetensors: export.py --format safetensors writes these files, and a copy of the demo model ships in them ---

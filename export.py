@@ -8,8 +8,9 @@ folder, to share its weights without its optimizer state and without pickle.
 
 ONNX: writes encoder.onnx (image -> feature), decoder_step.onnx (one decoding step: token or image feature,
 h, c -> log-probabilities of the next word, h, c; any batch size) and captioner.json (the vocabulary and
-the sizes sample.py needs). Greedy decoding and beam search stay in Python: sample.py --onnx runs
-DecoderRNN's own loops with each step done by onnxruntime.
+the sizes sample.py needs). For --decoder attention, encoder.onnx gives the grid of cells, and the step is
+token, grid, h, s -> log-probabilities, h, s and the attention weights alpha. Greedy decoding and beam search
+stay in Python: sample.py --onnx runs the decoders' own loops with each step done by onnxruntime.
 
 safetensors: writes model.safetensors (the encoder's and decoder's weights, keys encoder.* and decoder.*),
 config.json (the CaptionerConfig), vocab.json and README.md (a model card). sample.py, evaluate.py, app.py,
@@ -46,14 +47,33 @@ class DecoderStep(nn.Module):
         return log_probs, h, c
 
 
-def export_onnx(module, args, path, input_names, output_names):
-    """torch.onnx.export through torch.export, every input's first dimension a dynamic batch; written
-    atomically, so that path never holds half a model."""
+class AttentionStep(nn.Module):
+    """One step of the attention decoder as one graph, from the grid alone: a token of -1 means "the first
+    step", whose word is zeros and whose h and s come from the grid's mean cell (the h and s given are then
+    not used). The keys W_a a_i are computed again at every step, which costs a product of the grid by W_a per
+    step, so that the graph needs no second input from a separate start graph."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, token, grid, h, s):
+        first = (token < 0).unsqueeze(1)
+        zeros, start = self.decoder.start(grid)
+        words = torch.where(first, zeros, self.decoder.embed(token.clamp(min=0)))
+        state = start._replace(h=torch.where(first, start.h, h), s=torch.where(first, start.s, s))
+        log_probs, state = self.decoder.step(words, state)
+        return log_probs, state.h, state.s, state.alpha
+
+
+def export_onnx(module, args, path, input_names, output_names, batch_dims=None):
+    """torch.onnx.export through torch.export, every input's first dimension a dynamic batch (or the dimension
+    batch_dims names, {input: dim}); written atomically, so that path never holds half a model."""
     if not hasattr(torch.export.Dim, 'DYNAMIC'):
         raise CheckpointError(f'export.py needs torch.export.Dim.DYNAMIC, which torch {torch.__version__} lacks: '
                               'pip install --upgrade torch')
     batch = torch.export.Dim.DYNAMIC
-    dynamic = tuple({1 if name in ('h', 'c') else 0: batch} for name in input_names)
+    dynamic = tuple({(batch_dims or {}).get(name, 0): batch} for name in input_names)
     with torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, verbose=False, input_names=list(input_names),
                                     output_names=list(output_names), dynamic_shapes=dynamic)
@@ -64,12 +84,19 @@ def export(checkpoint, out):
     encoder, decoder, vocab, config = load_captioner(checkpoint)
     os.makedirs(out, exist_ok=True)
     batch, crop = 2, config.crop_size
-    export_onnx(encoder, (torch.randn(batch, 3, crop, crop),), os.path.join(out, 'encoder.onnx'),
-                ['image'], ['feature'])
-    layers, hidden, embed = config.num_layers, config.hidden_size, config.embed_size
-    h, c = torch.randn(layers, batch, hidden), torch.randn(layers, batch, hidden)  # two tensors: export merges aliases
-    export_onnx(DecoderStep(decoder).eval(), (torch.tensor([-1, 4]), torch.randn(batch, embed), h, c),
-                os.path.join(out, 'decoder_step.onnx'), ['token', 'feature', 'h', 'c'], ['log_probs', 'h_out', 'c_out'])
+    images = torch.randn(batch, 3, crop, crop)
+    export_onnx(encoder, (images,), os.path.join(out, 'encoder.onnx'), ['image'], ['feature'])
+    step_path, layers, hidden = os.path.join(out, 'decoder_step.onnx'), config.num_layers, config.hidden_size
+    if config.decoder == 'attention':
+        with torch.no_grad():
+            grid = encoder(images)
+        h, s = torch.randn(batch, hidden), torch.randn(batch, hidden)
+        export_onnx(AttentionStep(decoder).eval(), (torch.tensor([-1, 4]), grid, h, s), step_path,
+                    ['token', 'grid', 'h', 's'], ['log_probs', 'h_out', 's_out', 'alpha'])
+    else:
+        h, c = torch.randn(layers, batch, hidden), torch.randn(layers, batch, hidden)  # two: export merges aliases
+        export_onnx(DecoderStep(decoder).eval(), (torch.tensor([-1, 4]), torch.randn(batch, config.embed_size), h, c),
+                    step_path, ['token', 'feature', 'h', 'c'], ['log_probs', 'h_out', 'c_out'], {'h': 1, 'c': 1})
     info = {'vocab': [vocab.idx2word[i] for i in range(len(vocab))], **asdict(config)}
     save_file(os.path.join(out, 'captioner.json'), lambda f: f.write(json.dumps(info).encode()))
 

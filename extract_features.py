@@ -6,12 +6,15 @@
 
 For each image it stores two float16 vectors: the centre crop and its mirror image, which training
 picks between at random. That keeps the tutorial's flips but not its random crops: every epoch sees
-the same centre crop. An interrupted run picks up where it stopped. An image that cannot be read is
-reported and skipped, as train.py does (--strict stops instead); train.py --features leaves its captions
-out, and a second run tries it again.
+the same centre crop. With --decoder attention it stores, for each of the two, the grid of cells that the
+attention decoder reads instead of the pooled vector (give train.py the same --decoder and --grid_size;
+it refuses a cache of another kind). An interrupted run picks up where it stopped. An image that cannot be
+read is reported and skipped, as train.py does (--strict stops instead); train.py --features leaves its
+captions out, and a second run tries it again.
 
-The folder holds features.npy (a memory-mapped array, images x 2 x feature size), done.npy (which
-rows are finished), meta.json (image ids and settings), unreadable.json (images that could not be
+The folder holds features.npy (a memory-mapped array, images x 2 x feature size, or for a grid images x 2
+x cells x feature size), done.npy (which rows are finished), meta.json (image ids and settings; a grid_size
+of null means pooled vectors, as in caches from before grids), unreadable.json (images that could not be
 read, and why) and backbone.pt (the backbone's weights, so that the checkpoint train.py writes still
 holds the whole encoder).
 """
@@ -30,7 +33,7 @@ from tqdm import tqdm
 from data_loader import eval_transform, open_cache, read_coco
 from files import CheckpointError, ImageError, load_image, save_file
 from flags import HelpFormatter, count, positive_int
-from model import EncoderCNN, read_checkpoint, save_checkpoint
+from model import DECODERS, EncoderCNN, read_checkpoint, save_checkpoint
 from runs import pick_device
 
 
@@ -87,28 +90,37 @@ def claim_space(fd):
             raise  # other errors: a file system that cannot claim space ahead, left as it was
 
 
+def feature_shape(encoder, crop_size):
+    """The shape of one image's features, (feature size,) or (cells, feature size): found by running the
+    backbone on one blank image, since the number of cells depends on the backbone and on the crop."""
+    with torch.no_grad():
+        return tuple(encoder.eval().pooled(torch.zeros(1, 3, crop_size, crop_size)).shape[1:])
+
+
 def extract(args):
     device = pick_device(args.device)
     coco = read_coco(args.caption_path, args.split)
     image_ids = sorted(coco.getImgIds())
+    grid_size = args.grid_size if args.decoder == 'attention' else None
     settings = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-                    crop_size=args.crop_size, caption_path=os.path.abspath(args.caption_path))
+                    crop_size=args.crop_size, caption_path=os.path.abspath(args.caption_path), grid_size=grid_size)
     os.makedirs(args.output_dir, exist_ok=True)
     meta_path = os.path.join(args.output_dir, 'meta.json')
     resume = os.path.exists(meta_path)
     # The head is not used here; a resumed run takes the backbone it started with, so it downloads nothing.
-    encoder = EncoderCNN(1, args.backbone, None if resume else args.weights)
+    encoder = EncoderCNN(1, args.backbone, None if resume else args.weights, grid_size=grid_size)
     if resume:
-        _, done, meta = open_cache(args.output_dir)
+        _, done, meta = open_cache(args.output_dir)  # a cache from before grids has no grid_size: pooled, None
         if {k: meta.get(k) for k in settings} != settings or meta['image_ids'] != image_ids:
             raise ValueError(f'{args.output_dir} holds features made with other settings; choose another --output_dir')
         encoder.resnet.load_state_dict(read_checkpoint(os.path.join(args.output_dir, 'backbone.pt')))
         features = np.load(os.path.join(args.output_dir, 'features.npy'), mmap_mode='r+')
         unreadable = {str(image_id): reason for image_id, reason in meta['unreadable'].items()}
     else:
-        feature_size = encoder.linear.in_features
+        feature_size = encoder.features_size
         save_checkpoint(os.path.join(args.output_dir, 'backbone.pt'), encoder.resnet.state_dict())
-        features = create_features(os.path.join(args.output_dir, 'features.npy'), (len(image_ids), 2, feature_size))
+        features = create_features(os.path.join(args.output_dir, 'features.npy'),
+                                   (len(image_ids), 2, *feature_shape(encoder, args.crop_size)))
         done, unreadable = np.zeros(len(image_ids), dtype=bool), {}
         save_file(os.path.join(args.output_dir, 'done.npy'), lambda f: np.save(f, done))
         save_json(meta_path, dict(settings, image_ids=image_ids, feature_size=feature_size))
@@ -155,6 +167,12 @@ def main(argv=None):
     parser.add_argument('--backbone', type=str, default='resnet152', help='torchvision ResNet name, or smallcnn')
     parser.add_argument('--weights', type=str, default='DEFAULT',
                         help='backbone weights: DEFAULT (ImageNet, downloaded), none, or a local .pth file')
+    parser.add_argument('--decoder', choices=DECODERS, default='fc',
+                        help="the train.py --decoder the cache is for: fc, one pooled vector per image; attention, "
+                             'the grid of cells')
+    parser.add_argument('--grid_size', type=positive_int, default=7,
+                        help="--decoder attention: a ResNet's last map pooled to grid_size x grid_size cells "
+                             "(smallcnn's is used as it is); train.py needs the same --grid_size")
     parser.add_argument('--image_size', type=positive_int, default=256, help='size resize.py gave the images')
     parser.add_argument('--crop_size', type=positive_int, default=224, help='side of the centre crop the backbone sees')
     parser.add_argument('--batch_size', type=positive_int, default=64, help='images per forward pass')

@@ -52,6 +52,12 @@ class CaptionerConfig:
     def flags(cls):
         return [f for f in fields(cls) if 'help' in f.metadata]
 
+    @property
+    def feature_grid(self):
+        """The grid the decoder reads: grid_size for the attention decoder, None for the fc decoder's one pooled
+        vector. It is what makes a feature cache fit a model (extract_features.py stores it)."""
+        return self.grid_size if self.decoder == 'attention' else None
+
     @classmethod
     def from_args(cls, args, vocab_size):
         return cls(vocab_size=vocab_size, **{f.name: getattr(args, f.name) for f in cls.flags()})
@@ -119,9 +125,8 @@ def build_captioner(config, weights=None):
     from (see backbone_trunk); a checkpoint's own weights are loaded afterwards."""
     if config.decoder not in DECODERS:
         raise ValueError(f'--decoder {config.decoder} is not known: use {" or ".join(DECODERS)}')
-    grid_size = config.grid_size if config.decoder == 'attention' else None
     encoder = EncoderCNN(config.embed_size, config.backbone, weights, config.train_backbone, config.bn_momentum,
-                         grid_size)
+                         config.feature_grid)
     if config.decoder == 'attention':
         decoder = AttentionDecoder(config, encoder.features_size)
         lstm = decoder.cell

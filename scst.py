@@ -187,7 +187,8 @@ def load_data(run):
         if any(not torch.equal(cached[k], v) for k, v in run.encoder.resnet.state_dict().items()):
             raise CheckpointError(f'{args.features} was made with another backbone than {args.init_from} has: '
                                   'train from images, or from a cache of the backbone the checkpoint was trained with')
-        captions = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
+        captions = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split,
+                                  grid_size=config.feature_grid)
     run.dataset = PerImage(captions)
     run.cider = CiderD(run.dataset.references())
     if args.val_caption_path:

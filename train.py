@@ -196,7 +196,8 @@ def build_model(args, vocab_size):
 def training_set(args, config, vocab):
     """The training captions with their images, or with their cached features (--features)."""
     if args.features:
-        return FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split)
+        return FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split,
+                              grid_size=config.feature_grid)
     return CocoDataset(args.image_dir, args.caption_path, vocab, train_transform(config.crop_size, not args.no_flip),
                        skip_unreadable=not args.strict, return_errors=True, split=args.split)
 
@@ -278,6 +279,9 @@ def start_run(args):
     check_paths(args)
     vocab = load_vocab(args.vocab_path)
     resumed = settle_settings(args, vocab)
+    if args.compile and args.decoder == 'attention':
+        raise ValueError("--compile compiles the fc decoder's LSTM loop over whole sequences; the attention decoder "
+                         'steps its cell one word at a time: leave out --compile')
     rank, world_size, device = setup_distributed(args.device)
     configure_cuda(device, tf32=not args.no_tf32)
     torch.manual_seed(args.seed)
