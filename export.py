@@ -86,7 +86,7 @@ def export(checkpoint, out):
     batch, crop = 2, config.crop_size
     images = torch.randn(batch, 3, crop, crop)
     export_onnx(encoder, (images,), os.path.join(out, 'encoder.onnx'), ['image'], ['feature'])
-    step_path, layers, hidden = os.path.join(out, 'decoder_step.onnx'), config.num_layers, config.hidden_size
+    step_path, hidden = os.path.join(out, 'decoder_step.onnx'), config.hidden_size
     if config.decoder == 'attention':
         with torch.no_grad():
             grid = encoder(images)
@@ -94,6 +94,7 @@ def export(checkpoint, out):
         export_onnx(AttentionStep(decoder).eval(), (torch.tensor([-1, 4]), grid, h, s), step_path,
                     ['token', 'grid', 'h', 's'], ['log_probs', 'h_out', 's_out', 'alpha'])
     else:
+        layers = config.num_layers
         h, c = torch.randn(layers, batch, hidden), torch.randn(layers, batch, hidden)  # two: export merges aliases
         export_onnx(DecoderStep(decoder).eval(), (torch.tensor([-1, 4]), torch.randn(batch, config.embed_size), h, c),
                     step_path, ['token', 'feature', 'h', 'c'], ['log_probs', 'h_out', 'c_out'], {'h': 1, 'c': 1})
