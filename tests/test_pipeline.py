@@ -54,11 +54,18 @@ def test_training_lowers_the_loss_and_saves_a_checkpoint(synthetic_set, tmp_path
     assert torch.equal(decoder.sample(encoder(images)), decoder2.sample(encoder2(images)))
 
 
-def test_sample_prints_a_caption_through_its_command_line(synthetic_set, tmp_path):
-    trainer.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '1'))
+@pytest.fixture(scope='module')
+def one_epoch(synthetic_set, tmp_path_factory):
+    """A folder with the checkpoint of one epoch of learning_args, trained once for the tests that only read it."""
+    models = tmp_path_factory.mktemp('one_epoch')
+    trainer.train(learning_args(synthetic_set, models, '--num_epochs', '1'))
+    return models
+
+
+def test_sample_prints_a_caption_through_its_command_line(synthetic_set, one_epoch, tmp_path):
     image = sorted((synthetic_set / 'val').iterdir())[0]
     result = run('sample.py', '--image', str(image), '--checkpoint',
-                             str(tmp_path / 'checkpoint.pt'), '--out', str(tmp_path / 'out'),
+                             str(one_epoch / 'checkpoint.pt'), '--out', str(tmp_path / 'out'),
                              '--grid', str(tmp_path / 'grid.png'), timeout=120)
     assert result.returncode == 0, result.stderr
     caption, png = result.stdout.splitlines()[0].split('  ->  ')
@@ -75,13 +82,12 @@ def test_sample_prints_a_caption_through_its_command_line(synthetic_set, tmp_pat
         assert sheet.size == picture.size  # one picture: a one-cell grid
 
 
-def test_sample_reports_bad_images_and_captions_the_rest(synthetic_set, tmp_path):
-    trainer.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '1'))
+def test_sample_reports_bad_images_and_captions_the_rest(synthetic_set, one_epoch, tmp_path):
     good = sorted((synthetic_set / 'val').iterdir())[0]
     bad = tmp_path / 'not_an_image.jpg'
     bad.write_text('hello')
     result = run('sample.py', '--image', str(good), str(bad), str(tmp_path / 'missing.png'),
-                             '--checkpoint', str(tmp_path / 'checkpoint.pt'), timeout=120)
+                             '--checkpoint', str(one_epoch / 'checkpoint.pt'), timeout=120)
     assert result.returncode == 1
     assert result.stdout.startswith(f'{good}: ')
     errors = result.stderr.strip().splitlines()
@@ -89,9 +95,8 @@ def test_sample_reports_bad_images_and_captions_the_rest(synthetic_set, tmp_path
     assert 'Traceback' not in result.stderr
 
 
-def test_gpu_saved_checkpoint_loads_on_cpu(synthetic_set, tmp_path, monkeypatch):
-    trainer.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '1'))
-    checkpoint = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+def test_gpu_saved_checkpoint_loads_on_cpu(one_epoch, tmp_path, monkeypatch):
+    checkpoint = torch.load(one_epoch / 'checkpoint.pt', weights_only=True)
     # Tag every storage as CUDA, exactly as torch.save does for tensors on a GPU.
     monkeypatch.setattr(torch.serialization, 'location_tag', lambda storage: 'cuda:0')
     torch.save(checkpoint, tmp_path / 'gpu.pt')

@@ -265,25 +265,27 @@ def test_a_nan_loss_on_one_rank_is_skipped_by_both(synthetic_set, tmp_path):
     assert len(ranks[0]['losses']) == len(ranks[1]['losses']) == 3 * 8 - 1
 
 
-def test_interrupted_run_resumes_to_the_same_weights(synthetic_set, tmp_path):
+def test_interrupted_run_resumes_to_the_same_weights(synthetic_sets, tmp_path):
+    data = synthetic_sets(num_train=24, num_val=4, seed=7)  # 120 captions in batches of 16: 8 steps an epoch
     extra = ['--num_epochs', '3', '--lr_schedule', 'cosine', '--grad_clip', '1', '--train_backbone', '--save_step', '0']
-    encoder, decoder, _, _ = trainer.train(tiny_args(synthetic_set, tmp_path / 'whole', *extra))
+    encoder, decoder, _, _ = trainer.train(tiny_args(data, tmp_path / 'whole', *extra))
 
     def interrupt(step):
-        if step == 20:
+        if step == 12:  # halfway through the second epoch
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(trainer.Interrupted, match='step 20'):
-        trainer.train(tiny_args(synthetic_set, tmp_path / 'split', *extra), on_step=interrupt)
-    assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['step'] == 20
-    encoder2, decoder2, _, history = trainer.train(tiny_args(synthetic_set, tmp_path / 'split', *extra, '--resume'))
+    with pytest.raises(trainer.Interrupted, match='step 12'):
+        trainer.train(tiny_args(data, tmp_path / 'split', *extra), on_step=interrupt)
+    assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['step'] == 12
+    encoder2, decoder2, _, history = trainer.train(tiny_args(data, tmp_path / 'split', *extra, '--resume'))
     for whole, resumed in ((encoder, encoder2), (decoder, decoder2)):
         for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
             assert torch.equal(a, b), key
-    assert [e['step'] for e in history['train']] == list(range(1, 46))
+    assert [e['step'] for e in history['train']] == list(range(1, 25))
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(synthetic_set, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(synthetic_sets, tmp_path):
+    synthetic_set = synthetic_sets(num_train=24, num_val=4, seed=7)  # 120 captions: 30 steps an epoch
     command = [sys.executable, 'train.py', '--image_dir', str(synthetic_set / 'train'),
                '--caption_path', str(synthetic_set / 'annotations' / 'captions_train.json'),
                '--vocab_path', str(synthetic_set / 'vocab.json'), '--model_path', str(tmp_path),
@@ -299,7 +301,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(synthetic_set, tmp_path)
     assert process.returncode == 130, stderr[-2000:]
     assert 'checkpoint saved' in stderr and 'Traceback' not in stderr
     checkpoint = read_checkpoint(str(tmp_path / 'checkpoint.pt'))
-    assert checkpoint['step'] > 60 and checkpoint['epoch'] < 50
+    assert checkpoint['step'] > 30 and checkpoint['epoch'] < 50
     result = subprocess.run(command[:-4] + ['--num_epochs', str(checkpoint['epoch'] + 1), '--resume'], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
