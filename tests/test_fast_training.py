@@ -120,9 +120,9 @@ def test_unreadable_images_are_skipped_or_stop_with_strict_when_cached_and_group
         (images / path.name).write_bytes(path.read_bytes() if number % 6 == 0 else b'not an image')
     real_loss, trained = trainer.caption_loss, []
 
-    def loss(model, inputs, captions, lengths):
+    def loss(model, inputs, captions, lengths, alpha_c=0.0):
         trained.append((len(inputs.images), len(captions)))
-        return real_loss(model, inputs, captions, lengths)
+        return real_loss(model, inputs, captions, lengths, alpha_c)
     monkeypatch.setattr(trainer, 'caption_loss', loss)
     extra = ['--num_epochs', '1', '--captions_per_image', '5', '--tensorboard', 'none']
     trainer.train(tiny_args(synthetic_set, tmp_path / 'skip', *extra, image_dir=images))
