@@ -28,8 +28,8 @@ from model import AttentionDecoder, CaptionerConfig, DecodeSettings
 
 @pytest.fixture(scope='module')
 def shapes64(tmp_path_factory):
-    """A small synthetic set of 64-pixel images: smallcnn's last map is then 2x2, so there are four cells to
-    attend to (at the usual 32 pixels there would be one)."""
+    """A small synthetic set of 64-pixel images: smallcnn's last map is then 4x4, so there are 16 cells to
+    attend to (at the usual 32 pixels there would be four)."""
     root = tmp_path_factory.mktemp('shapes64')
     synthetic.make_synthetic_coco(str(root), 32, 6, image_size=64, seed=3, progress=False)
     save_vocab(build_vocab(str(root / 'annotations' / 'captions_train.json'), threshold=1), str(root / 'vocab.json'))
@@ -82,7 +82,7 @@ def test_record_gives_the_caption_sample_py_writes_and_one_panel_per_word(shapes
         result = gates.record(path, captioner, settings)
         assert result['caption'] == captions[path]
         steps = len(result['words'])
-        assert result['attention'].shape == (steps, 4) and result['layers'][0]['h'].shape == (steps, 24)
+        assert result['attention'].shape == (steps, 16) and result['layers'][0]['h'].shape == (steps, 24)
         torch.testing.assert_close(result['attention'].sum(1), torch.ones(steps), rtol=0, atol=1e-5)
         assert result['seen'].size == (64, 64)
         fig = gates.attention_figure(result)
