@@ -79,10 +79,9 @@ def replay(decoder, feature, ids):
 
 
 def replay_attention(decoder, grid, ids):
-    """The attention decoder's cell, replayed as replay does the fc decoder's LSTM. Its input at step t is what
-    AttentionDecoder.attend gives it, [embedding of word t-1; beta * context], built here from the same pieces
-    (the attention and the gate beta, both read from h(t-1)); step 0 has no word before it, so zeros, and h(0),
-    s(0) come from the mean cell, as in AttentionDecoder.start."""
+    """The attention decoder's cell, replayed as replay does the fc decoder's LSTM. Its input at step t is
+    AttentionDecoder.cell_input's, [embedding of word t-1; beta * context]; step 0 has no word before it, so
+    zeros, and h(0), s(0) come from the mean cell, as in AttentionDecoder.start."""
     cell = decoder.cell
     first, state = decoder.start(grid.unsqueeze(0))
     words = torch.cat([first, decoder.embed(ids[:-1])])
@@ -90,9 +89,8 @@ def replay_attention(decoder, grid, ids):
     h, s = state.h[0], state.s[0]
     steps = []
     for word in words:
-        context, _ = decoder.attention(state.grid, state.keys, h.unsqueeze(0))
-        beta = torch.sigmoid(decoder.f_beta(h))
-        steps.append(cell_step(torch.cat([word, beta * context[0]]), h, s, (cell.weight_ih, cell.weight_hh, bias)))
+        x, _ = decoder.cell_input(word.unsqueeze(0), h.unsqueeze(0), state.grid, state.keys)
+        steps.append(cell_step(x[0], h, s, (cell.weight_ih, cell.weight_hh, bias)))
         h, s = steps[-1]['h'], steps[-1]['s']
     return stacked(steps)
 

@@ -431,11 +431,17 @@ class AttentionDecoder(CaptionDecoder):
         self.linear = nn.Linear(config.hidden_size, config.vocab_size)
         self.max_seq_length = config.max_seq_length
 
-    def attend(self, words, h, s, grid, keys):
-        """One step of the cell: (h, s, alpha) after reading words' embeddings and the gated context."""
+    def cell_input(self, words, h, grid, keys):
+        """What the cell reads at a step, [words' embeddings; beta * context], both read from h(t-1), and the
+        attention weights alpha; gates.py replays the cell from it too."""
         context, alpha = self.attention(grid, keys, h)
         beta = torch.sigmoid(self.f_beta(h))
-        h, s = self.cell(torch.cat([words, beta * context], 1), (h, s))
+        return torch.cat([words, beta * context], 1), alpha
+
+    def attend(self, words, h, s, grid, keys):
+        """One step of the cell: (h, s, alpha) after reading words' embeddings and the gated context."""
+        x, alpha = self.cell_input(words, h, grid, keys)
+        h, s = self.cell(x, (h, s))
         return h, s, alpha
 
     def forward(self, grid, captions, lengths):

@@ -45,6 +45,13 @@ def run(*args, cwd=REPO, env=None, timeout=300):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def sample_lines(*args):
+    """The lines sample.py prints for args, which must succeed."""
+    result = run('sample.py', *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
 @pytest.fixture(scope='session')
 def synthetic_sets(tmp_path_factory):
     """make(num_train, num_val, seed): a synthetic set of 32-pixel images in COCO format, with its vocab.json,

@@ -1,4 +1,5 @@
 """app.py in a real headless Chromium, driven by Playwright: the page shows what sample.py prints."""
+import contextlib
 import http.client
 import os
 import shutil
@@ -40,28 +41,35 @@ def checkpoint(synthetic_set, tmp_path_factory):
     return model_path / 'checkpoint.pt'
 
 
+@contextlib.contextmanager
+def app_server(checkpoint, folder):
+    """app.py serving checkpoint on a free port, its output in folder/app.log and Gradio's own cache, for the
+    uploads, in folder/gradio (removed with the test's files); yields the page's URL once it answers."""
+    port = free_port()
+    with open(folder / 'app.log', 'w+') as log:
+        process = subprocess.Popen([sys.executable, 'app.py', '--checkpoint', str(checkpoint), '--port', str(port)],
+                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, GRADIO_TEMP_DIR=str(folder / 'gradio')))
+        try:
+            url, deadline = f'http://127.0.0.1:{port}/', time.time() + 300
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=5)
+                    break
+                except OSError:
+                    log.seek(0)
+                    assert process.poll() is None and time.time() < deadline, f'app.py did not start:\n{log.read()}'
+                    time.sleep(1)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
 @pytest.fixture(scope='module')
 def server(checkpoint, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp('app_log') / 'app.log', 'w+')
-    cache = tmp_path_factory.mktemp('gradio')  # Gradio's own cache, for the uploads: removed with the test's files
-    process = subprocess.Popen([sys.executable, 'app.py', '--checkpoint', str(checkpoint), '--port', str(port)],
-                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, GRADIO_TEMP_DIR=str(cache)))
-    url = f'http://127.0.0.1:{port}/'
-    deadline = time.time() + 300
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            break
-        except OSError:
-            log.seek(0)
-            assert process.poll() is None and time.time() < deadline, f'app.py did not start:\n{log.read()}'
-            time.sleep(1)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    with app_server(checkpoint, tmp_path_factory.mktemp('app')) as url:
+        yield url
 
 
 @pytest.fixture

@@ -3,16 +3,12 @@ scripts (sample.py's captioning flags, evaluate.py, demo.py, app.py) with an att
 refusal of --attention for an fc model."""
 import json
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 import torch
 from PIL import Image
 from playwright.sync_api import sync_playwright
-from test_app import CHROMIUM, FLAGS, free_port, needs_chromium, upload
+from test_app import CHROMIUM, FLAGS, app_server, needs_chromium, upload
 
 import app
 import demo
@@ -21,7 +17,7 @@ import sample
 import synthetic
 import train as trainer
 from build_vocab import build_vocab, save_vocab
-from conftest import REPO, run, tiny_args
+from conftest import run, tiny_args
 from decoding import load_captioner
 from model import AttentionDecoder, CaptionerConfig, DecodeSettings
 
@@ -171,37 +167,19 @@ def test_app_shows_the_attention_picture_only_for_an_attention_model(shapes64, c
 
 @needs_chromium
 def test_the_page_serves_the_attention_picture(shapes64, checkpoints, tmp_path):
-    port = free_port()
-    with open(tmp_path / 'app.log', 'w+') as log:
-        server = subprocess.Popen([sys.executable, 'app.py', '--checkpoint', str(checkpoints['attention']),
-                                   '--port', str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                  env=dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / 'gradio')))
-        try:
-            url, deadline = f'http://127.0.0.1:{port}/', time.time() + 300
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=5)
-                    break
-                except OSError:
-                    log.seek(0)
-                    assert server.poll() is None and time.time() < deadline, f'app.py did not start:\n{log.read()}'
-                    time.sleep(1)
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-                page = browser.new_page(viewport={'width': 1200, 'height': 900})
-                page.goto(url, timeout=120_000)
-                page.wait_for_selector('#upload input[type=file]', state='attached', timeout=120_000)
-                image = val_images(shapes64)[1]
-                upload(page, image)
-                widths = {}
-                for name in ('gates', 'attention'):
-                    picture = page.wait_for_selector(f'#{name} img', timeout=120_000)
-                    page.wait_for_function('img => img.complete && img.naturalWidth > 0', arg=picture, timeout=60_000)
-                    widths[name] = picture.evaluate('img => img.naturalWidth')
-                browser.close()
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    with app_server(checkpoints['attention'], tmp_path) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={'width': 1200, 'height': 900})
+        page.goto(url, timeout=120_000)
+        page.wait_for_selector('#upload input[type=file]', state='attached', timeout=120_000)
+        image = val_images(shapes64)[1]
+        upload(page, image)
+        widths = {}
+        for name in ('gates', 'attention'):
+            picture = page.wait_for_selector(f'#{name} img', timeout=120_000)
+            page.wait_for_function('img => img.complete && img.naturalWidth > 0', arg=picture, timeout=60_000)
+            widths[name] = picture.evaluate('img => img.naturalWidth')
+        browser.close()
     fig = gates.attention_figure(gates.record(image, load_captioner(str(checkpoints['attention']))))
     assert widths['attention'] == round(fig.get_size_inches()[0] * 100)  # the greedy caption's attention picture
     assert widths['gates'] >= 700

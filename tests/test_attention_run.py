@@ -17,7 +17,7 @@ import export
 import scst
 import train as trainer
 from build_vocab import load_vocab
-from conftest import REPO, learning_args, run, tiny_args
+from conftest import REPO, learning_args, run, sample_lines, tiny_args
 from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
 from decoding import load_captioner, load_onnx_captioner
 from model import AttentionDecoder, DecodeSettings, read_checkpoint
@@ -235,18 +235,12 @@ def onnx_folder(trained):
     return folder
 
 
-def sample(*args):
-    result = run('sample.py', *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
-
-
 @pytest.mark.parametrize('beam_size', ['1', '3'])
 def test_onnx_captions_equal_pytorch_captions_on_the_validation_images(synthetic_set, trained, onnx_folder,
                                                                        beam_size):
     images = validation_images(synthetic_set)
-    pytorch = sample('--image', *images, '--checkpoint', trained[0] / 'checkpoint.pt', '--beam_size', beam_size)
-    onnx = sample('--image', *images, '--onnx', onnx_folder, '--beam_size', beam_size)
+    pytorch = sample_lines('--image', *images, '--checkpoint', trained[0] / 'checkpoint.pt', '--beam_size', beam_size)
+    onnx = sample_lines('--image', *images, '--onnx', onnx_folder, '--beam_size', beam_size)
     assert len(pytorch) == 12 and onnx == pytorch
     assert len({line.split(': ', 1)[1] for line in onnx}) > 1  # a trained model: not one caption for everything
 

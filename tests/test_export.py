@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train as trainer
-from conftest import disk_fills_for, learning_args, run
+from conftest import disk_fills_for, learning_args, run, sample_lines
 from decoding import ONNX_FILES as FILES
 from decoding import load_captioner, load_onnx_captioner
 
@@ -28,18 +28,13 @@ def exported(synthetic_set, tmp_path_factory):
     return folder
 
 
-def sample(*args):
-    result = run('sample.py', *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
-
-
 @pytest.mark.parametrize('beam_size', ['1', '3'])
 def test_onnx_captions_equal_pytorch_captions_on_the_validation_images(synthetic_set, exported, beam_size):
     images = [str(path) for path in sorted((synthetic_set / 'val').iterdir())]
     assert len(images) == 12
-    pytorch = sample('--image', *images, '--checkpoint', str(exported / 'checkpoint.pt'), '--beam_size', beam_size)
-    onnx = sample('--image', *images, '--onnx', str(exported / 'onnx'), '--beam_size', beam_size)
+    pytorch = sample_lines('--image', *images, '--checkpoint', str(exported / 'checkpoint.pt'),
+                           '--beam_size', beam_size)
+    onnx = sample_lines('--image', *images, '--onnx', str(exported / 'onnx'), '--beam_size', beam_size)
     assert len(pytorch) == 12 and onnx == pytorch
     assert len({line.split(': ', 1)[1] for line in onnx}) > 1  # a trained model: not one caption for everything
 
