@@ -32,9 +32,9 @@ def describe(path, captioner, settings):
         return '', '', '', None, None
     try:
         result = gates.record(path, captioner)
-    except ImageError:
-        name = os.path.basename(path)
-        return f'error: {name} is not an image this page can read; upload a PNG or JPEG', '', '', None, None
+    except ImageError as err:
+        why = str(err).removeprefix(f'{path}: ')  # the upload's temporary path means nothing to the user
+        return f'error: {os.path.basename(path)}: {why}; upload a PNG or JPEG', '', '', None, None
     vocab = captioner.vocab
     beams, scores = captioner.decoder.beam_search(result['feature'], settings.for_vocab(vocab), all_beams=True)
     rows = [f'| {rank} | {ids_to_sentence(ids, vocab)} | {score:.3f} |'

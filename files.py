@@ -122,5 +122,7 @@ def load_image(path):
         raise ImageError(f'{path}: no such file') from None
     except IsADirectoryError:
         raise ImageError(f'{path}: is a directory, not an image') from None
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
+    except Image.DecompressionBombError as err:  # a real image, but opening it could exhaust the memory
+        raise ImageError(f'{path}: too many pixels to open safely ({err})') from None
+    except (OSError, ValueError, SyntaxError) as err:
         raise ImageError(f'{path}: cannot read image ({err})') from None

@@ -260,7 +260,7 @@ def scst_epoch(run, loader, stop, deadline):
     """The rest of the current epoch; returns False when --scst_minutes ran out (after saving)."""
     args = run.args
     bar = tqdm(loader, desc=f'scst epoch {run.epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
-               initial=run.batches_done, total=-(-len(run.dataset) // args.batch_size))
+               initial=run.batches_done, total=loader.batch_sampler.batches_per_epoch)
     for inputs, image_ids, errors in bar:
         for reason in errors:
             tqdm.write(f'skipped: {reason}', file=sys.stderr)

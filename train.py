@@ -113,6 +113,8 @@ def parse_args(argv=None):
     parser.add_argument('--skip_nonfinite', action='store_true',
                         help='skip a batch whose loss is NaN or inf instead of stopping')
     parser.add_argument('--amp', action='store_true', help='mixed precision: bf16 (fp16 on older GPUs) autocast')
+    parser.add_argument('--no_amp', dest='amp', action='store_false', default=False,
+                        help='full float32: turns off the --amp a resumed run was trained with')
     parser.add_argument('--compile', nargs='?', const='default', choices=['default', 'reduce-overhead'], default=None,
                         help="run the LSTM's time loop through torch.compile (reduce-overhead: as CUDA graphs)")
     parser.add_argument('--no_tf32', action='store_true',

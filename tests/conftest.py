@@ -29,10 +29,22 @@ if FAKE_CUDA:  # in this process, and (through PYTHONPATH) in every Python the t
     os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [str(FAKE_CUDA_DIR), os.environ.get('PYTHONPATH')]))
     _spec = importlib.util.spec_from_file_location('fake_cuda', FAKE_CUDA_DIR / 'sitecustomize.py')
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+if WORKERS > 1:  # pytest-xdist's workers share the cores: each computes on its share, as does every script it starts
+    THREADS = max(1, CPUS // WORKERS)
+    os.environ['OMP_NUM_THREADS'] = str(THREADS)
+    torch.set_num_threads(THREADS)
 REAL_GPU = getattr(torch.cuda, 'really_available', torch.cuda.is_available)()  # whatever the fake says
 needs_gpu = pytest.mark.skipif(not REAL_GPU, reason='needs a CUDA GPU')
 # The scripts that pick the best device when --device is not given.
 DEVICE_SCRIPTS = {'train.py', 'sample.py', 'evaluate.py', 'extract_features.py'}
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: one worker per CPU this process may use (pytest-xdist's own count is of physical cores, one on
+    many 2-vCPU machines)."""
+    return CPUS
 
 
 def run(*args, cwd=REPO, env=None, timeout=300):

@@ -151,7 +151,8 @@ def test_a_huge_a_large_and_an_empty_upload_each_get_one_line_and_the_page_keeps
         page.wait_for_function(f"document.querySelector('#message')?.innerText.includes('{bad.name}')",
                                timeout=120_000)
         message = page.inner_text('#message').strip()
-        assert message.startswith(f'error: {bad.name} ') and '\n' not in message, message
+        assert message.startswith(f'error: {bad.name}: ') and '\n' not in message, message
+        assert ('too many pixels' in message) == (bad == tmp_path / 'huge.png'), message
         assert page.input_value('#greedy textarea') == '' and 'Traceback' not in page.content()
         page.click('#upload button[aria-label=Clear]')  # the same page, ready for the next upload
         page.wait_for_selector('#upload input[type=file]', state='attached', timeout=60_000)

@@ -138,6 +138,10 @@ def test_resume_keeps_amp_and_says_which_autocast(synthetic_set, tmp_path, capsy
     trainer.train(args)
     assert args.amp and capsys.readouterr().out.count('--amp: bfloat16 autocast on cpu') == 1
     assert read_checkpoint(str(tmp_path / 'checkpoint.pt'))['args']['amp']
+    args = tiny_args(synthetic_set, tmp_path, '--resume', '--no_amp', num_epochs=3, tensorboard='none')
+    trainer.train(args)
+    assert not args.amp and '--amp:' not in capsys.readouterr().out
+    assert not read_checkpoint(str(tmp_path / 'checkpoint.pt'))['args']['amp']
 
 
 # --- the CUDA random state in checkpoints -----------------------------------------------------
