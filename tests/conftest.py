@@ -47,6 +47,16 @@ def pytest_xdist_auto_num_workers(config):
     return CPUS
 
 
+# The files that take longest start first, so that no xdist worker is left with a long one at the end.
+SLOWEST_FIRST = ('test_diy_lstm.py', 'test_scale.py', 'test_evaluate.py', 'test_gpu.py', 'test_attention_run.py',
+                 'test_robustness.py', 'test_scst.py', 'test_app.py')
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 def run(*args, cwd=REPO, env=None, timeout=300):
     """A script's command line, run as a user would: python SCRIPT ARGS..., output captured as text. A script
     that picks a device gets --device cpu unless the command names one: the tests compare with CPU results,

@@ -505,7 +505,8 @@ def test_gradgradcheck_plain_packed_and_projected():
 
         weights = [p.detach().requires_grad_() for p in lstm.parameters()]
         for fn in (plain, packed):
-            assert torch.autograd.gradgradcheck(fn, (x, h0, c0, *weights))
+            # fast_mode checks the second derivatives along random directions rather than every entry
+            assert torch.autograd.gradgradcheck(fn, (x, h0, c0, *weights), fast_mode=True)
 
 
 def test_first_order_backward_stays_on_the_hand_written_loop(monkeypatch):
