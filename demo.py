@@ -60,6 +60,11 @@ def learned_enough(accuracies, target=0.95, patience=2):
     return best >= target and len(accuracies) - 1 - accuracies.index(best) >= patience
 
 
+def next_epoch_fits(elapsed, epochs_done, minutes):
+    """Whether one more epoch, as long as the mean epoch so far, ends within the minutes of the budget."""
+    return elapsed * (epochs_done + 1) / epochs_done <= minutes * 60
+
+
 def cpu_runs_bf16_natively():
     """Whether this CPU computes in bf16 in hardware (AVX512-BF16 or AMX on x86, Arm's BF16 extension), where
     bf16 autocast pays; elsewhere it is emulated and slower than float32. oneDNN's own check also says yes
@@ -159,7 +164,7 @@ def train_most_accurate(args, vocab, best_path):
             print(f'stopping: no better accuracy in the {args.patience} epochs since the best, '
                   f'{max(accuracies):.1%}', flush=True)
             return False
-        return elapsed * (epoch + 2) / (epoch + 1) <= args.minutes * 60
+        return next_epoch_fits(elapsed, epoch + 1, args.minutes)
 
     amp, line = choose_amp(args.amp)
     print(line, flush=True)

@@ -32,7 +32,7 @@ def train_for(args, decoder, vocab_path):
     demo_args = demo.parse_args(['--hard', '--decoder', decoder, '--root', args.root, '--num_train',
                                  str(args.num_train), '--num_val', str(args.num_val), '--seed', str(args.seed),
                                  '--model_path', os.path.join(args.model_dir, decoder), '--amp', 'off'])
-    budget, epochs, start = max(args.marks) * 60, [], time.time()
+    epochs, start = [], time.time()
     saving = 0.0  # seconds spent writing the epochs' checkpoints, which do not count as training
 
     def on_epoch_end(epoch, encoder, decoder_module, checkpoint):
@@ -44,7 +44,7 @@ def train_for(args, decoder, vocab_path):
         saving += time.time() - began
         epochs.append((elapsed / 60, path))
         print(f'{decoder}: epoch {epoch + 1} ended at {elapsed / 60:.1f} min', flush=True)
-        return elapsed * (epoch + 2) / (epoch + 1) <= budget
+        return demo.next_epoch_fits(elapsed, epoch + 1, max(args.marks))
 
     trainer.train(demo.train_args(demo_args, vocab_path), on_epoch_end)
     return epochs
