@@ -22,23 +22,57 @@ projected down to P units, and only the memory keeps H:
 W_hr is `weight_hr_l{k}` (P x H); h(t), h_0 and each layer's output have P units, and W (`weight_hh`) is
 4H x P. P = 0 (the default) means no projection.
 
-`LSTMCell` below is one step of these equations, as written. `LSTM` is nn.LSTM's multi-layer module: it
-computes U x(t) + b for all steps at once, then runs each layer and direction through time. The loops
-through time live in lstm_loops.py, because what makes them fast would hide the equations here: a
-hand-written backward (two autograd nodes per layer instead of a dozen per step, second-order gradients
-included), oneDNN's matrix multiplies on the CPU, and a loop torch.compile can fuse for GPUs. They run
-the same equations in ordinary tensor operations, never a built-in RNN kernel.
+`lstm_step` below is one step of these equations, as written, and the only place they are written in this
+file. `LSTMCell` is nn.LSTMCell: one step from x(t). `LSTM` is nn.LSTM's multi-layer module: it computes
+U x(t) + b for all time steps at once, then runs each layer and direction through time with `reference_loop`,
+one `lstm_step` after another.
+
+lstm_loops.py runs that same loop faster, and LSTM uses it whenever it can: a hand-written backward (two
+autograd nodes per layer instead of a dozen per step), oneDNN's matrix multiplies on the CPU, and a loop
+torch.compile can fuse for GPUs. It is handed `lstm_step` and `reference_loop` rather than importing them,
+and the tests hold it to `reference_loop` in float64. `reference_loop` itself runs while torch.export traces
+the model and when a gradient must be differentiated again. No built-in RNN kernel runs anywhere.
+lstm_interface.py holds nn.LSTM's argument and shape checks and the forms of its inputs and outputs.
 """
+import functools
 import math
-import numbers
-import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 
-from lstm_loops import input_projection, masked_steps, time_loops
+import lstm_interface as interface
+import lstm_loops
+
+
+class CellValues(NamedTuple):
+    """Every value of one time step, in the equations' letters (gates.py draws them)."""
+    g: torch.Tensor  # input gate
+    f: torch.Tensor  # forget gate
+    a: torch.Tensor  # new content
+    q: torch.Tensor  # output gate
+    s: torch.Tensor  # memory
+    h: torch.Tensor  # hidden state
+
+
+def lstm_step(z_x, h_prev, s_prev, weight_hh, weight_hr=None):
+    """One time step of the equations for a batch of rows: h(t-1), s(t-1) -> every value of step t.
+
+    z_x is U x(t) + b, the four gates' share of the input, (B, 4H). It does not depend on h(t-1), so a
+    whole sequence's z_x can be computed before its loop, in one large matrix multiply.
+    """
+    z = torch.addmm(z_x, h_prev, weight_hh.t())  # U x(t) + W h(t-1) + b: the four blocks side by side
+    z_g, z_f, z_a, z_q = z.chunk(4, dim=1)       # PyTorch's row order: input, forget, content, output
+    g = torch.sigmoid(z_g)                       # input gate
+    f = torch.sigmoid(z_f)                       # forget gate
+    a = z_a                                      # new content
+    q = torch.sigmoid(z_q)                       # output gate
+    s = f * s_prev + g * torch.tanh(a)           # memory update
+    h = q * torch.tanh(s)                        # hidden update
+    if weight_hr is not None:
+        h = h @ weight_hr.t()                    # projected hidden update
+    return CellValues(g, f, a, q, s, h)
 
 
 def _init_uniform(module, hidden_size):
@@ -49,7 +83,7 @@ def _init_uniform(module, hidden_size):
 
 
 class LSTMCell(nn.Module):
-    """One time step of the LSTM, in plain autograd ops: the equations exactly as written."""
+    """nn.LSTMCell: one time step, `lstm_step` from the input x(t)."""
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
         super().__init__()
@@ -73,42 +107,16 @@ class LSTMCell(nn.Module):
         return f'{self.input_size}, {self.hidden_size}' + ('' if self.bias else ', bias=False')
 
     def forward(self, input, hx=None):
-        if input.dim() not in (1, 2):
-            raise ValueError(f'LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead')
-        for i, state in enumerate(hx or ()):
-            if state.dim() not in (1, 2):
-                raise ValueError(f'LSTMCell: Expected hx[{i}] to be 1D or 2D, got {state.dim()}D instead')
-        unbatched = input.dim() == 1
-        if unbatched:
-            input = input.unsqueeze(0)
-            hx = None if hx is None else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        if hx is None:
-            zeros = input.new_zeros(input.size(0), self.hidden_size)
-            hx = (zeros, zeros)
-        if input.size(1) != self.input_size:
-            raise RuntimeError(f'input has inconsistent input_size: got {input.size(1)} expected {self.input_size}')
-        for i, state in enumerate(hx):  # nn.LSTMCell's checks and wording
-            if state.size(0) != input.size(0):
-                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size "
-                                   f"{state.size(0)}")
-            if state.size(1) != self.hidden_size:
-                raise RuntimeError(f'hidden{i} has inconsistent hidden_size: got {state.size(1)}, '
-                                   f'expected {self.hidden_size}')
-        h_prev, s_prev = hx
-        g, f, a, q = self.gates(input, h_prev)
-        s = f * s_prev + g * torch.tanh(a)      # memory update
-        h = q * torch.tanh(s)                   # hidden update
-        return (h.squeeze(0), s.squeeze(0)) if unbatched else (h, s)
+        """(h(t), s(t)) from x(t) and hx = (h(t-1), s(t-1)), zeros when hx is None; batched or not."""
+        values = self.step(input, hx)
+        return values.h, values.s
 
-    def gates(self, input, h_prev):
-        """The input gate g, forget gate f, new content a and output gate q, for (B, I) input."""
-        z = F.linear(input, self.weight_ih, self.bias_ih) + F.linear(h_prev, self.weight_hh, self.bias_hh)
-        z_g, z_f, z_a, z_q = z.chunk(4, dim=1)  # PyTorch's row order: input, forget, content, output
-        g = torch.sigmoid(z_g)                  # input gate
-        f = torch.sigmoid(z_f)                  # forget gate
-        a = z_a                                 # new content
-        q = torch.sigmoid(z_q)                  # output gate
-        return g, f, a, q
+    def step(self, input, hx=None):
+        """Every value of the step, as CellValues."""
+        x, (h_prev, s_prev), unbatched = interface.cell_inputs(self, input, hx)  # nn.LSTMCell's checks
+        bias = self.bias_ih + self.bias_hh if self.bias else None
+        values = lstm_step(F.linear(x, self.weight_ih, bias), h_prev, s_prev, self.weight_hh)
+        return CellValues(*(value.squeeze(0) for value in values)) if unbatched else values
 
 
 class LSTM(nn.Module):
@@ -117,26 +125,7 @@ class LSTM(nn.Module):
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
         super().__init__()
-        # nn.LSTM's checks, exception types and wording.
-        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-            raise ValueError('dropout should be a number in range [0, 1] representing the probability '
-                             'of an element being zeroed')
-        if dropout > 0 and num_layers == 1:
-            warnings.warn('dropout option adds dropout after all but last recurrent layer, so non-zero '
-                          f'dropout expects num_layers greater than 1, but got dropout={dropout} and '
-                          f'num_layers={num_layers}', stacklevel=2)
-        for name, value, kind in (('bias', bias, bool), ('batch_first', batch_first, bool),
-                                  ('input_size', input_size, int), ('hidden_size', hidden_size, int),
-                                  ('num_layers', num_layers, int), ('proj_size', proj_size, int)):
-            if not isinstance(value, kind):
-                raise TypeError(f'{name} should be of type {kind.__name__}, got: {type(value).__name__}')
-        for name, value in (('input_size', input_size), ('hidden_size', hidden_size), ('num_layers', num_layers)):
-            if value <= 0:
-                raise ValueError(f'{name} must be greater than zero')
-        if proj_size < 0:
-            raise ValueError('proj_size should be a positive integer or zero to disable projections')
-        if proj_size >= hidden_size:
-            raise ValueError('proj_size has to be smaller than hidden_size')
+        interface.check_lstm_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size = bidirectional, proj_size
@@ -148,7 +137,7 @@ class LSTM(nn.Module):
         for layer in range(num_layers):
             layer_input_size = input_size if layer == 0 else out_size * self.num_directions
             for direction in range(self.num_directions):
-                suffix = self._suffix(layer, direction)
+                suffix = f'_l{layer}' + ('_reverse' if direction == 1 else '')
                 shapes = {'weight_ih': (4 * hidden_size, layer_input_size), 'weight_hh': (4 * hidden_size, out_size)}
                 if bias:
                     shapes.update(bias_ih=(4 * hidden_size,), bias_hh=(4 * hidden_size,))
@@ -158,10 +147,6 @@ class LSTM(nn.Module):
                     self.register_parameter(name + suffix, nn.Parameter(torch.empty(shape, **factory)))
                 self._all_weights.append([name + suffix for name in shapes])
         self.reset_parameters()
-
-    @staticmethod
-    def _suffix(layer, direction):
-        return f'_l{layer}' + ('_reverse' if direction == 1 else '')
 
     def reset_parameters(self):
         """Fresh weights, e.g. after building on the meta device and calling to_empty()."""
@@ -195,101 +180,71 @@ class LSTM(nn.Module):
         compile. torch.compile's backward cannot be differentiated again: no second-order gradients here.
         """
         self.steps_per_call = steps_per_call
-        self._compiled_steps = torch.compile(masked_steps, **{'dynamic': True, **compile_kwargs})
+        self._compiled_steps = lstm_loops.compile_steps(lstm_step, **{'dynamic': True, **compile_kwargs})
 
     def __getstate__(self):
         """A compiled function cannot be pickled: a copy runs the plain loop until compiled again."""
         return {**super().__getstate__(), '_compiled_steps': None}
 
     def forward(self, input, hx=None):
-        packed = isinstance(input, PackedSequence)
-        if packed:
-            data, batch_sizes, sorted_indices, unsorted_indices = input
-            batch_sizes = batch_sizes.tolist()
-            unbatched = False
-        else:
-            data, unbatched, (seq_len, batch) = self._time_major_rows(input)
-            batch_sizes, sorted_indices, unsorted_indices = [batch] * seq_len, None, None
-        self._check_input(data)
-        h0, s0 = self._initial_state(hx, batch_sizes[0], data, unbatched, sorted_indices)
-
-        # The time loop of each direction, the same for every layer (lstm_loops.py).
-        loops = time_loops(batch_sizes, packed, self.num_directions, data.device, self._compiled_steps,
-                           self.steps_per_call)
-        layer_input, h_n, s_n = data, [], []
+        rows = interface.input_rows(self, input)        # every time step's rows one after another
+        h0, s0 = interface.initial_state(self, hx, rows)
+        loops = self._time_loops(rows)                  # one per direction: forward, then backward in time
+        layer_input, h_n, s_n = rows.data, [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
             outputs = []
             for direction, time_loop in enumerate(loops):
-                suffix, index = self._suffix(layer, direction), layer * self.num_directions + direction
-                bias = getattr(self, 'bias_ih' + suffix) + getattr(self, 'bias_hh' + suffix) if self.bias else None
-                z_x = input_projection(layer_input, getattr(self, 'weight_ih' + suffix), bias)  # all steps at once
-                weight_hr = getattr(self, 'weight_hr' + suffix) if self.proj_size > 0 else None
-                h_all, h_last, s_last = time_loop(z_x, getattr(self, 'weight_hh' + suffix), weight_hr,
-                                                  h0[index], s0[index])
+                weight_ih, weight_hh, bias, weight_hr = self.layer_weights(layer, direction)
+                z_x = lstm_loops.input_projection(layer_input, weight_ih, bias)  # U x(t) + b, all steps at once
+                index = layer * self.num_directions + direction
+                h_all, h_last, s_last = time_loop(z_x, weight_hh, weight_hr, h0[index], s0[index])
+                outputs.append(h_all)
                 h_n.append(h_last)
                 s_n.append(s_last)
-                outputs.append(h_all)
             # Bidirectional: the next layer's input is both directions' h side by side.
             layer_input = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-        h_n, s_n = torch.stack(h_n), torch.stack(s_n)  # final states, (layers * directions, batch, P or H)
+        return interface.lstm_output(self, rows, layer_input, torch.stack(h_n), torch.stack(s_n))
 
-        if packed:
-            if unsorted_indices is not None:
-                h_n, s_n = h_n.index_select(1, unsorted_indices), s_n.index_select(1, unsorted_indices)
-            return PackedSequence(layer_input, input.batch_sizes, sorted_indices, unsorted_indices), (h_n, s_n)
-        output = layer_input.view(seq_len, batch, layer_input.size(1))
-        if unbatched:
-            return output.squeeze(1), (h_n.squeeze(1), s_n.squeeze(1))
-        return (output.transpose(0, 1) if self.batch_first else output), (h_n, s_n)
+    def layer_weights(self, layer, direction):
+        """(U, W, b, W_hr) of one layer and direction; b and W_hr are None without bias or projection."""
+        suffix = f'_l{layer}' + ('_reverse' if direction == 1 else '')
+        bias = getattr(self, 'bias_ih' + suffix) + getattr(self, 'bias_hh' + suffix) if self.bias else None
+        weight_hr = getattr(self, 'weight_hr' + suffix) if self.proj_size > 0 else None
+        return getattr(self, 'weight_ih' + suffix), getattr(self, 'weight_hh' + suffix), bias, weight_hr
 
-    def _time_major_rows(self, input):
-        """A plain input as (time x batch) rows of features, whether it was unbatched, and (steps, batch)."""
-        if input.dim() not in (2, 3):
-            raise ValueError(f'LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead')
-        unbatched = input.dim() == 2
-        if unbatched:
-            input = input.unsqueeze(1)
-        elif self.batch_first:
-            input = input.transpose(0, 1)
-        seq_len, batch = input.shape[:2]
-        if seq_len == 0:
-            raise RuntimeError('Expected sequence length to be larger than 0 in RNN')
-        return input.reshape(seq_len * batch, input.size(2)), unbatched, (seq_len, batch)
+    def _time_loops(self, rows):
+        """The loop through time of each direction: reference_loop while torch.export traces the model (export.py),
+        otherwise lstm_loops' fast form of it."""
+        directions = range(self.num_directions)
+        if lstm_loops.is_exporting():
+            return [functools.partial(reference_loop, batch_sizes=rows.batch_sizes, reverse=direction == 1)
+                    for direction in directions]
+        return lstm_loops.time_loops(rows, self.num_directions, self._compiled_steps, self.steps_per_call,
+                                     reference_loop)
 
-    def _check_input(self, data):
-        if data.dim() != 2:
-            raise RuntimeError(f'packed input must have 2 dimensions, got {data.dim()}')
-        if data.size(1) != self.input_size:
-            raise RuntimeError(f'input.size(-1) must be equal to input_size. Expected {self.input_size}, '
-                               f'got {data.size(1)}')
-        weight = self.weight_ih_l0
-        if data.dtype != weight.dtype and not torch.is_autocast_enabled(data.device.type):
-            raise ValueError(f'RNN input dtype ({data.dtype}) does not match weight dtype ({weight.dtype}). '
-                             f'Convert input: input.to({weight.dtype}), or convert model: model.to({data.dtype})')
 
-    def _initial_state(self, hx, batch, data, unbatched, sorted_indices):
-        """(h_0, c_0) as (layers * directions, batch, P or H) and (..., H), in the packed batch's sorted order."""
-        layers = self.num_layers * self.num_directions
-        shapes = ((layers, batch, self.proj_size or self.hidden_size), (layers, batch, self.hidden_size))
-        if hx is None:
-            return tuple(data.new_zeros(shape) for shape in shapes)
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError('LSTM: hx must be a tuple (h_0, c_0)')
-        want = 2 if unbatched else 3
-        if hx[0].dim() != want or hx[1].dim() != want:
-            kind = 'unbatched 2-D' if unbatched else 'batched 3-D'
-            raise RuntimeError(f'For {kind} input, hx and cx should also be {want}-D but got '
-                               f'({hx[0].dim()}-D, {hx[1].dim()}-D) tensors')
-        if unbatched:
-            hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        for i, (state, shape) in enumerate(zip(hx, shapes)):
-            if tuple(state.shape) != shape:
-                raise RuntimeError(f'Expected hidden[{i}] size {shape}, got {list(state.shape)}')
-            if state.dtype != data.dtype and not torch.is_autocast_enabled(data.device.type):
-                raise RuntimeError(f'LSTM hx dtype ({state.dtype}) does not match input dtype ({data.dtype}): '
-                                   f'convert hx: hx[{i}].to({data.dtype})')
-        if sorted_indices is not None:
-            hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
-        return hx
+def reference_loop(z_x, weight_hh, weight_hr, h0, s0, batch_sizes, reverse=False):
+    """One layer in one direction through time, one `lstm_step` after another.
+
+    z_x holds U x(t) + b for every time step's rows, one step after another, `batch_sizes[t]` rows at step t:
+    the sequences still running, longest first (a PackedSequence's order). h0 and s0 hold every sequence's
+    initial state. Returns h at every row, and each sequence's final h and s.
+
+    h and s hold every sequence's current state. At step t its first batch_sizes[t] rows step on, and the rest
+    keep theirs: going forward those sequences have ended, so they keep their final state; going backward (from
+    the last step to the first) they have not started yet, so they keep their initial state.
+    """
+    starts = [0]
+    for n in batch_sizes:
+        starts.append(starts[-1] + n)
+    h, s, h_rows = h0, s0, [None] * len(batch_sizes)
+    times = range(len(batch_sizes))
+    for t in reversed(times) if reverse else times:
+        n = batch_sizes[t]
+        step = lstm_step(z_x[starts[t]:starts[t + 1]], h[:n], s[:n], weight_hh, weight_hr)
+        h_rows[t] = step.h
+        h = step.h if n == len(h) else torch.cat([step.h, h[n:]])
+        s = step.s if n == len(s) else torch.cat([step.s, s[n:]])
+    return torch.cat(h_rows), h, s

@@ -4,19 +4,16 @@ and, for a model trained with --decoder attention, where it looked in the image 
     python sample.py --image png/example.png --checkpoint models/demo/best.pt --gates png/example_gates.png
     python sample.py --image png/example.png --checkpoint models/demo/best.pt --gates_json gates.json
     python sample.py --image png/example.png --checkpoint models/demo_attention/best.pt --attention attention.png
-    python gates.py --checkpoint models/demo/best.pt     # units that track something, on the synthetic set
+    python gate_units.py --checkpoint models/demo/best.pt   # units that track something, on the synthetic set
 
 The decoder first writes its caption exactly as sample.py does (greedy, or the best beam). `replay` then runs
-that caption's words through the LSTM once more with the cell equations of DIY_LSTM.py, in plain torch on the
-LSTM's own parameters, and keeps every value along the way. Training and ordinary decoding never run this code,
+that caption's words through the LSTM once more, one DIY_LSTM.lstm_step at a time on the LSTM's own
+parameters, and keeps every value along the way. Training and ordinary decoding never run this code,
 so recording costs them nothing.
 """
-import argparse
 import io
 import json
 import math
-import os
-import sys
 import textwrap
 
 import numpy as np
@@ -25,31 +22,18 @@ from PIL import Image
 from torch import nn
 
 from data_loader import eval_transform
-from decoding import load_captioner
-from files import CheckpointError, ImageError, atomic_write, load_image
-from flags import HelpFormatter
+from DIY_LSTM import CellValues, lstm_step
+from files import atomic_write, load_image
 from model import AttentionDecoder, DecodeSettings, ids_to_sentence
-from synthetic import easy
 
 # What each heatmap shows, in the letters of DIY_LSTM.py, its colour map and its range.
 PANELS = (('g', 'input gate g', 'viridis', 0, 1), ('f', 'forget gate f', 'viridis', 0, 1),
           ('q', 'output gate q', 'viridis', 0, 1), ('s', 'memory s, shown as tanh(s)', 'RdBu_r', -1, 1))
 
 
-def cell_step(x, h, s, weights):
-    """One step of the cell equations of DIY_LSTM.py, every value kept. weights: (weight_ih, weight_hh, bias),
-    the blocks in DIY_LSTM's (and PyTorch's) order g, f, a, q."""
-    weight_ih, weight_hh, bias = weights
-    z_g, z_f, a, z_q = (weight_ih @ x + weight_hh @ h + bias).chunk(4)
-    g, f, q = torch.sigmoid(z_g), torch.sigmoid(z_f), torch.sigmoid(z_q)
-    s = f * s + g * torch.tanh(a)  # memory update
-    h = q * torch.tanh(s)          # hidden update
-    return dict(g=g, f=f, a=a, q=q, s=s, h=h)
-
-
 def stacked(steps):
-    """The values of every step, one (steps, hidden) tensor per letter."""
-    return {key: torch.stack([step[key] for step in steps]) for key in steps[0]}
+    """The values of every step (DIY_LSTM.CellValues of one row each), one (steps, hidden) tensor per letter."""
+    return {key: torch.cat([getattr(step, key) for step in steps]) for key in CellValues._fields}
 
 
 @torch.no_grad()
@@ -66,13 +50,13 @@ def replay(decoder, feature, ids):
     inputs = torch.cat([feature.unsqueeze(0), decoder.embed(ids[:-1])])
     layers = []
     for layer in range(lstm.num_layers):
-        weight_ih, weight_hh = getattr(lstm, f'weight_ih_l{layer}'), getattr(lstm, f'weight_hh_l{layer}')
-        bias = getattr(lstm, f'bias_ih_l{layer}') + getattr(lstm, f'bias_hh_l{layer}') if lstm.bias else 0
-        h = s = inputs.new_zeros(lstm.hidden_size)
+        weight_ih, weight_hh, bias, _ = lstm.layer_weights(layer, 0)
+        z_x = nn.functional.linear(inputs, weight_ih, bias)  # U x(t) + b of every step
+        h = s = inputs.new_zeros(1, lstm.hidden_size)
         steps = []
-        for x in inputs:
-            steps.append(cell_step(x, h, s, (weight_ih, weight_hh, bias)))
-            h, s = steps[-1]['h'], steps[-1]['s']
+        for t in range(len(inputs)):
+            steps.append(lstm_step(z_x[t:t + 1], h, s, weight_hh))
+            h, s = steps[-1].h, steps[-1].s
         layers.append(stacked(steps))
         inputs = layers[-1]['h']
     return layers
@@ -82,16 +66,14 @@ def replay_attention(decoder, grid, ids):
     """The attention decoder's cell, replayed as replay does the fc decoder's LSTM. Its input at step t is
     AttentionDecoder.cell_input's, [embedding of word t-1; beta * context]; step 0 has no word before it, so
     zeros, and h(0), s(0) come from the mean cell, as in AttentionDecoder.start."""
-    cell = decoder.cell
     first, state = decoder.start(grid.unsqueeze(0))
     words = torch.cat([first, decoder.embed(ids[:-1])])
-    bias = cell.bias_ih + cell.bias_hh if cell.bias else 0
-    h, s = state.h[0], state.s[0]
+    h, s = state.h, state.s
     steps = []
     for word in words:
-        x, _ = decoder.cell_input(word.unsqueeze(0), h.unsqueeze(0), state.grid, state.keys)
-        steps.append(cell_step(x[0], h, s, (cell.weight_ih, cell.weight_hh, bias)))
-        h, s = steps[-1]['h'], steps[-1]['s']
+        x, _ = decoder.cell_input(word.unsqueeze(0), h, state.grid, state.keys)
+        steps.append(decoder.cell.step(x, (h, s)))
+        h, s = steps[-1].h, steps[-1].s
     return stacked(steps)
 
 
@@ -240,80 +222,3 @@ def save(result, png_path=None, json_path=None, attention_path=None, top=32):
     if attention_path:
         data = png_bytes(attention_figure(result))
         atomic_write(attention_path, lambda f: f.write(data))
-
-
-def step_labels(words):
-    """Two yes/no questions for each step of a synthetic caption, None where a question does not apply:
-    'the colour word is next' (the next word is a colour), and 'a second object is coming' (asked only up to the
-    first shape word: does the caption go on to name a second object?)."""
-    colour_next = [float(later in easy.COLOURS) for later in words[1:]] + [0.0]
-    shapes = [i for i, word in enumerate(words) if word in easy.SHAPES]
-    second = [float(len(shapes) > 1) if shapes and i <= shapes[0] else None for i in range(len(words))]
-    return {'the colour word is next': colour_next, 'a second object is coming': second}
-
-
-def tracking_units(results):
-    """For each question of step_labels, every unit's correlation between its memory tanh(s) and the answer,
-    over all the steps of all the captions where the question applies: {question: (r per unit, values, answers)}."""
-    found = {}
-    for question in step_labels(['a']):
-        values, answers = [], []
-        for result in results:
-            for s, answer in zip(torch.tanh(result['layers'][-1]['s']), step_labels(result['words'])[question]):
-                if answer is not None:
-                    values.append(s)
-                    answers.append(answer)
-        values, answers = torch.stack(values), torch.tensor(answers)
-        centred, y = values - values.mean(0), answers - answers.mean()
-        r = (centred * y[:, None]).sum(0) / (centred.norm(dim=0) * y.norm() + 1e-12)
-        found[question] = (r, values, answers)
-    return found
-
-
-def units_figure(found, count):
-    """For each question, the best unit's tanh(s) at the steps where the answer is yes and where it is no."""
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(5 * len(found), 3.4), layout='constrained')
-    for axes, (question, (r, values, answers)) in zip(fig.subplots(1, len(found), squeeze=False)[0], found.items()):
-        unit = int(r.abs().argmax())
-        bins = torch.linspace(-1, 1, 41).numpy()
-        for answer, label in ((1, 'yes'), (0, 'no')):
-            if (answers == answer).any():
-                axes.hist(values[answers == answer, unit].numpy(), bins=bins, alpha=0.6, density=True, label=label)
-        axes.set_title(f'"{question}"\nunit {unit}: r = {float(r[unit]):+.2f}', fontsize=10)
-        axes.set_xlabel(f'tanh(s) of unit {unit} at each step ({len(answers)} steps of {count} captions)')
-        axes.legend(title='answer', fontsize=8)
-    return fig
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description='Find LSTM units whose memory tracks something in synthetic captions.',
-                                     formatter_class=HelpFormatter)
-    parser.add_argument('--checkpoint', type=str, default='models/demo/best.pt', help='checkpoint from train.py')
-    parser.add_argument('--image_dir', type=str, default='data/synthetic/val', help='synthetic images to caption')
-    parser.add_argument('--caption_path', type=str, default='data/synthetic/annotations/captions_val.json',
-                        help='their COCO-format captions')
-    parser.add_argument('--out', type=str, default=None, help='PNG: the best unit for each question')
-    args = parser.parse_args(argv)
-    try:
-        captioner = load_captioner(args.checkpoint)
-        with open(args.caption_path) as f:
-            paths = [os.path.join(args.image_dir, image['file_name']) for image in json.load(f)['images']]
-        results = [record(path, captioner) for path in paths]
-    except (CheckpointError, ImageError) as err:
-        sys.exit(f'error: {err}')
-    except OSError as err:
-        sys.exit(f'error: {err.filename}: {err.strerror}; python demo.py makes the synthetic set and the model')
-    found = tracking_units(results)
-    for question, (r, _, answers) in found.items():
-        best = r.abs().argsort(descending=True)[:3].tolist()
-        print(f'"{question}" ({int(answers.sum())} yes, {int((answers == 0).sum())} no): '
-              + ', '.join(f'unit {u} r = {float(r[u]):+.2f}' for u in best)
-              + f'; median |r| of all {len(r)} units {float(r.abs().median()):.2f}')
-    if args.out:
-        data = png_bytes(units_figure(found, len(results)))
-        atomic_write(args.out, lambda f: f.write(data))
-
-
-if __name__ == '__main__':
-    main()

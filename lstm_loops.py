@@ -1,9 +1,9 @@
-"""The time loops behind DIY_LSTM.LSTM: the same equations, run fast over whole batches of sequences.
+"""The loops through time behind DIY_LSTM.LSTM: `DIY_LSTM.reference_loop`, run faster.
 
-DIY_LSTM.py states the equations and nn.LSTM's contract; this module runs them through time.
-`LSTM.forward` computes U x(t) + b for every time step at once (`input_projection`), then hands each
-layer and direction to one of the loops from `time_loops`, which returns h at every step and each
-sequence's final h and s. What makes those loops fast, and would bury the equations in DIY_LSTM.py:
+DIY_LSTM.py writes the equations once, in `lstm_step`, and runs them through time in `reference_loop`.
+`LSTM.forward` computes U x(t) + b for every time step at once (`input_projection`), then hands each layer and
+direction to one of the loops from `time_loops`, which return what `reference_loop` returns: h at every row and
+each sequence's final h and s. What makes them fast, and would bury the equations in DIY_LSTM.py:
 
 - A PackedSequence is stepped block by block (`_schedule`): only the rows of sequences still running.
 - With gradients, `_Recurrence`, an autograd.Function, runs the loop into preallocated buffers and has a
@@ -13,9 +13,10 @@ sequence's final h and s. What makes those loops fast, and would bury the equati
 - After `LSTM.compile_loop()`, long inputs run on a padded grid that torch.compile can trace
   (`GridLoop`, `masked_steps`): on a GPU the plain loop is bound by kernel launches.
 
-Second-order gradients (a gradient penalty, gradgradcheck): the hand-written backward is the fast way to
-get first-order gradients. When the backward itself must be differentiated (create_graph=True), it runs
-the loop again in plain autograd ops and differentiates that instead.
+This module never imports DIY_LSTM: it is handed `lstm_step` (the compiled loop runs it) and `reference_loop`
+(the backward runs it when it must itself be differentiated, create_graph=True). Only two places here write
+the equations in their own form, for speed: the fused loop `_forward_loop` and the hand-written backward
+`_Recurrence.backward`; tests/test_diy_lstm.py holds both to `reference_loop` in float64.
 
 No built-in RNN kernel runs anywhere: every step is the equations in ordinary tensor operations.
 """
@@ -26,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-_is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)  # torch >= 2.6
+is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)  # torch >= 2.6: whether torch.export traces
 
 
 def input_projection(x, weight, bias):
@@ -38,14 +39,15 @@ def input_projection(x, weight, bias):
     return F.linear(x, weight, bias)
 
 
-def time_loops(batch_sizes, packed, num_directions, device, compiled_steps, steps_per_call):
-    """One loop per direction (forward, then backward) for a batch with these time steps, run for every layer.
+def time_loops(rows, num_directions, compiled_steps, steps_per_call, reference_loop):
+    """One loop per direction (forward, then backward) for a batch with these rows, run for every layer.
 
-    `batch_sizes[t]` is the number of sequences running at step t, as in a PackedSequence; a plain tensor
-    has the same batch at every step. The compiled loop (`compiled_steps`, from LSTM.compile_loop())
-    runs inputs of at least `steps_per_call` steps; shorter ones, such as decoding one word at a time,
-    keep the packed loop.
+    rows: lstm_interface.Rows, whose `batch_sizes[t]` is the number of sequences running at step t, as in a
+    PackedSequence; a plain tensor has the same batch at every step. The compiled loop (`compiled_steps`,
+    from LSTM.compile_loop()) runs inputs of at least `steps_per_call` steps; shorter ones, such as decoding
+    one word at a time, keep the packed loop. reference_loop: DIY_LSTM's, for second-order gradients.
     """
+    batch_sizes, device = rows.batch_sizes, rows.data.device
     batch = batch_sizes[0]
     directions = range(num_directions)
     if compiled_steps is not None and len(batch_sizes) >= steps_per_call and batch > 0:
@@ -53,9 +55,9 @@ def time_loops(batch_sizes, packed, num_directions, device, compiled_steps, step
                 for direction in directions]
     # Rows holding each sequence's final state: for a plain tensor, the last and first steps' blocks.
     seq_len = len(batch_sizes)
-    last_rows = (_last_rows(batch_sizes, device) if packed
+    last_rows = (_last_rows(batch_sizes, device) if rows.packed is not None
                  else (slice((seq_len - 1) * batch, seq_len * batch), slice(0, batch)))
-    return [PackedLoop(batch_sizes, direction == 1, last_rows[direction]) for direction in directions]
+    return [PackedLoop(batch_sizes, direction == 1, last_rows[direction], reference_loop) for direction in directions]
 
 
 class TimeLoop:
@@ -76,23 +78,18 @@ class TimeLoop:
 
 
 class PackedLoop(TimeLoop):
-    """The loop over the packed rows, step by step (`_schedule`), in one of three forms.
+    """The loop over the packed rows, step by step (`_schedule`): with gradients, the autograd.Function with its
+    hand-written backward; otherwise (inference) the fast loop alone."""
 
-    With gradients, the autograd.Function with its hand-written backward; while torch.export traces
-    (export.py, ONNX), out-of-place ops and no Function; otherwise (inference) the fast loop alone.
-    """
-
-    def __init__(self, batch_sizes, reverse, last_rows):
-        self.schedule, self.last_rows = _schedule(batch_sizes, reverse), last_rows
+    def __init__(self, batch_sizes, reverse, last_rows, reference_loop):
+        self.batch_sizes, self.reverse, self.last_rows = batch_sizes, reverse, last_rows
+        self.schedule, self.reference_loop = _schedule(batch_sizes, reverse), reference_loop
 
     def _run(self, z_x, *loop_args):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [z_x, *loop_args]):
-            h_all, s_all = _Recurrence.apply(z_x, *loop_args, self.schedule)
-        elif _is_exporting():  # torch.export / ONNX: out-of-place ops, no Function
-            h_all, s_all = _plain_loop(z_x, *loop_args, self.schedule)
-        else:  # inference: the fast loop, without the autograd.Function around it
-            with torch.no_grad():  # nothing to record, so oneDNN's products may run
-                _, _, h_all, s_all, _ = _forward_loop(z_x, *loop_args, self.schedule)
+            return _Recurrence.apply(z_x, *loop_args, self)
+        with torch.no_grad():  # inference: nothing to record, so oneDNN's products may run
+            _, _, h_all, s_all, _ = _forward_loop(z_x, *loop_args, self.schedule)
         return h_all, h_all[self.last_rows], s_all[self.last_rows]
 
 
@@ -222,35 +219,42 @@ def _forward_loop(z_x, weight_hh, weight_hr, h0, s0, steps):
 
 
 class _Recurrence(torch.autograd.Function):
-    """_forward_loop with a hand-written backward.
+    """_forward_loop with a hand-written backward; both must equal DIY_LSTM.reference_loop and its autograd.
 
     Autograd records two nodes per layer instead of a dozen per time step, and the backward runs its
     own loop. Only when the backward must itself be differentiated does it fall back to autograd.
     """
 
     @staticmethod
-    def forward(ctx, z_x, weight_hh, weight_hr, h0, s0, steps):
+    def forward(ctx, z_x, weight_hh, weight_hr, h0, s0, loop):
         ctx.set_materialize_grads(False)
-        gates, m_all, h_all, s_all, tanh_s_all = _forward_loop(z_x, weight_hh, weight_hr, h0, s0, steps)
+        gates, m_all, h_all, s_all, tanh_s_all = _forward_loop(z_x, weight_hh, weight_hr, h0, s0, loop.schedule)
         ctx.save_for_backward(z_x, gates, None if weight_hr is None else m_all, h_all, s_all, tanh_s_all,
                               weight_hh, weight_hr, h0, s0)
-        ctx.steps = steps
-        return h_all, s_all
+        ctx.loop = loop
+        # Copies, not views: a Function's outputs must not be views of one another.
+        return h_all, h_all[loop.last_rows].clone(), s_all[loop.last_rows].clone()
 
     @staticmethod
-    def backward(ctx, grad_h_all, grad_s_all):
+    def backward(ctx, grad_h_all, grad_h_last, grad_s_last):
         z_x, gates, m_all, h_all, s_all, tanh_s_all, weight_hh, weight_hr, h0, s0 = ctx.saved_tensors
+        steps, last_rows = ctx.loop.schedule, ctx.loop.last_rows
         if torch.is_grad_enabled():  # create_graph=True: the gradients themselves need gradients
-            return _differentiable_backward(ctx, (z_x, weight_hh, weight_hr, h0, s0), grad_h_all, grad_s_all)
+            return _differentiable_backward(ctx, (z_x, weight_hh, weight_hr, h0, s0),
+                                            (grad_h_all, grad_h_last, grad_s_last))
         hidden = weight_hh.size(0) // 4
         # dh and ds gather what later steps send back, so they start as the outputs' own gradients.
         dh_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all.contiguous().clone()
-        ds_all = torch.zeros_like(s_all) if grad_s_all is None else grad_s_all.contiguous().clone()
+        ds_all = torch.zeros_like(s_all)
+        if grad_h_last is not None:
+            dh_all[last_rows] += grad_h_last
+        if grad_s_last is not None:
+            ds_all[last_rows] += grad_s_last
         dz_all = torch.empty_like(gates)  # dL/dz for every row; z = z_x + W h_prev, so also dL/dz_x
         dh0, ds0 = torch.zeros_like(h0), torch.zeros_like(s0)
-        times_w_hh_t = _weight_product(weight_hh.t(), ctx.steps)
-        times_w_hr_t = None if weight_hr is None else _weight_product(weight_hr.t(), ctx.steps)
-        for start, n, carried, prev_start in reversed(ctx.steps):
+        times_w_hh_t = _weight_product(weight_hh.t(), steps)
+        times_w_hr_t = None if weight_hr is None else _weight_product(weight_hr.t(), steps)
+        for start, n, carried, prev_start in reversed(steps):
             rows = slice(start, start + n)
             g, f, tanh_a, q = gates[rows].chunk(4, dim=1)
             tanh_s = tanh_s_all[rows]
@@ -280,45 +284,22 @@ class _Recurrence(torch.autograd.Function):
                 dh0[carried:n] = times_w_hh_t(dz[carried:])
                 ds0[carried:n] = ds[carried:] * f[carried:]
         # W's gradient, sum over steps of dz(t)^T h(t-1), as one matrix multiply; W_hr's, of dh(t)^T m(t).
-        h_prev_all = torch.cat([_previous(h_all, h0, *step[1:]) for step in sorted(ctx.steps)])
+        h_prev_all = torch.cat([_previous(h_all, h0, *step[1:]) for step in sorted(steps)])
         grad_w_hh = dz_all.t() @ h_prev_all if ctx.needs_input_grad[1] else None
         grad_w_hr = dh_all.t() @ m_all if ctx.needs_input_grad[2] else None
         return dz_all, grad_w_hh, grad_w_hr, dh0, ds0, None
 
 
-def _differentiable_backward(ctx, inputs, grad_h_all, grad_s_all):
-    """The backward for create_graph=True: the loop again in plain autograd ops, differentiated by
-    autograd, so that the gradients it returns have a graph of their own (correct to any order)."""
-    z_x, weight_hh, weight_hr, h0, s0 = inputs
+def _differentiable_backward(ctx, inputs, grads):
+    """The backward for create_graph=True: DIY_LSTM.reference_loop again, differentiated by autograd, so that
+    the gradients it returns have a graph of their own (correct to any order)."""
+    loop = ctx.loop
     with torch.enable_grad():
-        h_all, s_all = _plain_loop(z_x, weight_hh, weight_hr, h0, s0, ctx.steps)
-    outputs, grads = zip(*[(out, grad) for out, grad in ((h_all, grad_h_all), (s_all, grad_s_all)) if grad is not None])
+        outputs = loop.reference_loop(*inputs, batch_sizes=loop.batch_sizes, reverse=loop.reverse)
+    outputs, grads = zip(*[(out, grad) for out, grad in zip(outputs, grads) if grad is not None])
     wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if needed]
     found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
     return tuple(next(found) if needed else None for needed in ctx.needs_input_grad[:5]) + (None,)
-
-
-def _step(z_x_t, h_prev, s_prev, weight_hh, weight_hr):
-    """One time step of the equations in plain autograd ops."""
-    z = torch.addmm(z_x_t, h_prev, weight_hh.t())            # U x(t) + W h(t-1) + b, all four gates
-    z_g, z_f, z_a, z_q = z.chunk(4, dim=1)
-    s = torch.sigmoid(z_f) * s_prev + torch.sigmoid(z_g) * torch.tanh(z_a)  # memory update
-    h = torch.sigmoid(z_q) * torch.tanh(s)                                  # hidden update
-    return (h if weight_hr is None else h @ weight_hr.t()), s
-
-
-def _plain_loop(z_x, weight_hh, weight_hr, h0, s0, steps):
-    """_forward_loop in plain out-of-place ops, so that autograd records (and can differentiate) every step."""
-    h_steps, s_steps, h, s = {}, {}, None, None
-    for start, n, carried, prev_start in steps:
-        if carried == n:
-            h_prev, s_prev = h[:n], s[:n]
-        else:
-            h_prev = torch.cat([h[:carried], h0[carried:n]]) if carried else h0[:n]
-            s_prev = torch.cat([s[:carried], s0[carried:n]]) if carried else s0[:n]
-        h, s = _step(z_x[start:start + n], h_prev, s_prev, weight_hh, weight_hr)
-        h_steps[start], s_steps[start] = h, s
-    return torch.cat([h_steps[k] for k in sorted(h_steps)]), torch.cat([s_steps[k] for k in sorted(s_steps)])
 
 
 def _weight_product(weight, steps):
@@ -345,13 +326,12 @@ def _weight_product(weight, steps):
     return product
 
 
-
 def _onednn_matmul(weight):
     """Whether _weight_product may use oneDNN for this weight; torch.backends.mkldnn.enabled = False turns it off.
 
     The private operators have no derivative, so not while autograd records (a double backward), and
     not while torch.compile or torch.export traces, so that their graphs hold only public operators.
-    For the same reasons _step, which runs only while autograd records or a tracer traces, uses addmm.
+    DIY_LSTM.lstm_step, which the loops here run only while autograd records or a tracer traces, uses plain addmm.
     """
     return (weight.device.type == 'cpu' and weight.dtype == torch.float32 and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and torch.backends.mkldnn.enabled and _onednn_ops_work())
@@ -383,8 +363,13 @@ def _tanh_backward(grad, y, out=None):
     return torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=out)
 
 
-def masked_steps(z_x, running, weight_hh, weight_hr, h, s):
-    """A few time steps of the equations on a padded batch, in plain ops for torch.compile to fuse.
+def compile_steps(lstm_step, **compile_kwargs):
+    """masked_steps over this step function, through torch.compile (LSTM.compile_loop)."""
+    return torch.compile(functools.partial(masked_steps, lstm_step), **compile_kwargs)
+
+
+def masked_steps(lstm_step, z_x, running, weight_hh, weight_hr, h, s):
+    """A few time steps of lstm_step on a padded batch, in plain ops for torch.compile to fuse.
 
     z_x is (steps, B, 4H) and running is (steps, B, 1). A row that is not running (past the end of
     its caption, or not yet started when going backward) keeps its state, so each row finishes with
@@ -392,8 +377,8 @@ def masked_steps(z_x, running, weight_hh, weight_hr, h, s):
     """
     outputs = []
     for z_x_t, running_t in zip(z_x, running):
-        h_new, s_new = _step(z_x_t, h, s, weight_hh, weight_hr)
-        s = torch.where(running_t, s_new, s)
-        h = torch.where(running_t, h_new, h)
+        step = lstm_step(z_x_t, h, s, weight_hh, weight_hr)
+        s = torch.where(running_t, step.s, s)
+        h = torch.where(running_t, step.h, h)
         outputs.append(h)
     return torch.stack(outputs), h, s

@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_loops
 from conftest import needs_gpu
-from DIY_LSTM import LSTM, LSTMCell
+from DIY_LSTM import LSTM, LSTMCell, lstm_step, reference_loop
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -51,7 +51,7 @@ def test_cell_gates_follow_the_equations_by_hand():
     s = f * s_prev + g * math.tanh(a)
     h = q * math.tanh(s)
 
-    got = cell.gates(torch.tensor([[x]]), torch.tensor([[h_prev]]))
+    got = cell.step(torch.tensor([[x]]), (torch.tensor([[h_prev]]), torch.tensor([[s_prev]])))
     for name, value, expected in zip('gfaq', got, (g, f, a, q)):
         assert value.item() == pytest.approx(expected, abs=1e-12), name
     h_got, s_got = cell(torch.tensor([[x]]), (torch.tensor([[h_prev]]), torch.tensor([[s_prev]])))
@@ -79,7 +79,7 @@ def test_cell_gates_follow_the_equations_in_numpy():
     s = f * s_prev + g * np.tanh(a)
     h = q * np.tanh(s)
 
-    got = cell.gates(torch.from_numpy(x), torch.from_numpy(h_prev))
+    got = cell.step(torch.from_numpy(x), (torch.from_numpy(h_prev), torch.from_numpy(s_prev)))
     for value, expected in zip(got, (g, f, a, q)):
         np.testing.assert_allclose(value.detach().numpy(), expected, atol=1e-12)
     h_got, s_got = cell(torch.from_numpy(x), (torch.from_numpy(h_prev), torch.from_numpy(s_prev)))
@@ -102,6 +102,61 @@ def test_layer_steps_the_equations_over_time():
     torch.testing.assert_close(out, torch.stack(expected), rtol=0, atol=1e-12)
     torch.testing.assert_close(h_n[0], h, rtol=0, atol=1e-12)
     torch.testing.assert_close(c_n[0], s, rtol=0, atol=1e-12)
+
+
+# --- lstm_loops' fast forms of the loop, against DIY_LSTM.reference_loop ----------------------
+
+def loop_inputs(lengths, proj_size, seed):
+    """z_x, W, W_hr, h0, s0 for one layer of hidden size 5, and the batch_sizes of captions of these lengths."""
+    torch.manual_seed(seed)
+    hidden, batch = 5, len(lengths)
+    out = proj_size or hidden
+    batch_sizes = [sum(length > t for length in lengths) for t in range(max(lengths))]
+    tensors = [torch.randn(sum(batch_sizes), 4 * hidden), torch.randn(4 * hidden, out) / 2,
+               torch.randn(proj_size, hidden) if proj_size else None, torch.randn(batch, out), torch.randn(batch, hidden)]
+    return [t if t is None else t.requires_grad_() for t in tensors], batch_sizes
+
+
+def fast_loops(batch_sizes, reverse):
+    """The packed loop (inference and hand-written backward) and the grid loop, run here without torch.compile."""
+    last_rows = lstm_loops._last_rows(batch_sizes, torch.device('cpu'))[int(reverse)]
+    packed = lstm_loops.PackedLoop(batch_sizes, reverse, last_rows, reference_loop)
+    grid = lstm_loops.GridLoop(batch_sizes, reverse, torch.device('cpu'),
+                               functools.partial(lstm_loops.masked_steps, lstm_step), steps_per_call=3)
+    return {'packed': packed, 'grid': grid}
+
+
+@pytest.mark.parametrize('lengths', [(6, 4, 4, 1), (5, 5, 5), (1,)])
+@pytest.mark.parametrize('reverse', [False, True])
+@pytest.mark.parametrize('proj_size', [0, 3])
+@pytest.mark.parametrize('kind', ['packed', 'grid'])
+def test_fast_loops_and_the_hand_written_backward_equal_the_reference_loop(lengths, reverse, proj_size, kind):
+    """lstm_loops' loops return what reference_loop returns (h at every row, the final h and s), forward with
+    and without gradients, and their gradients equal autograd's through reference_loop, all to 1e-10."""
+    inputs, batch_sizes = loop_inputs(lengths, proj_size, seed=len(lengths) + proj_size)
+    used = [t for t in inputs if t is not None]
+    expected = reference_loop(*inputs, batch_sizes, reverse)
+    cotangents = [torch.randn_like(t) for t in expected]
+    expected_grads = torch.autograd.grad(expected, used, cotangents)
+    loop = fast_loops(batch_sizes, reverse)[kind]
+    with torch.no_grad():
+        for name, a, b in zip(['h_all', 'h_last', 's_last'], loop(*inputs), expected):
+            assert_same(a, b, f'{kind} inference {name}')
+    got = loop(*inputs)
+    for name, a, b in zip(['h_all', 'h_last', 's_last'], got, expected):
+        assert_same(a, b, f'{kind} {name}')
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(got, used, cotangents), expected_grads)):
+        assert_same(a, b, f'{kind} gradient of input {i}')
+
+
+def test_the_hand_written_backward_runs_its_own_loop_not_the_reference(monkeypatch):
+    """The fast backward is checked above against the reference; here, that it is what runs."""
+    inputs, batch_sizes = loop_inputs((4, 2), 0, seed=3)
+    loop = fast_loops(batch_sizes, False)['packed']
+    loop.reference_loop = lambda *args, **kwargs: pytest.fail('reference loop used for a first-order backward')
+    h_all, h_last, s_last = loop(*inputs)
+    (h_all.sum() + h_last.sum() + s_last.sum()).backward()
+    assert inputs[1].grad.abs().sum() > 0
 
 
 # --- parity with torch.nn ---------------------------------------------------------------------

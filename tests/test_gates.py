@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import gate_units
 import gates
 import train as trainer
 from conftest import REPO, learning_args
@@ -133,18 +134,18 @@ def test_sample_py_gates_refuses_bad_input_cleanly(synthetic_set, checkpoint, tm
 
 def test_tracking_units_finds_a_unit_that_holds_the_answer():
     words = ['<start>', 'a', 'large', 'red', 'circle', 'and', 'a', 'small', 'blue', 'square', '.', '<end>']
-    labels = gates.step_labels(words)
+    labels = gate_units.step_labels(words)
     assert labels['the colour word is next'] == [0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0]
     assert labels['a second object is coming'] == [1] * 5 + [None] * 7
-    assert gates.step_labels(['<start>', 'a', 'red', 'circle', '.'])['a second object is coming'][:4] == [0] * 4
+    assert gate_units.step_labels(['<start>', 'a', 'red', 'circle', '.'])['a second object is coming'][:4] == [0] * 4
 
     torch.manual_seed(0)
     results = []
     for caption in (words, ['<start>', 'a', 'small', 'green', 'triangle', '.', '<end>']):
         s = torch.randn(len(caption), 8) * 0.1
-        s[:, 5] = torch.atanh(torch.tensor(labels_or_zero(gates.step_labels(caption)['a second object is coming'])))
+        s[:, 5] = torch.atanh(torch.tensor(labels_or_zero(gate_units.step_labels(caption)['a second object is coming'])))
         results.append({'words': caption, 'layers': [{'s': s}]})
-    r, values, answers = gates.tracking_units(results)['a second object is coming']
+    r, values, answers = gate_units.tracking_units(results)['a second object is coming']
     assert int(r.abs().argmax()) == 5 and float(r[5]) > 0.99
     assert len(answers) == 5 + 5  # the steps up to each caption's first shape word
 
