@@ -113,7 +113,8 @@ def loop_inputs(lengths, proj_size, seed):
     out = proj_size or hidden
     batch_sizes = [sum(length > t for length in lengths) for t in range(max(lengths))]
     tensors = [torch.randn(sum(batch_sizes), 4 * hidden), torch.randn(4 * hidden, out) / 2,
-               torch.randn(proj_size, hidden) if proj_size else None, torch.randn(batch, out), torch.randn(batch, hidden)]
+               torch.randn(proj_size, hidden) if proj_size else None,
+               torch.randn(batch, out), torch.randn(batch, hidden)]
     return [t if t is None else t.requires_grad_() for t in tensors], batch_sizes
 
 

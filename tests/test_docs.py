@@ -214,5 +214,5 @@ def test_the_docs_cover_every_script_and_the_readme_fits_on_a_screen_or_so():
             for _, line in shell_lines(lines, start):
                 run.update(module for module, _ in script_commands(line))
     assert run >= {'train', 'sample', 'evaluate', 'build_vocab', 'resize', 'demo', 'extract_features', 'export',
-                   'gates', 'app', 'plot_history', 'synthetic.__main__',
+                   'gate_units', 'app', 'plot_history', 'synthetic.__main__',
                    'bench.lstm', 'bench.train', 'bench.sample', 'bench.onnx', 'bench.resize'}, run

@@ -143,7 +143,8 @@ def test_tracking_units_finds_a_unit_that_holds_the_answer():
     results = []
     for caption in (words, ['<start>', 'a', 'small', 'green', 'triangle', '.', '<end>']):
         s = torch.randn(len(caption), 8) * 0.1
-        s[:, 5] = torch.atanh(torch.tensor(labels_or_zero(gate_units.step_labels(caption)['a second object is coming'])))
+        labels = gate_units.step_labels(caption)['a second object is coming']
+        s[:, 5] = torch.atanh(torch.tensor(labels_or_zero(labels)))
         results.append({'words': caption, 'layers': [{'s': s}]})
     r, values, answers = gate_units.tracking_units(results)['a second object is coming']
     assert int(r.abs().argmax()) == 5 and float(r[5]) > 0.99
