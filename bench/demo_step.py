@@ -1,4 +1,4 @@
-"""One training step of the demo (python demo.py), split into its parts, the old way and the new, in one run.
+"""One training step of the demo (python demo.py), split into its parts, for each way of loading, in one run.
 
     python -m bench.demo_step                 # easy and hard sets, float32 and bf16, a couple of minutes
     python -m bench.demo_step --no_bf16 --repeats 15
@@ -7,8 +7,8 @@ The demo's settings (smallcnn on 64x64 images, hidden 256, batch 64, --num_worke
 own dataset, sampler and collate functions, on a synthetic set made for the run:
 
 - plain: one image per caption, read from its PNG file at every use (--captions_per_image 1
-  --cache_images 0, the tutorial's way and the demo's before issue 22);
-- cached: one image per caption, the images decoded once into memory (--cache_images, the demo's way now);
+  --cache_images 0, the tutorial's way);
+- cached: one image per caption, the images decoded once into memory (--cache_images, the demo's way);
 - grouped: cached, and batches of 12 images with 5 captions each, the CNN run once per image
   (--captions_per_image 5). Faster steps, but it learns less per epoch (docs/training.md).
 
