@@ -1,4 +1,4 @@
-"""Training faster on a CPU (issue 22): the training images decoded once into memory (--cache_images), one
+"""Training faster on a CPU: the training images decoded once into memory (--cache_images), one
 CNN pass per image for several of its captions (--captions_per_image), and bf16 autocast only where the CPU
 has it (demo.py --amp auto)."""
 import os
