@@ -122,27 +122,29 @@ class LSTMCell(nn.Module):
 class LSTM(nn.Module):
     """Multi-layer LSTM with the arguments, parameter names, inputs and outputs of torch.nn.LSTM."""
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
+    def __init__(self, input_size, hidden_size, num_layers=1, *args, **kwargs):
+        """nn.LSTM's arguments: after the sizes, bias=True, batch_first=False, dropout=0.0, bidirectional=False,
+        proj_size=0, device=None, dtype=None, by position or by name (lstm_interface.LSTMOptions)."""
         super().__init__()
-        interface.check_lstm_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
+        options = interface.LSTMOptions(*args, **kwargs)
+        interface.check_lstm_arguments(input_size, hidden_size, num_layers, options)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional, self.proj_size = bidirectional, proj_size
-        self.num_directions = 2 if bidirectional else 1
+        self.bias, self.batch_first, self.dropout = options.bias, options.batch_first, float(options.dropout)
+        self.bidirectional, self.proj_size = options.bidirectional, options.proj_size
+        self.num_directions = 2 if self.bidirectional else 1
         self._compiled_steps, self.steps_per_call = None, 8  # set by compile_loop()
-        factory = dict(device=device, dtype=dtype)
-        out_size = proj_size or hidden_size  # the size of h
+        factory = dict(device=options.device, dtype=options.dtype)
+        out_size = self.proj_size or hidden_size  # the size of h
         self._all_weights = []
         for layer in range(num_layers):
             layer_input_size = input_size if layer == 0 else out_size * self.num_directions
             for direction in range(self.num_directions):
                 suffix = f'_l{layer}' + ('_reverse' if direction == 1 else '')
                 shapes = {'weight_ih': (4 * hidden_size, layer_input_size), 'weight_hh': (4 * hidden_size, out_size)}
-                if bias:
+                if self.bias:
                     shapes.update(bias_ih=(4 * hidden_size,), bias_hh=(4 * hidden_size,))
-                if proj_size > 0:
-                    shapes['weight_hr'] = (proj_size, hidden_size)  # W_hr
+                if self.proj_size > 0:
+                    shapes['weight_hr'] = (self.proj_size, hidden_size)  # W_hr
                 for name, shape in shapes.items():
                     self.register_parameter(name + suffix, nn.Parameter(torch.empty(shape, **factory)))
                 self._all_weights.append([name + suffix for name in shapes])

@@ -8,14 +8,28 @@ after another, as a PackedSequence stores them, with `batch_sizes[t]` sequences 
 """
 import numbers
 import warnings
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
 
-def check_lstm_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size):
+@dataclass(frozen=True)
+class LSTMOptions:
+    """nn.LSTM's arguments after input_size, hidden_size and num_layers, in its order and with its defaults."""
+    bias: bool = True
+    batch_first: bool = False
+    dropout: float = 0.0
+    bidirectional: bool = False
+    proj_size: int = 0
+    device: torch.device | str | None = None
+    dtype: torch.dtype | None = None
+
+
+def check_lstm_arguments(input_size, hidden_size, num_layers, options):
     """nn.LSTM's checks of its constructor's arguments, with its exception types and wording."""
+    dropout, proj_size = options.dropout, options.proj_size
     if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
         raise ValueError('dropout should be a number in range [0, 1] representing the probability '
                          'of an element being zeroed')
@@ -23,7 +37,7 @@ def check_lstm_arguments(input_size, hidden_size, num_layers, bias, batch_first,
         warnings.warn('dropout option adds dropout after all but last recurrent layer, so non-zero '
                       f'dropout expects num_layers greater than 1, but got dropout={dropout} and '
                       f'num_layers={num_layers}', stacklevel=3)
-    for name, value, kind in (('bias', bias, bool), ('batch_first', batch_first, bool),
+    for name, value, kind in (('bias', options.bias, bool), ('batch_first', options.batch_first, bool),
                               ('input_size', input_size, int), ('hidden_size', hidden_size, int),
                               ('num_layers', num_layers, int), ('proj_size', proj_size, int)):
         if not isinstance(value, kind):

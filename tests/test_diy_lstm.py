@@ -361,6 +361,16 @@ def test_constructor_rejects_bad_arguments_as_nn_lstm_does(kwargs):
     assert str(got.value) == str(expected.value)
 
 
+def test_constructor_takes_nn_lstms_arguments_by_position_too():
+    args = (3, 4, 2, False, True, 0.0, True, 2)  # sizes, num_layers, bias, batch_first, dropout, bidirectional, proj
+    ref, diy = nn.LSTM(*args), LSTM(*args)
+    assert list(diy.state_dict()) == list(ref.state_dict())
+    for name in ('bias', 'batch_first', 'dropout', 'bidirectional', 'proj_size'):
+        assert getattr(diy, name) == getattr(ref, name), name
+    with pytest.raises(TypeError):
+        LSTM(3, 4, colour='red')
+
+
 def test_constructor_warns_and_rejects_what_nn_lstm_does_not_reach():
     with pytest.warns(UserWarning, match='dropout'):
         LSTM(3, 4, dropout=0.5)
