@@ -10,10 +10,10 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
 from tqdm import tqdm
 
-from build_vocab import tokenize, usable_captions
 from caption_files import load_captions
 from files import ImageError, load_image
 from model import ImageGroups
+from vocabulary import tokenize, usable_captions
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -31,12 +31,12 @@ import time
 import torch
 
 import train as trainer
-from build_vocab import build_vocab, save_vocab
 from decoding import TrainedCaptioner, load_captioner
 from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
 from model import DECODERS, CaptionerConfig, save_checkpoint
 from sample import captioned_picture
 from synthetic import easy, hard, make_synthetic_coco
+from vocabulary import build_vocab, save_vocab
 
 
 def content_accuracy(captioner, caption_path, image_dir, batch_size=250, matches=easy.content_matches):

@@ -26,13 +26,13 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from tqdm import tqdm
 
-from build_vocab import VocabError, plain_words
 from data_loader import read_coco
 from decoding import check_max_len, load_captioner
 from files import CheckpointError, atomic_write
 from flags import HelpFormatter, nonnegative_float, positive_int
 from model import DecodeSettings
 from runs import pick_device
+from vocabulary import VocabError, plain_words
 
 
 def select_images(coco, split_file=None, split='test'):

@@ -27,11 +27,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from build_vocab import save_vocab
 from decoding import ONNX_FILES, SAFETENSORS_FILES, captioner_from_checkpoint, load_captioner, weights_digest
 from files import CheckpointError, save_file
 from flags import HelpFormatter
 from model import read_checkpoint
+from vocabulary import save_vocab
 
 
 class DecoderStep(nn.Module):

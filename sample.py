@@ -24,12 +24,12 @@ import textwrap
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from build_vocab import VocabError, load_vocab
 from decoding import check_max_len, default_model, load_captioner, load_onnx_captioner, load_tutorial
 from files import CheckpointError, ImageError, load_image, save_file
 from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
 from model import DecodeSettings
 from runs import pick_device
+from vocabulary import VocabError, load_vocab
 
 
 def image_paths(names):

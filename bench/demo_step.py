@@ -38,11 +38,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import demo
 import train as trainer
-from build_vocab import build_vocab, load_vocab, save_vocab
 from data_loader import batches
 from flags import HelpFormatter, positive_int
 from model import Captioner, CaptionerConfig
 from synthetic import easy, hard, make_synthetic_coco
+from vocabulary import build_vocab, load_vocab, save_vocab
 
 PARTS = ('loading', 'encoder', 'decoder', 'backward + Adam')
 PATHS = {'plain': ['--captions_per_image', '1', '--cache_images', '0'],

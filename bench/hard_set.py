@@ -19,12 +19,12 @@ import torch
 
 import demo
 import train as trainer
-from build_vocab import build_vocab, save_vocab
 from decoding import load_captioner
 from evaluate import score_captions
 from flags import HelpFormatter, positive_float, positive_int
 from model import DecodeSettings, save_checkpoint
 from synthetic import hard, make_synthetic_coco
+from vocabulary import build_vocab, save_vocab
 
 
 def train_for(args, decoder, vocab_path):

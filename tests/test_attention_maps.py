@@ -16,10 +16,10 @@ import gates
 import sample
 import synthetic
 import train as trainer
-from build_vocab import build_vocab, save_vocab
 from conftest import run, tiny_args
 from decoding import load_captioner
 from model import AttentionDecoder, CaptionerConfig, DecodeSettings
+from vocabulary import build_vocab, save_vocab
 
 
 @pytest.fixture(scope='module')

@@ -16,11 +16,11 @@ import torch
 import export
 import scst
 import train as trainer
-from build_vocab import load_vocab
 from conftest import REPO, learning_args, run, sample_lines, tiny_args
 from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
 from decoding import load_captioner, load_onnx_captioner
 from model import AttentionDecoder, DecodeSettings, read_checkpoint
+from vocabulary import load_vocab
 
 ATTENTION = ('--decoder', 'attention', '--attention_size', '16')
 

@@ -14,11 +14,11 @@ import data_loader
 import demo
 import extract_features
 import train as trainer
-from build_vocab import load_vocab
 from conftest import REPO, tiny_args
 from data_loader import CocoDataset, GroupedSampler, batches, collate_groups, eval_transform
 from files import ImageError, load_image
 from model import Captioner, CaptionerConfig, ImageGroups, build_captioner, caption_loss, read_checkpoint
+from vocabulary import load_vocab
 
 
 def dataset_of(data, transform=None, **kwargs):

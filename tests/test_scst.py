@@ -14,10 +14,10 @@ import export
 import scst
 import synthetic
 import train as trainer
-from build_vocab import build_vocab, plain_words, save_vocab
 from conftest import REPO, run
 from model import DecodeSettings, read_checkpoint
 from synthetic import easy
+from vocabulary import build_vocab, plain_words, save_vocab
 
 
 def references_and_captions(seed=0, images=40):

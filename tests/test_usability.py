@@ -20,11 +20,11 @@ import demo
 import runs as devices
 import synthetic
 import train as trainer
-from build_vocab import build_vocab, save_vocab
 from conftest import REPO, run
 from data_loader import CocoDataset, eval_transform, read_coco
 from decoding import load_captioner
 from model import CheckpointError, read_checkpoint
+from vocabulary import build_vocab, save_vocab
 
 
 def error_lines(result):
