@@ -15,9 +15,9 @@ import demo
 import extract_features
 import train as trainer
 from conftest import REPO, tiny_args
-from data_loader import CocoDataset, GroupedSampler, batches, collate_groups, eval_transform
+from data_loader import CocoDataset, GroupedSampler, ImageGroups, batches, collate_groups, eval_transform
 from files import ImageError, load_image
-from model import Captioner, CaptionerConfig, ImageGroups, build_captioner, caption_loss, read_checkpoint
+from model import Captioner, CaptionerConfig, build_captioner, caption_loss, read_checkpoint
 from vocabulary import load_vocab
 
 
