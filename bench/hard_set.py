@@ -20,9 +20,9 @@ import torch
 import demo
 import train as trainer
 from decoding import load_captioner
-from evaluate import score_captions
 from flags import HelpFormatter, positive_float, positive_int
 from model import DecodeSettings, save_checkpoint
+from scoring import score_captions
 from synthetic import hard, make_synthetic_coco
 from vocabulary import build_vocab, save_vocab
 
