@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import demo
 import lstm_loops
+import shapes_demo
 from DIY_LSTM import LSTM
 from flags import HelpFormatter, positive_int
 
@@ -85,7 +85,7 @@ def under_autocast(fn, device):
 def amp_label(amp):
     if not amp:
         return 'off'
-    return 'bf16' if demo.cpu_runs_bf16_natively() else 'bf16(emulated: this CPU has no bf16 instructions)'
+    return 'bf16' if shapes_demo.cpu_runs_bf16_natively() else 'bf16(emulated: this CPU has no bf16 instructions)'
 
 
 def check_same(results, case, amp):
