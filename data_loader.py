@@ -2,6 +2,7 @@
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -10,10 +11,9 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
 from tqdm import tqdm
 
-from build_vocab import tokenize, usable_captions
 from caption_files import load_captions
 from files import ImageError, load_image
-from model import ImageGroups
+from vocabulary import tokenize, usable_captions
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -295,6 +295,19 @@ def collate_skipping(batch):
     errors = [reason for image, reason in batch if image is None]
     readable = [item for item in batch if item[0] is not None]
     return (*collate_fn(readable), errors) if readable else (None, None, None, errors)
+
+
+class ImageGroups(NamedTuple):
+    """The inputs of a grouped batch (train.py --captions_per_image N): each image (or its cached features)
+    once, and for each caption the row of its image. The encoder then runs once per image instead of once per
+    caption; a row per caption rather than a count per image, because the batch's captions are sorted by
+    length, which mixes the images' captions up. A NamedTuple, so that DataLoader's pin_memory and
+    DistributedDataParallel move it to the device as they move a tensor, and train.py's step takes either."""
+    images: torch.Tensor
+    image_of: torch.Tensor
+
+    def to(self, device, **kwargs):
+        return ImageGroups(self.images.to(device, **kwargs), self.image_of.to(device, **kwargs))
 
 
 def collate_groups(batch):

@@ -14,7 +14,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from build_vocab import Vocabulary, load_vocab
 from data_loader import eval_transform
 from files import CheckpointError, ImageError, load_image
 from model import (
@@ -29,6 +28,7 @@ from model import (
     read_checkpoint,
     repeated_trigrams,
 )
+from vocabulary import Vocabulary, load_vocab
 
 
 def nucleus(log_probs, top_p):

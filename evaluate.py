@@ -18,21 +18,18 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.rouge.rouge import Rouge
 from tqdm import tqdm
 
-from build_vocab import VocabError, plain_words
 from data_loader import read_coco
 from decoding import check_max_len, load_captioner
 from files import CheckpointError, atomic_write
 from flags import HelpFormatter, nonnegative_float, positive_int
 from model import DecodeSettings
 from runs import pick_device
+from scoring import score_captions
+from vocabulary import VocabError
 
 
 def select_images(coco, split_file=None, split='test'):
@@ -49,32 +46,6 @@ def select_images(coco, split_file=None, split='test'):
     if len(selected) < len(wanted):
         print(f'note: {len(wanted) - len(selected)} {split} images of {split_file} are not in this captions file')
     return selected
-
-
-def tokenize_for_scoring(captions):
-    """{id: [caption, ...]} -> {id: [tokenized caption, ...]}: COCO's PTB tokenizer when Java is here."""
-    if shutil.which('java'):
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-        return PTBTokenizer().tokenize({k: [{'caption': c} for c in v] for k, v in captions.items()})
-    return {k: [plain_words(c) for c in v] for k, v in captions.items()}
-
-
-def score_captions(references, results):
-    """references {image_id: [captions]}, results {image_id: caption} -> ({metric: score}, [notes])."""
-    gts = tokenize_for_scoring(references)
-    res = tokenize_for_scoring({k: [v] for k, v in results.items()})
-    scorers = [(Bleu(4), ['BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4']), (Rouge(), ['ROUGE-L']), (Cider(), ['CIDEr'])]
-    notes = ['SPICE not computed: its scorer downloads Stanford CoreNLP at start-up']
-    if shutil.which('java'):
-        from pycocoevalcap.meteor.meteor import Meteor
-        scorers.insert(1, (Meteor(), ['METEOR']))
-    else:
-        notes.append('METEOR skipped: it needs Java, which is not installed')
-    scores = {}
-    for scorer, names in scorers:
-        value, _ = scorer.compute_score(gts, res)
-        scores.update(zip(names, value if isinstance(value, list) else [value]))
-    return scores, notes
 
 
 def parse_args(argv=None):

@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from data_loader import ImageGroups
 from DIY_LSTM import LSTM, LSTMCell
 from files import CheckpointError, save_file
 from flags import nonnegative_float, positive_int
@@ -499,19 +500,6 @@ def set_forget_bias(lstm, value):
         if name.startswith('bias_'):
             with torch.no_grad():
                 bias[hidden:2 * hidden] = value if name.startswith('bias_ih') else 0.0
-
-
-class ImageGroups(NamedTuple):
-    """The inputs of a grouped batch (train.py --captions_per_image N): each image (or its cached features)
-    once, and for each caption the row of its image. The encoder then runs once per image instead of once per
-    caption; a row per caption rather than a count per image, because the batch's captions are sorted by
-    length, which mixes the images' captions up. A NamedTuple, so that DataLoader's pin_memory and
-    DistributedDataParallel move it to the device as they move a tensor, and train.py's step takes either."""
-    images: torch.Tensor
-    image_of: torch.Tensor
-
-    def to(self, device, **kwargs):
-        return ImageGroups(self.images.to(device, **kwargs), self.image_of.to(device, **kwargs))
 
 
 class Captioner(nn.Module):

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from build_vocab import Vocabulary
 from files import CheckpointError, atomic_write, remove_stale_temporaries, save_file
 from model import CaptionerConfig, read_checkpoint, save_checkpoint
+from vocabulary import Vocabulary
 
 
 def devices_here():

@@ -19,17 +19,17 @@ import argparse
 import json
 import os
 import sys
-import textwrap
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
-from build_vocab import VocabError, load_vocab
 from decoding import check_max_len, default_model, load_captioner, load_onnx_captioner, load_tutorial
-from files import CheckpointError, ImageError, load_image, save_file
+from files import CheckpointError, ImageError, save_file
 from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
+from images import captioned_picture
 from model import DecodeSettings
 from runs import pick_device
+from vocabulary import VocabError, load_vocab
 
 
 def image_paths(names):
@@ -45,24 +45,6 @@ def image_paths(names):
                             and os.path.isfile(os.path.join(name, entry)))
         paths.extend(inside or [name])
     return paths
-
-
-def captioned_picture(path, caption, min_width=320):
-    """The image with its caption written beneath, wrapped to the picture's width."""
-    image = load_image(path)
-    if image.width < min_width:
-        image = image.resize((min_width, round(image.height * min_width / image.width)), Image.Resampling.NEAREST)
-    font_size = max(16, image.width // 24)
-    font = ImageFont.load_default(size=font_size)
-    chars_per_line = max(10, int(image.width / (0.55 * font_size)))
-    lines = textwrap.wrap(caption, chars_per_line) or ['']
-    line_height = int(font_size * 1.3)
-    canvas = Image.new('RGB', (image.width, image.height + line_height * len(lines) + font_size), 'white')
-    canvas.paste(image, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, line in enumerate(lines):
-        draw.text((font_size // 2, image.height + font_size // 2 + i * line_height), line, fill='black', font=font)
-    return canvas
 
 
 def grid(pictures, columns=4):

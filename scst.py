@@ -29,12 +29,12 @@ from torch import nn
 from tqdm import tqdm
 
 import decoding
-from build_vocab import plain_words
 from data_loader import CocoDataset, FeatureDataset, ResumableSampler, batches, eval_transform, train_transform
 from files import CheckpointError
 from flags import positive_float, positive_int
 from model import DecodeSettings, ids_to_sentence, read_checkpoint
 from runs import RunState, StopRequest, check_paths, pick_device, save_run, settle_settings
+from vocabulary import plain_words
 
 
 class Stopped(Exception):

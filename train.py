@@ -26,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import scst
-from build_vocab import VocabError, load_vocab
 from data_loader import (
     CocoDataset,
     FeatureDataset,
@@ -63,6 +62,7 @@ from runs import (
     settle_settings,
     setup_distributed,
 )
+from vocabulary import VocabError, load_vocab
 
 
 def parse_args(argv=None):

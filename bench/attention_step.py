@@ -17,7 +17,7 @@ import statistics
 import torch
 from torch import nn
 
-from bench.lstm import cpu_libraries, sync, timed
+from bench.timing import cpu_libraries, sync, timed
 from flags import HelpFormatter, positive_int
 from model import AttentionDecoder, CaptionerConfig, DecoderRNN, caption_loss
 

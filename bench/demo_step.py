@@ -36,13 +36,13 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import demo
+import shapes_demo
 import train as trainer
-from build_vocab import build_vocab, load_vocab, save_vocab
 from data_loader import batches
 from flags import HelpFormatter, positive_int
 from model import Captioner, CaptionerConfig
 from synthetic import easy, hard, make_synthetic_coco
+from vocabulary import build_vocab, load_vocab, save_vocab
 
 PARTS = ('loading', 'encoder', 'decoder', 'backward + Adam')
 PATHS = {'plain': ['--captions_per_image', '1', '--cache_images', '0'],
@@ -85,9 +85,9 @@ def cases_of(setting, folder, num_images, precisions):
     vocab_path = make_set(os.path.join(folder, setting), hard if hard_set else easy, num_images)
     cases = []
     for path, flags in PATHS.items():
-        demo_args = demo.parse_args(['--root', os.path.join(folder, setting), '--model_path', folder,
-                                     *(['--hard'] if hard_set else []), *flags])
-        args = demo.train_args(demo_args, vocab_path)
+        demo_args = shapes_demo.parse_args(['--root', os.path.join(folder, setting), '--model_path', folder,
+                                            *(['--hard'] if hard_set else []), *flags])
+        args = trainer.parse_args(shapes_demo.train_flags(demo_args, vocab_path))
         vocab = load_vocab(vocab_path)
         dataset = trainer.training_set(args, CaptionerConfig.from_args(args, len(vocab)), vocab)
         for index in range(len(dataset)):
@@ -158,7 +158,7 @@ def main(argv=None):
                         help='torch threads (demo.py uses every core)')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    native_bf16 = demo.cpu_runs_bf16_natively()
+    native_bf16 = shapes_demo.cpu_runs_bf16_natively()
     precisions = [False] if args.no_bf16 else [False, True]
     print(f'cpu_capability={torch.backends.cpu.get_cpu_capability()} native_bf16={native_bf16} '
           f'threads={torch.get_num_threads()} torch={torch.__version__} python={platform.python_version()} '

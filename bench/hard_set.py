@@ -17,21 +17,22 @@ import time
 
 import torch
 
-import demo
+import shapes_demo
 import train as trainer
-from build_vocab import build_vocab, save_vocab
 from decoding import load_captioner
-from evaluate import score_captions
 from flags import HelpFormatter, positive_float, positive_int
 from model import DecodeSettings, save_checkpoint
+from scoring import score_captions
 from synthetic import hard, make_synthetic_coco
+from vocabulary import build_vocab, save_vocab
 
 
 def train_for(args, decoder, vocab_path):
     """Train `decoder` for max(args.marks) minutes; returns [(minutes when the epoch ended, its checkpoint's path)]."""
-    demo_args = demo.parse_args(['--hard', '--decoder', decoder, '--root', args.root, '--num_train',
-                                 str(args.num_train), '--num_val', str(args.num_val), '--seed', str(args.seed),
-                                 '--model_path', os.path.join(args.model_dir, decoder), '--amp', 'off'])
+    demo_args = shapes_demo.parse_args(['--hard', '--decoder', decoder, '--root', args.root,
+                                        '--num_train', str(args.num_train), '--num_val', str(args.num_val),
+                                        '--seed', str(args.seed), '--model_path', os.path.join(args.model_dir, decoder),
+                                        '--amp', 'off'])
     epochs, start = [], time.time()
     saving = 0.0  # seconds spent writing the epochs' checkpoints, which do not count as training
 
@@ -44,9 +45,9 @@ def train_for(args, decoder, vocab_path):
         saving += time.time() - began
         epochs.append((elapsed / 60, path))
         print(f'{decoder}: epoch {epoch + 1} ended at {elapsed / 60:.1f} min', flush=True)
-        return demo.next_epoch_fits(elapsed, epoch + 1, max(args.marks))
+        return shapes_demo.next_epoch_fits(elapsed, epoch + 1, max(args.marks))
 
-    trainer.train(demo.train_args(demo_args, vocab_path), on_epoch_end)
+    trainer.train(trainer.parse_args(shapes_demo.train_flags(demo_args, vocab_path)), on_epoch_end)
     return epochs
 
 

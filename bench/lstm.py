@@ -14,32 +14,16 @@ LSTM would otherwise round through TF32 while DIY_LSTM's products do not, and di
 check before timing allows.
 """
 import argparse
-import os
-import re
 import statistics
-import time
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import demo
-import lstm_loops
+import shapes_demo
+from bench.timing import cpu_libraries, timed
 from DIY_LSTM import LSTM
 from flags import HelpFormatter, positive_int
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def output_data(out):
@@ -85,7 +69,7 @@ def under_autocast(fn, device):
 def amp_label(amp):
     if not amp:
         return 'off'
-    return 'bf16' if demo.cpu_runs_bf16_natively() else 'bf16(emulated: this CPU has no bf16 instructions)'
+    return 'bf16' if shapes_demo.cpu_runs_bf16_natively() else 'bf16(emulated: this CPU has no bf16 instructions)'
 
 
 def check_same(results, case, amp):
@@ -97,25 +81,6 @@ def check_same(results, case, amp):
             scale = expected.abs().max() if amp else 0.0
             if not torch.allclose(value, expected, rtol=1e-2, atol=max(1e-3, 5e-2 * float(scale))):
                 raise SystemExit(f'{case}: {key} differs from nn.LSTM by up to {(value - expected).abs().max():.2e}')
-
-
-def cpu_libraries():
-    """The CPU capability and the libraries behind the matrix multiplies, which decide the CPU figures.
-
-    The ISA settings of the environment (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) are shown too,
-    since they let one CPU imitate another.
-    """
-    config = torch.__config__.show()
-    blas = re.search(r'BLAS_INFO=(\w+)', config)
-    onednn = re.search(r'MKL-DNN (v[\d.]+)', config)
-    diy_matmul = 'onednn' if lstm_loops._onednn_ops_work() and torch.backends.mkldnn.enabled else 'addmm'
-    text = (f'cpu_capability={torch.backends.cpu.get_cpu_capability()} blas={blas.group(1) if blas else "unknown"} '
-            f'mkl={torch.backends.mkl.is_available()} onednn={onednn.group(1) if onednn else "none"} '
-            f'DIY_LSTM matmul={diy_matmul}')
-    for name in ('ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS', 'ATEN_CPU_CAPABILITY'):
-        if name in os.environ:
-            text += f' {name}={os.environ[name]}'
-    return text
 
 
 def median_times(case, runs, repeats, device, amp):

@@ -17,7 +17,7 @@ from dataclasses import asdict
 import torch
 
 from decoding import load_captioner, load_onnx_captioner
-from export import export
+from exporting import export
 from flags import HelpFormatter, positive_int
 from model import CaptionerConfig, DecodeSettings, build_captioner, save_checkpoint
 

@@ -26,7 +26,7 @@ import PIL
 from PIL import Image, ImageChops, ImageStat
 
 from flags import HelpFormatter, positive_int
-from resize import SAVE_OPTIONS, resize_folder
+from images import SAVE_OPTIONS, resize_folder
 
 
 def make_photos(folder, count, size, seed):

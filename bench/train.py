@@ -16,13 +16,15 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench import lstm as bench_lstm
+from bench import timing
 from data_loader import FeatureDataset, batches, eval_transform, train_transform
 from files import load_image
 from flags import HelpFormatter, positive_int
@@ -59,7 +61,7 @@ def make_jpegs(folder, count, size=256):
 
 
 def timed(fn, device, repeats):
-    return statistics.median(bench_lstm.timed(fn, device) for _ in range(repeats))
+    return statistics.median(timing.timed(fn, device) for _ in range(repeats))
 
 
 class Trainer:
@@ -188,8 +190,12 @@ def main():
     print(f'| sample.py: one image (ResNet-152 + 20 greedy steps) | {1000 * latency:.0f} ms |')
     print(f'| batched captioning, 32 images at a time | {throughput:.1f} images/s |')
     if device.type == 'cuda':
-        print('\nDIY_LSTM against cuDNN at the decoder shape:\n')
-        bench_lstm.main(['--device', 'cuda', '--threads', str(torch.get_num_threads())])
+        print('\nDIY_LSTM against cuDNN at the decoder shape:\n', flush=True)
+        # bench.lstm is a program of its own, so it runs as one, from the repository's root, and its exit code is ours.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        lstm = subprocess.run([sys.executable, '-m', 'bench.lstm', '--device', 'cuda', '--threads',
+                               str(torch.get_num_threads())], cwd=root)
+        sys.exit(lstm.returncode)
 
 
 if __name__ == '__main__':

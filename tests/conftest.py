@@ -20,7 +20,7 @@ import torch
 import files
 import synthetic
 import train as trainer
-from build_vocab import build_vocab, save_vocab
+from vocabulary import build_vocab, save_vocab
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_CUDA_DIR = REPO / 'tests' / 'fake_cuda'

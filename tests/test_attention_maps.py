@@ -14,12 +14,13 @@ import app
 import demo
 import gates
 import sample
+import shapes_demo
 import synthetic
 import train as trainer
-from build_vocab import build_vocab, save_vocab
 from conftest import run, tiny_args
 from decoding import load_captioner
 from model import AttentionDecoder, CaptionerConfig, DecodeSettings
+from vocabulary import build_vocab, save_vocab
 
 
 @pytest.fixture(scope='module')
@@ -148,9 +149,9 @@ def test_evaluate_py_scores_an_attention_model(shapes64, checkpoints, tmp_path):
 
 
 def test_demo_trains_the_attention_decoder_beside_the_fc_model():
-    attention, fc = demo.parse_args(['--decoder', 'attention']), demo.parse_args([])
+    attention, fc = shapes_demo.parse_args(['--decoder', 'attention']), shapes_demo.parse_args([])
     assert (attention.root, attention.model_path) == ('data/synthetic', 'models/demo_attention')
-    hard = demo.parse_args(['--decoder', 'attention', '--hard'])
+    hard = shapes_demo.parse_args(['--decoder', 'attention', '--hard'])
     assert (hard.root, hard.model_path) == ('data/synthetic_hard', 'models/demo_hard_attention')
     flags, fc_flags = (vars(demo.train_args(args, 'vocab.json')) for args in (attention, fc))
     assert (flags['decoder'], fc_flags['decoder']) == ('attention', 'fc')

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import export
+import exporting
 import scst
 import train as trainer
-from build_vocab import load_vocab
 from conftest import REPO, learning_args, run, sample_lines, tiny_args
 from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
 from decoding import load_captioner, load_onnx_captioner
 from model import AttentionDecoder, DecodeSettings, read_checkpoint
+from vocabulary import load_vocab
 
 ATTENTION = ('--decoder', 'attention', '--attention_size', '16')
 
@@ -214,7 +214,7 @@ def validation_images(synthetic_set):
 
 def test_the_safetensors_folder_captions_as_its_checkpoint(synthetic_set, trained, tmp_path):
     checkpoint = str(trained[0] / 'checkpoint.pt')
-    export.export_safetensors(checkpoint, str(tmp_path / 'shared'))
+    exporting.export_safetensors(checkpoint, str(tmp_path / 'shared'))
     assert json.loads((tmp_path / 'shared' / 'config.json').read_text())['decoder'] == 'attention'
     images = validation_images(synthetic_set)
     for beam_size in (1, 3):

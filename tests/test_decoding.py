@@ -12,10 +12,10 @@ from test_evaluate import END, START, UNK, all_captions, sequence_log_prob, tiny
 
 import synthetic
 import train as trainer
-from build_vocab import build_vocab, save_vocab
 from conftest import REPO
 from decoding import repeated_trigrams, sample
 from model import DecodeSettings
+from vocabulary import build_vocab, save_vocab
 
 
 def has_repeated_trigram(words):

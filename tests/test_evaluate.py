@@ -12,8 +12,8 @@ import torch
 import train as trainer
 from conftest import REPO, tiny_args
 from decoding import load_captioner
-from evaluate import score_captions
 from model import DecoderRNN, DecodeSettings
+from scoring import score_captions
 
 START, END, UNK = 1, 2, 3
 

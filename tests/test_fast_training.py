@@ -13,12 +13,13 @@ import torch
 import data_loader
 import demo
 import extract_features
+import shapes_demo
 import train as trainer
-from build_vocab import load_vocab
 from conftest import REPO, tiny_args
-from data_loader import CocoDataset, GroupedSampler, batches, collate_groups, eval_transform
+from data_loader import CocoDataset, GroupedSampler, ImageGroups, batches, collate_groups, eval_transform
 from files import ImageError, load_image
-from model import Captioner, CaptionerConfig, ImageGroups, build_captioner, caption_loss, read_checkpoint
+from model import Captioner, CaptionerConfig, build_captioner, caption_loss, read_checkpoint
+from vocabulary import load_vocab
 
 
 def dataset_of(data, transform=None, **kwargs):
@@ -309,19 +310,19 @@ def test_demo_turns_bf16_on_only_where_the_cpu_has_it(monkeypatch, onednn, avx51
     monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', check)
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
-    monkeypatch.setattr(demo.platform, 'machine', lambda: machine)
-    assert demo.cpu_runs_bf16_natively() is native
-    amp, line = demo.choose_amp('auto')
+    monkeypatch.setattr(shapes_demo.platform, 'machine', lambda: machine)
+    assert shapes_demo.cpu_runs_bf16_natively() is native
+    amp, line = shapes_demo.choose_amp('auto')
     assert amp is native and line.startswith(f'bf16 autocast: {"on" if native else "off"}, since this CPU')
-    assert demo.choose_amp('on') == (True, 'bf16 autocast: on (--amp on)')
-    assert demo.choose_amp('off') == (False, 'bf16 autocast: off (--amp off)')
+    assert shapes_demo.choose_amp('on') == (True, 'bf16 autocast: on (--amp on)')
+    assert shapes_demo.choose_amp('off') == (False, 'bf16 autocast: off (--amp off)')
 
 
 def test_this_avx2_cpu_keeps_bf16_off_and_the_demo_trains_from_the_cache(monkeypatch):
     if torch.backends.cpu.get_cpu_capability() in ('AVX2', 'DEFAULT', 'NO AVX'):
-        assert not demo.cpu_runs_bf16_natively()
+        assert not shapes_demo.cpu_runs_bf16_natively()
     monkeypatch.setattr(sys, 'argv', ['demo.py'])
-    args = demo.parse_args()
+    args = shapes_demo.parse_args()
     flags = vars(demo.train_args(args, 'vocab.json', amp=False))
     assert (flags['captions_per_image'], flags['cache_images'], flags['amp'], flags['batch_size']) == (1, 2, False, 64)
     assert demo.train_args(args, 'vocab.json', amp=True).amp and args.amp == 'auto'

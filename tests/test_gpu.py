@@ -24,11 +24,11 @@ import DIY_LSTM
 import extract_features
 import runs
 import train as trainer
-from build_vocab import SPECIAL_TOKENS, Vocabulary, load_vocab
 from conftest import FAKE_CUDA_DIR, REAL_GPU, REPO, tiny_args
 from data_loader import CocoDataset, batches, collate_skipping, eval_transform
 from decoding import load_captioner
 from model import Captioner, CaptionerConfig, read_checkpoint
+from vocabulary import SPECIAL_TOKENS, Vocabulary, load_vocab
 
 # --- the fake GPU of the test suite -----------------------------------------------------------
 

@@ -6,9 +6,9 @@ import shutil
 import pytest
 
 import synthetic
-from build_vocab import build_vocab, load_vocab, tokenize
 from caption_files import load_captions
 from conftest import run
+from vocabulary import build_vocab, load_vocab, tokenize
 
 SPLITS = ('train', 'restval', 'val', 'test')
 

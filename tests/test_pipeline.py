@@ -10,11 +10,11 @@ import torchvision
 from torch import nn
 
 import train as trainer
-from build_vocab import load_vocab, tokenize
 from conftest import REAL_GPU, REPO, learning_args, run
 from data_loader import get_loader, train_transform
 from decoding import load_captioner
 from model import CheckpointError, DecoderRNN, EncoderCNN, read_checkpoint, save_checkpoint
+from vocabulary import load_vocab, tokenize
 
 
 def test_loader_batches_are_sorted_and_padded(synthetic_set):

@@ -27,11 +27,11 @@ from bench import lstm as bench_lstm
 from bench import resize as bench_resize
 from bench import sample as bench_sample
 from bench import train as bench_train
-from build_vocab import VocabError, load_vocab
 from conftest import disk_fills_for
 from data_loader import CocoDataset, eval_transform, open_cache
 from files import load_image
 from model import read_checkpoint
+from vocabulary import VocabError, load_vocab
 
 
 @pytest.fixture(scope='module')

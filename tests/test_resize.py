@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops, ImageStat, JpegImagePlugin, features
 
-from resize import resize_folder, resize_image
+from images import resize_folder, resize_image
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'resize.py'
 SIZE = 32

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import train as trainer
-from build_vocab import Vocabulary, tokenize
 from conftest import REPO, run, tiny_args
 from data_loader import CocoDataset, ImageError, collate_fn, load_image
 from model import CheckpointError, read_checkpoint
+from vocabulary import Vocabulary, tokenize
 
 RED = (220, 30, 30)
 

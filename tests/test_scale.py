@@ -13,12 +13,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import train as trainer
-from build_vocab import load_vocab
 from conftest import REPO, run, tiny_args
 from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
 from decoding import load_captioner
 from DIY_LSTM import LSTM
 from model import read_checkpoint
+from vocabulary import load_vocab
 
 
 def extract(synthetic_set, output):

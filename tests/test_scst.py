@@ -10,14 +10,14 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 
 import decoding
-import export
+import exporting
 import scst
 import synthetic
 import train as trainer
-from build_vocab import build_vocab, plain_words, save_vocab
 from conftest import REPO, run
 from model import DecodeSettings, read_checkpoint
 from synthetic import easy
+from vocabulary import build_vocab, plain_words, save_vocab
 
 
 def references_and_captions(seed=0, images=40):
@@ -165,7 +165,7 @@ def test_scst_from_the_cache_and_from_images_and_resuming(trained, tmp_path):
 
 
 def test_scst_starts_from_an_exported_folder_as_from_its_checkpoint(trained, tmp_path):
-    export.export_safetensors(str(trained / 'ce' / 'checkpoint.pt'), str(tmp_path / 'shared'))
+    exporting.export_safetensors(str(trained / 'ce' / 'checkpoint.pt'), str(tmp_path / 'shared'))
     features = ['--features', str(trained / 'cache'), '--num_epochs', '1']
     from_checkpoint = scst.train(scst_args(trained, tmp_path / 'a', *features))
     args = scst_args(trained, tmp_path / 'b', *features)

@@ -15,12 +15,12 @@ import torch
 
 import export
 import train as trainer
-from build_vocab import load_vocab
 from conftest import REPO, learning_args, run
 from decoding import SHIPPED_MODEL, default_model, load_captioner
 from files import CheckpointError, load_image
 from model import DecodeSettings, read_checkpoint
 from synthetic.easy import content_matches, write_example
+from vocabulary import load_vocab
 
 SHIPPED = REPO / SHIPPED_MODEL
 FILES = ['README.md', 'config.json', 'model.safetensors', 'vocab.json']

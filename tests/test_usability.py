@@ -16,15 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-import demo
 import runs as devices
+import shapes_demo
 import synthetic
 import train as trainer
-from build_vocab import build_vocab, save_vocab
 from conftest import REPO, run
 from data_loader import CocoDataset, eval_transform, read_coco
 from decoding import load_captioner
 from model import CheckpointError, read_checkpoint
+from vocabulary import build_vocab, save_vocab
 
 
 def error_lines(result):
@@ -353,4 +353,4 @@ def test_output_flags_and_caption_length_have_one_name(monkeypatch, capsys):
     ([0.96, 0.97, 0.95, 0.98], False),
 ])
 def test_demo_stops_once_accuracy_stops_improving(accuracies, stop):
-    assert demo.learned_enough(accuracies, target=0.95, patience=2) is stop
+    assert shapes_demo.learned_enough(accuracies, target=0.95, patience=2) is stop

@@ -1,4 +1,4 @@
-"""build_vocab.py: tokenizer, Vocabulary, building, JSON files, the tutorial's pickle, and the command line."""
+"""vocabulary.py and build_vocab.py: tokenizer, Vocabulary, building, JSON files, the tutorial's pickle, the script."""
 import json
 import os
 import pickle
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from build_vocab import SPECIAL_TOKENS, VocabError, Vocabulary, build_vocab, load_vocab, save_vocab, tokenize
 from conftest import run
+from vocabulary import SPECIAL_TOKENS, VocabError, Vocabulary, build_vocab, load_vocab, save_vocab, tokenize
 
 TUTORIAL_VOCAB = Path(__file__).resolve().parents[2] / 'shared/data/tutorial/vocab.pkl'
 
@@ -62,7 +62,7 @@ def test_tokenize_needs_no_nltk_data(tmp_path):
         '    print("punkt found")\n'
         'except LookupError:\n'
         '    print("no punkt")\n'
-        'from build_vocab import tokenize\n'
+        'from vocabulary import tokenize\n'
         'print(tokenize("A man riding a horse."))\n')
     result = run('-c', script, str(tmp_path), timeout=120)
     assert result.returncode == 0, result.stderr
