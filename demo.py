@@ -30,7 +30,7 @@ import time
 
 import torch
 
-import train as trainer
+import training
 from build_vocab import build_vocab, save_vocab
 from decoding import TrainedCaptioner, load_captioner
 from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
@@ -128,7 +128,7 @@ def parse_args(argv=None):
 
 def train_args(args, vocab_path, amp=False):
     """train.py's flags for the synthetic set: the small CNN learns the shapes in minutes on a CPU."""
-    return trainer.parse_args([
+    return training.parse_args([
         '--image_dir', os.path.join(args.root, 'train'),
         '--caption_path', os.path.join(args.root, 'annotations', 'captions_train.json'),
         '--val_image_dir', os.path.join(args.root, 'val'),
@@ -168,7 +168,7 @@ def train_most_accurate(args, vocab, best_path):
 
     amp, line = choose_amp(args.amp)
     print(line, flush=True)
-    trainer.train(train_args(args, os.path.join(args.root, 'vocab.json'), amp), on_epoch_end)
+    training.train(train_args(args, os.path.join(args.root, 'vocab.json'), amp), on_epoch_end)
     return accuracies
 
 

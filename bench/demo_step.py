@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import demo
-import train as trainer
+import training
 from build_vocab import build_vocab, load_vocab, save_vocab
 from data_loader import batches
 from flags import HelpFormatter, positive_int
@@ -89,19 +89,19 @@ def cases_of(setting, folder, num_images, precisions):
                                      *(['--hard'] if hard_set else []), *flags])
         args = demo.train_args(demo_args, vocab_path)
         vocab = load_vocab(vocab_path)
-        dataset = trainer.training_set(args, CaptionerConfig.from_args(args, len(vocab)), vocab)
+        dataset = training.training_set(args, CaptionerConfig.from_args(args, len(vocab)), vocab)
         for index in range(len(dataset)):
             dataset.caption(index)  # tokenized once, as in every epoch of train.py but its first
         start = time.perf_counter()
         print(f'{setting} set, {path}:', flush=True)
-        trainer.cache_training_images(dataset, args)
+        training.cache_training_images(dataset, args)
         if dataset.cache is not None:
             print(f'    (in {time.perf_counter() - start:.1f} s, once per run)')
         for amp in precisions:
             torch.manual_seed(0)
-            encoder, decoder, _ = trainer.build_model(args, len(vocab))
+            encoder, decoder, _ = training.build_model(args, len(vocab))
             model = Captioner(encoder, decoder).train()
-            sampler, collate = trainer.training_sampler(dataset, args, 0, 1)
+            sampler, collate = training.training_sampler(dataset, args, 0, 1)
             loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=sampler,
                              collate=collate)
             optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)

@@ -18,7 +18,7 @@ import time
 import torch
 
 import demo
-import train as trainer
+import training
 from build_vocab import build_vocab, save_vocab
 from decoding import load_captioner
 from evaluate import score_captions
@@ -46,7 +46,7 @@ def train_for(args, decoder, vocab_path):
         print(f'{decoder}: epoch {epoch + 1} ended at {elapsed / 60:.1f} min', flush=True)
         return demo.next_epoch_fits(elapsed, epoch + 1, max(args.marks))
 
-    trainer.train(demo.train_args(demo_args, vocab_path), on_epoch_end)
+    training.train(demo.train_args(demo_args, vocab_path), on_epoch_end)
     return epochs
 
 
