@@ -146,8 +146,7 @@ def test_scst_from_the_cache_and_from_images_and_resuming(trained, tmp_path):
     encoder, decoder = result.encoder, result.decoder
     scst.train(scst_args(trained, tmp_path / 'split', '--num_epochs', '1', *features))
     assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['epoch'] == 1
-    result = scst.train(scst_args(trained, tmp_path / 'split', '--num_epochs', '2',
-                                  '--resume', *features))
+    result = scst.train(scst_args(trained, tmp_path / 'split', '--num_epochs', '2', '--resume', *features))
     encoder2, decoder2, history = result.encoder, result.decoder, result.history
     for whole, resumed in ((encoder, encoder2), (decoder, decoder2)):
         for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
@@ -174,7 +173,7 @@ def test_scst_starts_from_an_exported_folder_as_from_its_checkpoint(trained, tmp
     args = scst_args(trained, tmp_path / 'b', *features)
     args.init_from = str(tmp_path / 'shared')
     from_folder = scst.train(args)
-    for a, b in zip(from_checkpoint[:2], from_folder[:2]):
+    for a, b in ((from_checkpoint.encoder, from_folder.encoder), (from_checkpoint.decoder, from_folder.decoder)):
         for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(x, y), key
 
