@@ -3,7 +3,7 @@
     python -m bench.demo_step                 # easy and hard sets, float32 and bf16, a couple of minutes
     python -m bench.demo_step --no_bf16 --repeats 15
 
-The demo's settings (smallcnn on 64x64 images, hidden 256, batch 64, --num_workers 0), through train.py's
+The demo's settings (smallcnn on 64x64 images, hidden 256, batch 64, --num_workers 0), through training.py's
 own dataset, sampler and collate functions, on a synthetic set made for the run:
 
 - plain: one image per caption, read from its PNG file at every use (--captions_per_image 1
