@@ -28,7 +28,7 @@ import time
 
 import torch
 
-import train as trainer
+import training
 from decoding import TrainedCaptioner, load_captioner
 from images import captioned_picture
 from model import CaptionerConfig, save_checkpoint
@@ -39,7 +39,7 @@ from vocabulary import build_vocab, save_vocab
 
 def train_args(args, vocab_path, amp=False):
     """train.py's settings for the synthetic set (shapes_demo.train_flags)."""
-    return trainer.parse_args(train_flags(args, vocab_path, amp))
+    return training.parse_args(train_flags(args, vocab_path, amp))
 
 
 def train_most_accurate(args, vocab, best_path):
@@ -67,7 +67,7 @@ def train_most_accurate(args, vocab, best_path):
 
     amp, line = choose_amp(args.amp)
     print(line, flush=True)
-    trainer.train(train_args(args, os.path.join(args.root, 'vocab.json'), amp), on_epoch_end)
+    training.train(train_args(args, os.path.join(args.root, 'vocab.json'), amp), on_epoch_end)
     return accuracies
 
 

@@ -1,14 +1,16 @@
 """Where the work runs and what a training run needs besides the model and the data.
 
 The device (for every script) and the processes torchrun starts; then what cross-entropy training
-(train.py) and self-critical training (scst.py) share: checking the paths before any time is spent, settling
-the run's settings (with --resume, from its checkpoint), the state a run checkpoints and restores
-(RunState), and stopping cleanly on Ctrl-C."""
+(training.py) and self-critical training (scst.py) share: checking the paths before any time is spent,
+settling the run's settings (with --resume, from its checkpoint), the state a run checkpoints and restores
+(RunState: its Optimization and Progress), stopping cleanly on Ctrl-C, and what a run returns
+(TrainingResult)."""
 import argparse
 import json
 import os
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -44,8 +46,21 @@ def pick_device(name=None):
     return device
 
 
+class Processes(NamedTuple):
+    """The processes a run trains in: this one's rank, how many there are (1 without torchrun), and this
+    one's device."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self):
+        """Whether this is the process that prints, logs and writes the checkpoints."""
+        return self.rank == 0
+
+
 def setup_distributed(device_name=None):
-    """(rank, world size, device): torchrun's environment variables choose DDP, NCCL on GPU, gloo on CPU.
+    """The Processes of the run: torchrun's environment variables choose DDP, NCCL on GPU, gloo on CPU.
 
     Under torchrun each process takes the GPU of its LOCAL_RANK (--device cuda, or none where there is a
     GPU), or runs on the CPU (--device cpu, or none where there is no GPU). What cannot work is a ValueError
@@ -54,7 +69,7 @@ def setup_distributed(device_name=None):
     """
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if world_size == 1:
-        return 0, 1, pick_device(device_name)
+        return Processes(0, 1, pick_device(device_name))
     local_rank = int(os.environ['LOCAL_RANK'])
     if device_name not in (None, 'cuda', 'cpu'):
         raise ValueError(f'--device {device_name}: under torchrun each process takes the GPU of its LOCAL_RANK; '
@@ -73,7 +88,7 @@ def setup_distributed(device_name=None):
         torch.cuda.set_device(local_rank)
         device, backend = torch.device('cuda', local_rank), 'nccl'
     dist.init_process_group(backend)
-    return dist.get_rank(), world_size, device
+    return Processes(dist.get_rank(), world_size, device)
 
 
 def agree(flags, device, world_size):
@@ -154,10 +169,38 @@ def resume_path(args):
     return os.path.join(args.model_path, 'checkpoint.pt') if args.resume == 'latest' else args.resume
 
 
+@dataclass(frozen=True)
+class Optimization:
+    """What a run trains and how: the parameters, the optimizer over them, and, where the trainer has them
+    (training.py does, scst.py does not), the learning-rate schedule, the gradient scaler that fp16 autocast
+    needs, and the autocast dtype (None: float32)."""
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scaler: torch.amp.GradScaler | None = None
+    amp_dtype: torch.dtype | None = None
+
+
+@dataclass
+class Progress:
+    """How far a run has come and what it has measured: what a checkpoint records and --resume continues from."""
+    history: dict  # a list of entries for each kind of measurement
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # batches of the current epoch, trained or skipped
+    step: int = 0  # optimizer steps
+
+
+def checkpointed(encoder, decoder, optimization):
+    """What a checkpoint holds the state_dict of, by key, in the checkpoint's order; None for what the run has
+    none of (scst.py has no schedule and no scaler, and its checkpoints have None there)."""
+    return {'encoder': encoder, 'decoder': decoder, 'optimizer': optimization.optimizer,
+            'scheduler': optimization.scheduler, 'scaler': optimization.scaler}
+
+
 @dataclass
 class Resumed:
     """The checkpoint a --resume run continues from, read once by settle_settings: where it is, and what it
-    holds (RunState.restore loads it)."""
+    holds (restore loads it)."""
     path: str
     checkpoint: dict
 
@@ -171,29 +214,53 @@ class Resumed:
             raise CheckpointError(f'{self.path} was trained with ' + ', '.join(changed) +
                                   ': resume with the settings it was trained with')
 
+    def restore(self, encoder, decoder, optimization, device):
+        """Load the checkpoint into the modules, the optimizer (and the schedule and the scaler, where the run
+        has them) and the random-number generators; returns the Progress it records, for the run to continue.
+
+        A checkpoint from before the CUDA states were kept, or from a run on another device, leaves the
+        GPU's generator as the seed set it. A state a GradScaler saved while disabled is empty: a run whose
+        --amp now needs float16 (on an older GPU) starts its scaler afresh instead of failing.
+        """
+        checkpoint = self.checkpoint
+        try:
+            for key, thing in checkpointed(encoder, decoder, optimization).items():
+                if thing is not None and checkpoint[key] != {}:
+                    thing.load_state_dict(checkpoint[key])
+            torch.set_rng_state(checkpoint['rng'])
+            cuda_states = checkpoint.get('cuda_rng')
+            if cuda_states and device.type == 'cuda':
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                torch.cuda.set_rng_state(cuda_states[rank if rank < len(cuda_states) else 0], device)
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f'{self.path}: cannot resume with these settings ({str(err).splitlines()[0]})') \
+                from None
+        return Progress(history=checkpoint['history'], epoch=checkpoint['epoch'],
+                        batches_done=checkpoint['batches_done'], step=checkpoint['step'])
+
 
 def settle_settings(args, vocab=None):
-    """Settle the run's settings, here and nowhere else; returns the Resumed checkpoint, or None for a new run.
+    """The run's settings, settled here and nowhere else, and the Resumed checkpoint (None for a new run).
 
     With --resume, the checkpoint is read once and must be one train.py (or scst.py) wrote. Every setting it
     holds that is not given as a flag again is taken from it: a given model flag that contradicts it is an
     error, a given schedule flag wins. vocab, the vocabulary the run will train with (None: the checkpoint's
-    own), must be as large as the one it was trained with. args are updated in place, in one go, so that
-    what the caller reads afterwards, and what the run's checkpoints record, is what the run used. Last, the
-    crop must fit in the images, with the settings settled.
+    own), must be as large as the one it was trained with. The settled settings are a new Namespace, args
+    and what was taken, in one go: what the caller reads from it, and what the run's checkpoints record, is
+    what the run used. Last, the crop must fit in the images, with the settings settled.
     """
     path = resume_path(args)
     resumed = Resumed(path, read_run_checkpoint(path)) if path else None
+    settings = argparse.Namespace(**{**vars(args), **(settings_to_take(resumed, args) if resumed else {})})
     if resumed:
-        vars(args).update(settings_to_take(resumed, args))
         trained_with = resumed.checkpoint['model_args']
         if vocab is not None and trained_with.get('vocab_size', len(vocab)) != len(vocab):
             raise CheckpointError(f'{path} was trained with a vocabulary of {trained_with["vocab_size"]} words '
                                   f'but {args.vocab_path} has {len(vocab)}: pass the vocabulary it was trained with')
-    if args.features is None and args.crop_size > args.image_size:
-        raise ValueError(f'--crop_size {args.crop_size} is larger than --image_size {args.image_size}: '
+    if settings.features is None and settings.crop_size > settings.image_size:
+        raise ValueError(f'--crop_size {settings.crop_size} is larger than --image_size {settings.image_size}: '
                          'give a crop no larger than the resized images')
-    return resumed
+    return settings, resumed
 
 
 def read_run_checkpoint(path):
@@ -230,29 +297,21 @@ def settings_to_take(resumed, args):
 
 @dataclass(kw_only=True)
 class RunState:
-    """What both trainers hold and checkpoint: the settings, the model and its vocabulary, the optimizer,
-    the position and the history. train.Run and scst.Run add what is theirs; a trainer whose checkpoint
-    holds more states (train.py's scheduler and scaler) adds them to stateful()."""
-    args: argparse.Namespace
-    device: torch.device
+    """What both trainers hold and checkpoint, each part built whole before the run starts: the settled
+    settings, the processes, the model and its vocabulary, the optimization and the progress. training.Run
+    and scst.Run add what is theirs: their data, and training.py's logs."""
+    args: argparse.Namespace  # the settings the run uses, as settle_settings settled them
+    processes: Processes
     vocab: Vocabulary
     config: CaptionerConfig
     encoder: nn.Module
     decoder: nn.Module
-    params: list = None  # what the optimizer trains
-    optimizer: torch.optim.Optimizer = None
-    history: dict = field(default_factory=dict)  # a list of entries for each kind of measurement
-    epoch: int = 0  # epochs completed
-    batches_done: int = 0  # batches of the current epoch, trained or skipped
-    step: int = 0  # optimizer steps
+    optimization: Optimization
+    progress: Progress
 
     @property
     def checkpoint_path(self):
         return os.path.join(self.args.model_path, 'checkpoint.pt')
-
-    def stateful(self):
-        """What the checkpoint holds the state_dict of, by key, in the checkpoint's order."""
-        return {'encoder': self.encoder, 'decoder': self.decoder, 'optimizer': self.optimizer}
 
     def checkpoint_marks(self):
         """Keys of this trainer's checkpoints that hold no state, after the states."""
@@ -261,52 +320,46 @@ class RunState:
     def to_checkpoint(self):
         """Everything sample.py needs (config, vocabulary, weights) and everything --resume needs (optimizer,
         position, history, random state, settings), as one dict."""
-        vocab = self.vocab
-        states = {key: thing.state_dict() for key, thing in self.stateful().items()}
+        vocab, progress = self.vocab, self.progress
+        states = {key: None if thing is None else thing.state_dict()
+                  for key, thing in checkpointed(self.encoder, self.decoder, self.optimization).items()}
         return {'model_args': asdict(self.config), 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
-                **states, **self.checkpoint_marks(), 'epoch': self.epoch, 'batches_done': self.batches_done,
-                'step': self.step, 'history': self.history, 'rng': torch.get_rng_state(),
-                'cuda_rng': self.cuda_rng_states(), 'args': vars(self.args)}
+                **states, **self.checkpoint_marks(), 'epoch': progress.epoch, 'batches_done': progress.batches_done,
+                'step': progress.step, 'history': progress.history, 'rng': torch.get_rng_state(),
+                'cuda_rng': cuda_rng_states(self.processes.device), 'args': vars(self.args)}
 
-    def cuda_rng_states(self):
-        """The CUDA random state of each process's GPU, by rank (None for a run on another device): dropout
-        and SCST's sampling draw from it, so without it a resumed run on a GPU draws other numbers.
+    def result(self):
+        return TrainingResult(encoder=self.encoder, decoder=self.decoder, vocab=self.vocab,
+                              history=self.progress.history, settings=self.args)
 
-        Only the GPU each process uses: torch.cuda.get_rng_state_all() would open a CUDA context on every GPU
-        of the machine in every process. Under DDP every process must call this at the same time.
-        """
-        if self.device.type != 'cuda':
-            return None
-        state = torch.cuda.get_rng_state(self.device)
-        if not dist.is_initialized():
-            return [state]
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, state)
-        return states
 
-    def restore(self, resumed):
-        """Load a Resumed checkpoint into the modules, the optimizer (and whatever else stateful() names) and
-        the random-number generators, and take its position and history.
+def cuda_rng_states(device):
+    """The CUDA random state of each process's GPU, by rank (None for a run on another device): dropout
+    and SCST's sampling draw from it, so without it a resumed run on a GPU draws other numbers.
 
-        A checkpoint from before the CUDA states were kept, or from a run on another device, leaves the
-        GPU's generator as the seed set it. A state a GradScaler saved while disabled is empty: a run whose
-        --amp now needs float16 (on an older GPU) starts its scaler afresh instead of failing.
-        """
-        checkpoint = resumed.checkpoint
-        try:
-            for key, thing in self.stateful().items():
-                if checkpoint[key] != {}:
-                    thing.load_state_dict(checkpoint[key])
-            torch.set_rng_state(checkpoint['rng'])
-            cuda_states = checkpoint.get('cuda_rng')
-            if cuda_states and self.device.type == 'cuda':
-                rank = dist.get_rank() if dist.is_initialized() else 0
-                torch.cuda.set_rng_state(cuda_states[rank if rank < len(cuda_states) else 0], self.device)
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f'{resumed.path}: cannot resume with these settings ({str(err).splitlines()[0]})') \
-                from None
-        self.epoch, self.batches_done, self.step = checkpoint['epoch'], checkpoint['batches_done'], checkpoint['step']
-        self.history = checkpoint['history']
+    Only the GPU each process uses: torch.cuda.get_rng_state_all() would open a CUDA context on every GPU
+    of the machine in every process. Under DDP every process must call this at the same time.
+    """
+    if device.type != 'cuda':
+        return None
+    state = torch.cuda.get_rng_state(device)
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What training (either trainer) returns: the trained encoder and decoder, their vocabulary, the history
+    of the measurements (as history.json holds it), and the settings the run used (with --resume, the
+    checkpoint's where no flag was given)."""
+    encoder: nn.Module
+    decoder: nn.Module
+    vocab: Vocabulary
+    history: dict
+    settings: argparse.Namespace
 
 
 def save_run(checkpoint, model_path):

@@ -17,10 +17,11 @@ fresh optimizer, from the first epoch), so an export.py --format safetensors fol
 encoder stays in eval mode, so its BatchNorm statistics stay those of cross-entropy training; its layers are
 trained as cross-entropy training trained them.
 """
+import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,7 +34,17 @@ from data_loader import CocoDataset, FeatureDataset, ResumableSampler, batches, 
 from files import CheckpointError
 from flags import positive_float, positive_int
 from model import DecodeSettings, ids_to_sentence, read_checkpoint
-from runs import RunState, StopRequest, check_paths, pick_device, save_run, settle_settings
+from runs import (
+    Optimization,
+    Processes,
+    Progress,
+    RunState,
+    StopRequest,
+    check_paths,
+    pick_device,
+    save_run,
+    settle_settings,
+)
 from vocabulary import plain_words
 
 
@@ -148,85 +159,96 @@ def greedy_cider(encoder, decoder, vocab, loader, cider, device):
 
 
 def check_arguments(args):
+    """Refuse what self-critical training cannot do; returns its settings: args without --vocab_path, since the
+    checkpoint carries its vocabulary."""
     if not (args.init_from or args.resume):
         raise ValueError('--scst needs --init_from CHECKPOINT (a cross-entropy model from train.py) or --resume')
     if args.scst_baseline == 'mean' and args.scst_samples < 2:
         raise ValueError('--scst_baseline mean needs --scst_samples 2 or more: the baseline is the other samples')
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         raise ValueError('--scst runs in one process: start it with python, not torchrun')
-    args.vocab_path = None  # the checkpoint carries its vocabulary
-    check_paths(args)
+    settings = argparse.Namespace(**{**vars(args), 'vocab_path': None})
+    check_paths(settings)
+    return settings
+
+
+@dataclass(frozen=True)
+class Data:
+    """Each training image once with its references, and the CIDEr-D scorer of their n-grams; the validation
+    images and theirs (both None without a validation set)."""
+    images: PerImage
+    cider: CiderD
+    val_loader: torch.utils.data.DataLoader | None
+    val_cider: CiderD | None
 
 
 @dataclass(kw_only=True)
 class Run(RunState):
     """What self-critical training holds besides what every run does (RunState): its images, each with its
     references, and the CIDEr-D scorers."""
-    from_images: bool = True
-    dataset: PerImage = None
-    cider: CiderD = None
-    val_loader: object = None
-    val_cider: CiderD = None
-    history: dict = field(default_factory=lambda: {'scst': [], 'val': []})
+    data: Data
+
+    @property
+    def from_images(self):
+        return self.args.features is None
 
     def checkpoint_marks(self):
-        # No schedule and no scaler, but their keys, so that the checkpoint has train.py's form.
-        return {'scheduler': None, 'scaler': None, 'scst': True}
+        return {'scst': True}  # besides None for the schedule and the scaler, which it has not
 
 
-def load_data(run):
-    """Each training image once with its references (from images, or from the feature cache the checkpoint's
-    backbone made), and the validation images, if any."""
-    args, config, vocab = run.args, run.config, run.vocab
-    if run.from_images:
+def load_data(args, config, vocab, encoder):
+    """The run's Data: each training image once with its references (from images, or from the feature cache
+    the checkpoint's backbone made), and the validation images, if any."""
+    if args.features is None:
         transform = train_transform(config.crop_size, not args.no_flip)
         captions = CocoDataset(args.image_dir, args.caption_path, vocab, transform, skip_unreadable=not args.strict,
                                split=args.split)
     else:
         cached = read_checkpoint(os.path.join(args.features, 'backbone.pt'))
-        if any(not torch.equal(cached[k], v) for k, v in run.encoder.resnet.state_dict().items()):
+        if any(not torch.equal(cached[k], v) for k, v in encoder.resnet.state_dict().items()):
             raise CheckpointError(f'{args.features} was made with another backbone than {args.init_from} has: '
                                   'train from images, or from a cache of the backbone the checkpoint was trained with')
         captions = FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split,
                                   grid_size=config.feature_grid)
-    run.dataset = PerImage(captions)
-    run.cider = CiderD(run.dataset.references())
-    if args.val_caption_path:
-        val_set = PerImage(CocoDataset(args.val_image_dir, args.val_caption_path, vocab, skip_unreadable=True,
-                                       transform=eval_transform(config.image_size, config.crop_size), split='val'))
-        run.val_loader = batches(val_set, args.batch_size, False, args.num_workers, collate=collate)
-        run.val_cider = CiderD(val_set.references())
+    images = PerImage(captions)
+    cider = CiderD(images.references())
+    if not args.val_caption_path:
+        return Data(images, cider, val_loader=None, val_cider=None)
+    val_set = PerImage(CocoDataset(args.val_image_dir, args.val_caption_path, vocab, skip_unreadable=True,
+                                   transform=eval_transform(config.image_size, config.crop_size), split='val'))
+    return Data(images, cider, batches(val_set, args.batch_size, False, args.num_workers, collate=collate),
+                CiderD(val_set.references()))
 
 
-def build_optimizer(run):
-    """Adam over what cross-entropy training trained; the encoder stays in eval mode, so its BatchNorm
-    keeps the statistics of cross-entropy training."""
-    encoder, decoder = run.encoder, run.decoder
-    encoder.to(run.device).eval()
-    decoder.to(run.device).train()
+def build_optimizer(args, config, encoder, decoder, device):
+    """The run's Optimization: Adam over what cross-entropy training trained; the encoder stays in eval mode,
+    so its BatchNorm keeps the statistics of cross-entropy training."""
+    encoder.to(device).eval()
+    decoder.to(device).train()
     trained = [encoder.linear, encoder.bn, decoder]
-    if run.config.train_backbone and run.from_images:
+    if config.train_backbone and args.features is None:
         trained.append(encoder.resnet)
         encoder.resnet.requires_grad_(True)
         encoder.train_backbone = True
-    run.params = [p for module in trained for p in module.parameters()]
-    run.optimizer = torch.optim.Adam(run.params, lr=run.args.learning_rate)
+    params = [p for module in trained for p in module.parameters()]
+    return Optimization(params, torch.optim.Adam(params, lr=args.learning_rate))
 
 
 def start_run(args):
     """A run from --init_from's weights, or where --resume's checkpoint left it."""
-    check_arguments(args)
-    resumed = settle_settings(args)  # the vocabulary is the checkpoint's own
+    args = check_arguments(args)
+    args, resumed = settle_settings(args)  # the vocabulary is the checkpoint's own
     encoder, decoder, vocab, config = decoding.load_captioner(resumed.path if resumed else args.init_from)
-    run = Run(args=args, device=pick_device(args.device), vocab=vocab, config=config, encoder=encoder,
-              decoder=decoder, from_images=args.features is None)
+    processes = Processes(rank=0, world_size=1, device=pick_device(args.device))  # one process: check_arguments
     torch.manual_seed(args.seed)
-    load_data(run)
-    build_optimizer(run)
+    data = load_data(args, config, vocab, encoder)
+    optimization = build_optimizer(args, config, encoder, decoder, processes.device)
+    progress = Progress(history={'scst': [], 'val': []})
     if resumed:
-        run.restore(resumed)
-        print(f'resuming from {resumed.path}: epoch {run.epoch + 1}, step {run.step}')
-    return run
+        progress = resumed.restore(encoder, decoder, optimization, processes.device)
+        print(f'resuming from {resumed.path}: epoch {progress.epoch + 1}, step {progress.step}')
+    return Run(args=args, processes=processes, vocab=vocab, config=config, encoder=encoder, decoder=decoder,
+               optimization=optimization, progress=progress, data=data)
 
 
 def save(run):
@@ -236,35 +258,35 @@ def save(run):
 
 def scst_step(run, inputs, image_ids):
     """One optimizer step on a batch of images; returns the mean rewards of the samples and greedy captions."""
-    args = run.args
-    inputs = inputs.to(run.device)
+    args, progress, optimization = run.args, run.progress, run.optimization
+    inputs = inputs.to(run.processes.device)
     features = run.encoder(inputs) if run.from_images else run.encoder.head(inputs)
-    loss, reward, greedy = scst_loss(run.decoder, features, image_ids, run.cider, run.vocab, args.scst_samples,
+    loss, reward, greedy = scst_loss(run.decoder, features, image_ids, run.data.cider, run.vocab, args.scst_samples,
                                      args.scst_baseline)
     if not torch.isfinite(loss):
-        raise ValueError(f'the SCST loss became {loss.item()} at step {run.step + 1}; {run.checkpoint_path} '
+        raise ValueError(f'the SCST loss became {loss.item()} at step {progress.step + 1}; {run.checkpoint_path} '
                          'is the last good checkpoint. Try a lower --learning_rate or --grad_clip')
-    run.optimizer.zero_grad(set_to_none=True)
+    optimization.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if args.grad_clip:
-        nn.utils.clip_grad_norm_(run.params, args.grad_clip)
-    run.optimizer.step()
-    run.step += 1
-    if run.step % args.log_step == 0:
-        run.history['scst'].append({'epoch': run.epoch, 'step': run.step, 'reward': float(reward),
-                                    'greedy_reward': float(greedy), 'loss': loss.item()})
+        nn.utils.clip_grad_norm_(optimization.params, args.grad_clip)
+    optimization.optimizer.step()
+    progress.step += 1
+    if progress.step % args.log_step == 0:
+        progress.history['scst'].append({'epoch': progress.epoch, 'step': progress.step, 'reward': float(reward),
+                                         'greedy_reward': float(greedy), 'loss': loss.item()})
     return reward, greedy
 
 
 def scst_epoch(run, loader, stop, deadline):
     """The rest of the current epoch; returns False when --scst_minutes ran out (after saving)."""
-    args = run.args
-    bar = tqdm(loader, desc=f'scst epoch {run.epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
-               initial=run.batches_done, total=loader.batch_sampler.batches_per_epoch)
+    args, progress = run.args, run.progress
+    bar = tqdm(loader, desc=f'scst epoch {progress.epoch + 1}/{args.num_epochs}', dynamic_ncols=True,
+               initial=progress.batches_done, total=loader.batch_sampler.batches_per_epoch)
     for inputs, image_ids, errors in bar:
         for reason in errors:
             tqdm.write(f'skipped: {reason}', file=sys.stderr)
-        run.batches_done += 1
+        progress.batches_done += 1
         if inputs is None:
             continue
         reward, greedy = scst_step(run, inputs, image_ids)
@@ -272,35 +294,38 @@ def scst_epoch(run, loader, stop, deadline):
         out_of_time = deadline is not None and time.time() > deadline
         if stop.requested or out_of_time:
             save(run)
-            message = f'stopped at epoch {run.epoch + 1}, step {run.step}; checkpoint saved to {run.checkpoint_path}'
+            message = (f'stopped at epoch {progress.epoch + 1}, step {progress.step}; checkpoint saved to '
+                       f'{run.checkpoint_path}')
             if stop.requested:
                 raise Stopped(message + '; continue with --resume')
             print(f'{message} after {args.scst_minutes:g} minutes', flush=True)
             return False
-        if args.save_step and run.step % args.save_step == 0:
+        if args.save_step and progress.step % args.save_step == 0:
             save(run)
     return True
 
 
 def train(args):
     """Self-critical training from --init_from (or --resume); writes checkpoint.pt and history.json in
-    --model_path, like cross-entropy training. Returns (encoder, decoder, vocab, history)."""
+    --model_path, like cross-entropy training. Returns the TrainingResult."""
     run = start_run(args)
-    sampler = ResumableSampler(run.dataset, args.batch_size, 0, 1, args.seed)
-    loader = batches(run.dataset, args.batch_size, False, args.num_workers, sampler=sampler, collate=collate)
+    args, progress, data = run.args, run.progress, run.data  # the settings settled
+    sampler = ResumableSampler(data.images, args.batch_size, 0, 1, args.seed)
+    loader = batches(data.images, args.batch_size, False, args.num_workers, sampler=sampler, collate=collate)
     deadline = time.time() + 60 * args.scst_minutes if args.scst_minutes is not None else None
     stop = StopRequest()
     try:
-        while run.epoch < args.num_epochs:
-            sampler.start(run.epoch, run.batches_done)
+        while progress.epoch < args.num_epochs:
+            sampler.start(progress.epoch, progress.batches_done)
             if not scst_epoch(run, loader, stop, deadline):
                 break
-            run.epoch, run.batches_done = run.epoch + 1, 0
-            if run.val_loader is not None:
-                value = greedy_cider(run.encoder, run.decoder, run.vocab, run.val_loader, run.val_cider, run.device)
-                run.history['val'].append({'epoch': run.epoch - 1, 'step': run.step, 'cider': value})
-                print(f'epoch {run.epoch}: validation CIDEr-D of greedy captions {value:.3f}', flush=True)
+            progress.epoch, progress.batches_done = progress.epoch + 1, 0
+            if data.val_loader is not None:
+                value = greedy_cider(run.encoder, run.decoder, run.vocab, data.val_loader, data.val_cider,
+                                     run.processes.device)
+                progress.history['val'].append({'epoch': progress.epoch - 1, 'step': progress.step, 'cider': value})
+                print(f'epoch {progress.epoch}: validation CIDEr-D of greedy captions {value:.3f}', flush=True)
             save(run)
     finally:
         stop.restore()
-    return run.encoder, run.decoder, run.vocab, run.history
+    return run.result()

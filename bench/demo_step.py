@@ -3,7 +3,7 @@
     python -m bench.demo_step                 # easy and hard sets, float32 and bf16, a couple of minutes
     python -m bench.demo_step --no_bf16 --repeats 15
 
-The demo's settings (smallcnn on 64x64 images, hidden 256, batch 64, --num_workers 0), through train.py's
+The demo's settings (smallcnn on 64x64 images, hidden 256, batch 64, --num_workers 0), through training.py's
 own dataset, sampler and collate functions, on a synthetic set made for the run:
 
 - plain: one image per caption, read from its PNG file at every use (--captions_per_image 1
@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import shapes_demo
-import train as trainer
+import training
 from data_loader import batches
 from flags import HelpFormatter, positive_int
 from model import Captioner, CaptionerConfig
@@ -87,21 +87,21 @@ def cases_of(setting, folder, num_images, precisions):
     for path, flags in PATHS.items():
         demo_args = shapes_demo.parse_args(['--root', os.path.join(folder, setting), '--model_path', folder,
                                             *(['--hard'] if hard_set else []), *flags])
-        args = trainer.parse_args(shapes_demo.train_flags(demo_args, vocab_path))
+        args = training.parse_args(shapes_demo.train_flags(demo_args, vocab_path))
         vocab = load_vocab(vocab_path)
-        dataset = trainer.training_set(args, CaptionerConfig.from_args(args, len(vocab)), vocab)
+        dataset = training.training_set(args, CaptionerConfig.from_args(args, len(vocab)), vocab)
         for index in range(len(dataset)):
             dataset.caption(index)  # tokenized once, as in every epoch of train.py but its first
         start = time.perf_counter()
         print(f'{setting} set, {path}:', flush=True)
-        trainer.cache_training_images(dataset, args)
+        training.cache_training_images(dataset, args)
         if dataset.cache is not None:
             print(f'    (in {time.perf_counter() - start:.1f} s, once per run)')
         for amp in precisions:
             torch.manual_seed(0)
-            encoder, decoder, _ = trainer.build_model(args, len(vocab))
+            encoder, decoder, _ = training.build_model(args, len(vocab))
             model = Captioner(encoder, decoder).train()
-            sampler, collate = trainer.training_sampler(dataset, args, 0, 1)
+            sampler, collate = training.training_sampler(dataset, args, 0, 1)
             loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=sampler,
                              collate=collate)
             optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)

@@ -18,7 +18,7 @@ import time
 import torch
 
 import shapes_demo
-import train as trainer
+import training
 from decoding import load_captioner
 from flags import HelpFormatter, positive_float, positive_int
 from model import DecodeSettings, save_checkpoint
@@ -47,7 +47,7 @@ def train_for(args, decoder, vocab_path):
         print(f'{decoder}: epoch {epoch + 1} ended at {elapsed / 60:.1f} min', flush=True)
         return shapes_demo.next_epoch_fits(elapsed, epoch + 1, max(args.marks))
 
-    trainer.train(trainer.parse_args(shapes_demo.train_flags(demo_args, vocab_path)), on_epoch_end)
+    training.train(training.parse_args(shapes_demo.train_flags(demo_args, vocab_path)), on_epoch_end)
     return epochs
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-import train as trainer
+import training
 from conftest import REPO, learning_args, run
 
 CHROMIUM = next((path for path in (os.environ.get('CHROMIUM'), shutil.which('chromium'),
@@ -37,7 +37,7 @@ def free_port():
 @pytest.fixture(scope='module')
 def checkpoint(synthetic_set, tmp_path_factory):
     model_path = tmp_path_factory.mktemp('app_model')
-    trainer.train(learning_args(synthetic_set, model_path, '--num_epochs', '2'))
+    training.train(learning_args(synthetic_set, model_path, '--num_epochs', '2'))
     return model_path / 'checkpoint.pt'
 
 

@@ -16,7 +16,7 @@ import gates
 import sample
 import shapes_demo
 import synthetic
-import train as trainer
+import training
 from conftest import run, tiny_args
 from decoding import load_captioner
 from model import AttentionDecoder, CaptionerConfig, DecodeSettings
@@ -39,8 +39,8 @@ def checkpoints(shapes64, tmp_path_factory):
     trained = {}
     for decoder in ('attention', 'fc'):
         model_path = tmp_path_factory.mktemp(f'{decoder}_model')
-        trainer.train(tiny_args(shapes64, model_path, decoder=decoder, image_size=64, crop_size=64,
-                                attention_size=16, num_epochs=1))
+        training.train(tiny_args(shapes64, model_path, decoder=decoder, image_size=64, crop_size=64,
+                                 attention_size=16, num_epochs=1))
         trained[decoder] = model_path / 'checkpoint.pt'
     return trained
 

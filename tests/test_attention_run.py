@@ -16,6 +16,7 @@ import torch
 import exporting
 import scst
 import train as trainer
+import training
 from conftest import REPO, learning_args, run, sample_lines, tiny_args
 from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
 from decoding import load_captioner, load_onnx_captioner
@@ -50,7 +51,7 @@ def train_validated(synthetic_set, folder, *extra, **overrides):
     every image."""
     args = learning_args(synthetic_set, folder, *ATTENTION, '--num_epochs', '3', '--dropout', '0.1', '--alpha_c', '0.1',
                          *extra, tensorboard='none', **overrides)
-    return folder, trainer.train(args)[3]
+    return folder, training.train(args).history
 
 
 @pytest.fixture(scope='module')
@@ -92,16 +93,18 @@ def test_an_interrupted_run_resumes_to_the_same_weights(synthetic_sets, tmp_path
     data = synthetic_sets(16, 4)  # 80 captions: 5 steps an epoch
     extra = [*ATTENTION, '--num_epochs', '2', '--alpha_c', '0.5', '--lr_schedule', 'cosine', '--train_backbone',
              '--save_step', '0', '--tensorboard', 'none']
-    encoder, decoder, _, _ = trainer.train(tiny_args(data, tmp_path / 'whole', *extra))
+    result = training.train(tiny_args(data, tmp_path / 'whole', *extra))
+    encoder, decoder = result.encoder, result.decoder
 
     def interrupt(step):
         if step == 7:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(trainer.Interrupted, match='step 7'):
-        trainer.train(tiny_args(data, tmp_path / 'split', *extra), on_step=interrupt)
+    with pytest.raises(training.Interrupted, match='step 7'):
+        training.train(tiny_args(data, tmp_path / 'split', *extra), on_step=interrupt)
     args = tiny_args(data, tmp_path / 'split', '--resume', '--tensorboard', 'none')  # no model or schedule flags
-    encoder2, decoder2, _, history = trainer.train(args)
+    result = training.train(args)
+    encoder2, decoder2, history, args = result.encoder, result.decoder, result.history, result.settings
     assert args.decoder == 'attention' and args.alpha_c == 0.5
     assert isinstance(decoder2, AttentionDecoder)
     assert_same_weights(weights(encoder), weights(encoder2))
@@ -111,7 +114,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(synthetic_sets, tmp_path
 
 def test_amp_trains_with_bf16_autocast(synthetic_set, tmp_path, capsys):
     args = tiny_args(synthetic_set, tmp_path, *ATTENTION, '--amp', '--num_epochs', '1', '--tensorboard', 'none')
-    _, decoder, _, history = trainer.train(args)
+    result = training.train(args)
+    decoder, history = result.decoder, result.history
     assert '--amp: bfloat16 autocast on cpu' in capsys.readouterr().out
     assert len(history['train']) == 15 and all(np.isfinite(e['loss']) for e in history['train'])
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in decoder.parameters())
@@ -150,9 +154,9 @@ def test_the_grid_cache_is_float16_memory_mapped_and_gives_the_loss_of_images(sy
     grids, captions, lengths = collate_fn(items)
     images, _, _ = collate_fn([(image, caption) for image, (_, caption) in zip(images, items)])
     with torch.no_grad():
-        from_cache, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder, from_features=True), grids, captions,
-                                             lengths)
-        from_images, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder), images, captions, lengths)
+        from_cache, _ = training.caption_loss(training.Captioner(encoder, decoder, from_features=True), grids, captions,
+                                              lengths)
+        from_images, _ = training.caption_loss(training.Captioner(encoder, decoder), images, captions, lengths)
     assert from_cache.item() == pytest.approx(from_images.item(), rel=2e-3)  # float16 rounding of the cache
 
 
@@ -201,7 +205,8 @@ def test_scst_trains_an_attention_model(synthetic_set, caches, trained, trained_
     before = weights(load_captioner(str(checkpoint)).decoder)
     args = tiny_args(synthetic_set, tmp_path, '--scst', '--init_from', str(checkpoint), '--num_epochs', '1',
                      '--scst_samples', '2', '--no_flip', *map(str, flags), image_dir=None)
-    _, decoder, _, history = scst.train(args)
+    result = scst.train(args)
+    decoder, history = result.decoder, result.history
     assert len(history['scst']) == 3 and all(np.isfinite(e['reward']) for e in history['scst'])
     assert isinstance(decoder, AttentionDecoder)
     assert any(not torch.equal(before[key], value) for key, value in decoder.state_dict().items())

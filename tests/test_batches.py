@@ -11,6 +11,7 @@ import torch
 
 import extract_features
 import train as trainer
+import training
 from conftest import REPO, tiny_args
 from data_loader import ResumableSampler, batch_sizes
 from model import Captioner, CaptionerConfig, build_captioner, read_checkpoint
@@ -128,12 +129,12 @@ def test_a_batch_left_with_one_readable_image_trains(data, tmp_path, monkeypatch
     images.mkdir()
     for number, path in enumerate(sorted((data[0] / 'train').iterdir())):
         (images / path.name).write_bytes(path.read_bytes() if number % 6 == 0 else b'not an image')
-    real_loss, sizes = trainer.caption_loss, []
+    real_loss, sizes = training.caption_loss, []
 
     def loss(model, inputs, *args):
         sizes.append(len(inputs))
         return real_loss(model, inputs, *args)
-    monkeypatch.setattr(trainer, 'caption_loss', loss)
+    monkeypatch.setattr(training, 'caption_loss', loss)
     message = train_main(data, tmp_path, '--num_epochs', '1', '--batch_size', '8', image_dir=images, validate=False)
     assert message is None, message
     assert 1 in sizes and sum(sizes) == 20  # 4 readable images of 24, their 20 captions all trained
@@ -157,18 +158,20 @@ def test_a_resumed_run_with_one_caption_over_ends_with_the_same_weights(data, tm
     # 120 captions in batches of 17: six of 17, then 9 and 9; interrupted after the first 9, in the second epoch.
     extra = ['--num_epochs', '2', '--batch_size', '17', '--save_step', '0', '--train_backbone']
     whole = tiny_args(data[0], tmp_path / 'whole', *extra, lr_schedule='cosine', tensorboard='none')
-    encoder, decoder, _, _ = trainer.train(whole)
+    result = training.train(whole)
+    encoder, decoder = result.encoder, result.decoder
 
     def interrupt(step):
         if step == 8 + 7:
             os.kill(os.getpid(), signal.SIGTERM)
 
     split = tiny_args(data[0], tmp_path / 'split', *extra, lr_schedule='cosine', tensorboard='none')
-    with pytest.raises(trainer.Interrupted, match='step 15'):
-        trainer.train(split, on_step=interrupt)
+    with pytest.raises(training.Interrupted, match='step 15'):
+        training.train(split, on_step=interrupt)
     assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['batches_done'] == 7
-    encoder2, decoder2, _, history = trainer.train(tiny_args(data[0], tmp_path / 'split', *extra, '--resume',
-                                                             tensorboard='none'))
+    result = training.train(tiny_args(data[0], tmp_path / 'split', *extra, '--resume',
+                                      tensorboard='none'))
+    encoder2, decoder2, history = result.encoder, result.decoder, result.history
     for a, b in ((encoder, encoder2), (decoder, decoder2)):
         for (key, value), resumed in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(value, resumed), key

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train as trainer
+import training
 from conftest import run, tiny_args
 from decoding import load_captioner
 from model import CaptionerConfig, DecodeSettings, build_captioner, read_checkpoint
@@ -50,7 +51,8 @@ def test_a_checkpoint_from_before_the_config_captions_and_resumes(synthetic_set,
                                str(synthetic_set / 'annotations' / 'captions_train.json'),
                                '--model_path', str(tmp_path / 'models'), '--num_workers', '0', '--tensorboard', 'none',
                                '--resume', '--num_epochs', '3', '--device', 'cpu'])
-    _, decoder, _, history = trainer.train(args)
+    result = training.train(args)
+    decoder, history = result.decoder, result.history
     assert decoder.lstm.hidden_size == 12 and history['train'][-1]['epoch'] == 2  # its settings, one more epoch
     saved = read_checkpoint(str(tmp_path / 'models' / 'checkpoint.pt'))
     assert saved['epoch'] == 3 and saved['model_args'] == asdict(CaptionerConfig.from_dict(saved['model_args']))
@@ -70,7 +72,8 @@ def test_every_config_field_is_a_train_flag_with_the_same_default():
 def test_the_checkpoint_holds_the_whole_config_and_rebuilds_the_same_model(synthetic_set, tmp_path):
     args = tiny_args(synthetic_set, tmp_path, num_epochs=1, num_layers=2, max_seq_length=7, forget_bias=2.5,
                      bn_momentum=0.2)
-    encoder, decoder, vocab, _ = trainer.train(args)
+    result = training.train(args)
+    encoder, decoder, vocab = result.encoder, result.decoder, result.vocab
     saved = read_checkpoint(str(tmp_path / 'checkpoint.pt'))['model_args']
     assert saved == dict(vocab_size=len(vocab), embed_size=16, hidden_size=24, num_layers=2, max_seq_length=7,
                          backbone='smallcnn', train_backbone=False, bn_momentum=0.2, image_size=32, crop_size=32,

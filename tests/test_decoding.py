@@ -12,6 +12,7 @@ from test_evaluate import END, START, UNK, all_captions, sequence_log_prob, tiny
 
 import synthetic
 import train as trainer
+import training
 from conftest import REPO
 from decoding import repeated_trigrams, sample
 from model import DecodeSettings
@@ -136,7 +137,7 @@ def test_sample_py_writes_n_different_captions(tmp_path):
     root = tmp_path / 'data'
     synthetic.make_synthetic_coco(str(root), num_train=16, num_val=2, image_size=32, seed=3, progress=False)
     save_vocab(build_vocab(str(root / 'annotations' / 'captions_train.json'), threshold=1), str(root / 'vocab.json'))
-    trainer.train(trainer.parse_args([
+    training.train(trainer.parse_args([
         '--image_dir', str(root / 'train'), '--caption_path', str(root / 'annotations' / 'captions_train.json'),
         '--vocab_path', str(root / 'vocab.json'), '--model_path', str(tmp_path / 'models'), '--backbone', 'smallcnn',
         '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--embed_size', '16', '--hidden_size', '16',

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import train as trainer
+import training
 from conftest import REPO, tiny_args
 from decoding import load_captioner
 from model import DecoderRNN, DecodeSettings
@@ -174,9 +174,9 @@ def trained(synthetic_sets, tmp_path_factory):
     """A small model trained on the synthetic set, good enough that its captions mean something."""
     root = tmp_path_factory.mktemp('evaluate')
     (root / 'data').symlink_to(synthetic_sets(num_train=600, num_val=60, seed=3))  # greedy CIDEr 1.3, beam 1.7
-    trainer.train(tiny_args(root / 'data', root / 'models', train_backbone=True, no_flip=True, embed_size=64,
-                            hidden_size=96, batch_size=64, num_epochs=3, forget_bias=1, grad_clip=5, bn_momentum=0.1,
-                            log_step=50, seed=0))
+    training.train(tiny_args(root / 'data', root / 'models', train_backbone=True, no_flip=True, embed_size=64,
+                             hidden_size=96, batch_size=64, num_epochs=3, forget_bias=1, grad_clip=5, bn_momentum=0.1,
+                             log_step=50, seed=0))
     return root
 
 

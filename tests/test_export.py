@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import train as trainer
+import training
 from conftest import disk_fills_for, learning_args, run, sample_lines
 from decoding import ONNX_FILES as FILES
 from decoding import load_captioner, load_onnx_captioner
@@ -21,7 +21,7 @@ def exported(synthetic_set, tmp_path_factory):
     """A tiny model trained for two epochs on the synthetic set (2 layers, to export a stacked LSTM), and its
     ONNX files."""
     folder = tmp_path_factory.mktemp('export')
-    trainer.train(learning_args(synthetic_set, folder, '--num_epochs', '2', '--num_layers', '2'))
+    training.train(learning_args(synthetic_set, folder, '--num_epochs', '2', '--num_layers', '2'))
     result = run('export.py', '--checkpoint', str(folder / 'checkpoint.pt'),
                              '--output_dir', str(folder / 'onnx'), timeout=600)
     assert result.returncode == 0, result.stderr

@@ -15,6 +15,7 @@ import demo
 import extract_features
 import shapes_demo
 import train as trainer
+import training
 from conftest import REPO, tiny_args
 from data_loader import CocoDataset, GroupedSampler, ImageGroups, batches, collate_groups, eval_transform
 from files import ImageError, load_image
@@ -81,15 +82,15 @@ def test_training_from_the_cache_is_bit_identical_to_reading_the_files(synthetic
     extra = ['--num_epochs', '1', '--crop_size', '28', '--train_backbone', '--tensorboard', 'none',
              '--captions_per_image', str(captions_per_image)]
     reads = count_reads(monkeypatch)
-    files = trainer.train(tiny_args(synthetic_set, tmp_path / 'files', *extra, '--cache_images', '0'))
+    files = training.train(tiny_args(synthetic_set, tmp_path / 'files', *extra, '--cache_images', '0'))
     assert len(reads) == (240 if captions_per_image == 1 else 48)  # once per caption, or once per group
     assert 'images: read from their files at every use (--cache_images 0)' in capsys.readouterr().out
     reads.clear()
-    cached = trainer.train(tiny_args(synthetic_set, tmp_path / 'cached', *extra))
+    cached = training.train(tiny_args(synthetic_set, tmp_path / 'cached', *extra))
     assert len(reads) == 48 + 1  # each image once, and the first once more to judge their size
     assert 'images: decoded once into memory (0 MB), cropped from there every epoch\n' in capsys.readouterr().out
-    assert weights_equal(files[0], cached[0]) and weights_equal(files[1], cached[1])
-    assert files[3]['train'] == cached[3]['train']
+    assert weights_equal(files.encoder, cached.encoder) and weights_equal(files.decoder, cached.decoder)
+    assert files.history['train'] == cached.history['train']
 
 
 def test_data_loading_workers_read_the_cache_too(synthetic_set, tmp_path, monkeypatch):
@@ -107,9 +108,9 @@ def test_data_loading_workers_read_the_cache_too(synthetic_set, tmp_path, monkey
         return result
     monkeypatch.setattr(CocoDataset, 'cache_images', then_no_files)
     for n in (1, 5):
-        history = trainer.train(tiny_args(synthetic_set, tmp_path / str(n), '--num_workers', '2', '--strict',
-                                          '--num_epochs', '1',
-                                          '--captions_per_image', str(n), tensorboard='none'))[3]
+        history = training.train(tiny_args(synthetic_set, tmp_path / str(n), '--num_workers', '2', '--strict',
+                                           '--num_epochs', '1',
+                                           '--captions_per_image', str(n), tensorboard='none')).history
         assert len(history['train']) == (15 if n == 1 else 16)  # 240 captions by 16; 48 groups by 3
 
 
@@ -119,21 +120,21 @@ def test_unreadable_images_are_skipped_or_stop_with_strict_when_cached_and_group
     images.mkdir()
     for number, path in enumerate(sorted((synthetic_set / 'train').iterdir())):
         (images / path.name).write_bytes(path.read_bytes() if number % 6 == 0 else b'not an image')
-    real_loss, trained = trainer.caption_loss, []
+    real_loss, trained = training.caption_loss, []
 
     def loss(model, inputs, captions, lengths, alpha_c=0.0):
         trained.append((len(inputs.images), len(captions)))
         return real_loss(model, inputs, captions, lengths, alpha_c)
-    monkeypatch.setattr(trainer, 'caption_loss', loss)
+    monkeypatch.setattr(training, 'caption_loss', loss)
     extra = ['--num_epochs', '1', '--captions_per_image', '5', '--tensorboard', 'none']
-    trainer.train(tiny_args(synthetic_set, tmp_path / 'skip', *extra, image_dir=images))
+    training.train(tiny_args(synthetic_set, tmp_path / 'skip', *extra, image_dir=images))
     out, err = capsys.readouterr()
     assert 'images: decoded once into memory' in out
     assert 'skipped 200 captions of unreadable images' in out  # 40 of 48 images unreadable, 5 captions each
     assert err.count('skipped: ') == 40 and 'cannot read image' in err  # each image named once
     assert [sum(column) for column in zip(*trained)] == [8, 40]  # the 8 readable images, all their captions
     with pytest.raises(ImageError, match='cannot read image'):
-        trainer.train(tiny_args(synthetic_set, tmp_path / 'strict', *extra, '--strict', image_dir=images))
+        training.train(tiny_args(synthetic_set, tmp_path / 'strict', *extra, '--strict', image_dir=images))
 
 
 # --- one CNN pass per image ---------------------------------------------------------------------------
@@ -245,19 +246,19 @@ def test_too_small_a_batch_for_two_images_is_refused_in_one_line(synthetic_set, 
 def test_a_resumed_grouped_run_ends_with_the_same_weights_and_keeps_its_grouping(synthetic_set, tmp_path):
     extra = ['--num_epochs', '2', '--captions_per_image', '3', '--save_step', '0', '--train_backbone',
              '--lr_schedule', 'cosine', '--tensorboard', 'none']
-    whole = trainer.train(tiny_args(synthetic_set, tmp_path / 'whole', *extra, crop_size=28))  # random crops
+    whole = training.train(tiny_args(synthetic_set, tmp_path / 'whole', *extra, crop_size=28))  # random crops
 
     def interrupt(step):
         if step == 27:
             os.kill(os.getpid(), signal.SIGTERM)
-    with pytest.raises(trainer.Interrupted, match='step 27'):
-        trainer.train(tiny_args(synthetic_set, tmp_path / 'split', *extra, crop_size=28), on_step=interrupt)
+    with pytest.raises(training.Interrupted, match='step 27'):
+        training.train(tiny_args(synthetic_set, tmp_path / 'split', *extra, crop_size=28), on_step=interrupt)
     # 48 images with 5 captions: groups of 3 and 2, 96 of them, 5 a batch (16 // 3): 20 batches an epoch.
     assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['batches_done'] == 7
-    resumed = trainer.train(tiny_args(synthetic_set, tmp_path / 'split', '--resume', crop_size=None,
-                                      tensorboard='none'))
-    assert weights_equal(whole[0], resumed[0]) and weights_equal(whole[1], resumed[1])
-    assert [e['step'] for e in resumed[3]['train']] == list(range(1, 41))
+    resumed = training.train(tiny_args(synthetic_set, tmp_path / 'split', '--resume', crop_size=None,
+                                       tensorboard='none'))
+    assert weights_equal(whole.encoder, resumed.encoder) and weights_equal(whole.decoder, resumed.decoder)
+    assert [e['step'] for e in resumed.history['train']] == list(range(1, 41))
     assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['args']['captions_per_image'] == 3
 
 
@@ -269,7 +270,7 @@ def test_grouping_from_the_feature_cache_trains(synthetic_set, tmp_path):
                            '--num_workers', '0', '--device', 'cpu'])
     args = tiny_args(synthetic_set, tmp_path / 'models', '--features', cache, '--captions_per_image', '5',
                      '--num_epochs', '3', tensorboard='none')
-    history = trainer.train(args)[3]['train']
+    history = training.train(args).history['train']
     assert len(history) == 3 * 16
     assert np.mean([e['loss'] for e in history[-3:]]) < np.mean([e['loss'] for e in history[:3]])
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import gate_units
 import gates
-import train as trainer
+import training
 from conftest import REPO, learning_args
 from data_loader import eval_transform
 from decoding import load_captioner
@@ -20,7 +20,7 @@ from model import DecoderRNN, DecodeSettings
 @pytest.fixture(scope='module')
 def checkpoint(synthetic_set, tmp_path_factory):
     model_path = tmp_path_factory.mktemp('gates_model')
-    trainer.train(learning_args(synthetic_set, model_path, '--num_epochs', '2'))
+    training.train(learning_args(synthetic_set, model_path, '--num_epochs', '2'))
     return model_path / 'checkpoint.pt'
 
 

@@ -24,6 +24,7 @@ import DIY_LSTM
 import extract_features
 import runs
 import train as trainer
+import training
 from conftest import FAKE_CUDA_DIR, REAL_GPU, REPO, tiny_args
 from data_loader import CocoDataset, batches, collate_skipping, eval_transform
 from decoding import load_captioner
@@ -132,14 +133,14 @@ def test_amp_takes_bf16_only_where_the_gpu_in_use_has_it(monkeypatch, capability
 
 
 def test_resume_keeps_amp_and_says_which_autocast(synthetic_set, tmp_path, capsys):
-    trainer.train(tiny_args(synthetic_set, tmp_path, '--amp', num_epochs=1, tensorboard='none'))
+    training.train(tiny_args(synthetic_set, tmp_path, '--amp', num_epochs=1, tensorboard='none'))
     assert capsys.readouterr().out.count('--amp: bfloat16 autocast on cpu') == 1
     args = tiny_args(synthetic_set, tmp_path, '--resume', num_epochs=2, tensorboard='none')  # no --amp
-    trainer.train(args)
+    args = training.train(args).settings
     assert args.amp and capsys.readouterr().out.count('--amp: bfloat16 autocast on cpu') == 1
     assert read_checkpoint(str(tmp_path / 'checkpoint.pt'))['args']['amp']
     args = tiny_args(synthetic_set, tmp_path, '--resume', '--no_amp', num_epochs=3, tensorboard='none')
-    trainer.train(args)
+    args = training.train(args).settings
     assert not args.amp and '--amp:' not in capsys.readouterr().out
     assert not read_checkpoint(str(tmp_path / 'checkpoint.pt'))['args']['amp']
 
@@ -147,14 +148,23 @@ def test_resume_keeps_amp_and_says_which_autocast(synthetic_set, tmp_path, capsy
 # --- the CUDA random state in checkpoints -----------------------------------------------------
 
 def small_run(device, scaler_enabled=False):
-    """A train.Run of two linear layers on a device, enough for to_checkpoint and restore."""
+    """What a training run of two linear layers on a device checkpoints (its RunState), enough for
+    to_checkpoint and restore."""
     args = argparse.Namespace(model_path='unused', amp=scaler_enabled)
     encoder, decoder = nn.Linear(2, 3), nn.Linear(3, 4)
-    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()])
-    return trainer.Run(args=args, rank=0, world_size=1, device=device, vocab=Vocabulary.from_words(SPECIAL_TOKENS),
-                       config=CaptionerConfig(vocab_size=4), encoder=encoder, decoder=decoder, optimizer=optimizer,
-                       scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-                       scaler=torch.amp.GradScaler('cpu', enabled=scaler_enabled))
+    params = [*encoder.parameters(), *decoder.parameters()]
+    optimizer = torch.optim.Adam(params)
+    optimization = runs.Optimization(params, optimizer,
+                                     scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                                     scaler=torch.amp.GradScaler('cpu', enabled=scaler_enabled))
+    return runs.RunState(args=args, processes=runs.Processes(0, 1, device), vocab=Vocabulary.from_words(SPECIAL_TOKENS),
+                         config=CaptionerConfig(vocab_size=4), encoder=encoder, decoder=decoder,
+                         optimization=optimization, progress=runs.Progress(history={}))
+
+
+def restore(run, resumed):
+    """Load the Resumed checkpoint into the run's modules, optimizer, schedule and scaler, as start_run does."""
+    return resumed.restore(run.encoder, run.decoder, run.optimization, run.processes.device)
 
 
 def test_checkpoints_keep_the_cuda_random_state_and_old_ones_still_resume(monkeypatch, tmp_path):
@@ -180,22 +190,23 @@ def test_checkpoints_keep_the_cuda_random_state_and_old_ones_still_resume(monkey
     assert torch.equal(checkpoint['cuda_rng'][0], torch.arange(16, dtype=torch.uint8))
 
     generator['cuda:1'] = torch.zeros(16, dtype=torch.uint8)  # a new process, seeded afresh
-    small_run(gpu).restore(runs.Resumed(path, checkpoint))
+    restore(small_run(gpu), runs.Resumed(path, checkpoint))
     assert calls[1:] == [('set', 'cuda:1')] and torch.equal(generator['cuda:1'], torch.arange(16, dtype=torch.uint8))
 
     # A checkpoint from before the CUDA state was kept, or from a CPU run, resumes and leaves the GPU's
     # generator as the seed set it; a CPU run writes None.
     del checkpoint['cuda_rng']
-    small_run(gpu).restore(runs.Resumed(path, checkpoint))
+    restore(small_run(gpu), runs.Resumed(path, checkpoint))
     assert small_run(torch.device('cpu')).to_checkpoint()['cuda_rng'] is None
     checkpoint['cuda_rng'] = None
-    small_run(gpu).restore(runs.Resumed(path, checkpoint))
+    restore(small_run(gpu), runs.Resumed(path, checkpoint))
     assert len(calls) == 2
 
     # --amp from bfloat16 (a disabled scaler, an empty state) on to float16 on an older GPU: a fresh scaler.
     with_scaler = small_run(gpu, scaler_enabled=True)
-    with_scaler.restore(runs.Resumed(path, checkpoint))
-    assert with_scaler.scaler.is_enabled() and with_scaler.scaler.get_scale() == 2.0 ** 16
+    restore(with_scaler, runs.Resumed(path, checkpoint))
+    scaler = with_scaler.optimization.scaler
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0 ** 16
 
 
 # --- DDP validation ---------------------------------------------------------------------------
@@ -214,7 +225,7 @@ def validating_worker(rank, world_size, port, data, model_path, out, delay):
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group = functools.partial(dist.init_process_group, timeout=datetime.timedelta(seconds=10))
-    real_loss, real_all_reduce, all_reduces = trainer.caption_loss, dist.all_reduce, []
+    real_loss, real_all_reduce, all_reduces = training.caption_loss, dist.all_reduce, []
 
     def slow_validation(*args):
         if not torch.is_grad_enabled():
@@ -225,10 +236,10 @@ def validating_worker(rank, world_size, port, data, model_path, out, delay):
         all_reduces.append(1)
         return real_all_reduce(*args, **kwargs)
 
-    trainer.caption_loss, dist.all_reduce = slow_validation, counted
+    training.caption_loss, dist.all_reduce = slow_validation, counted
     # A BatchNorm that follows each batch closely: each process's own statistics differ from the main one's.
-    _, _, _, history = trainer.train(tiny_args(data, model_path, validate=True, num_epochs=2, tensorboard='none',
-                                               bn_momentum=0.9))
+    history = training.train(tiny_args(data, model_path, validate=True, num_epochs=2, tensorboard='none',
+                                       bn_momentum=0.9)).history
     torch.save({'val': history['val'], 'all_reduces': len(all_reduces)}, out / f'rank{rank}.pt')
 
 
@@ -255,7 +266,7 @@ def test_every_ddp_process_validates_its_share_and_none_waits_for_a_whole_valida
     val_set = CocoDataset(data / 'val', data / 'annotations' / 'captions_val.json', vocab,
                           eval_transform(config.image_size, config.crop_size), split='val')
     loader = batches(val_set, 16, False, 0, collate=collate_skipping)
-    whole = trainer.validation_loss(Captioner(encoder, decoder), loader, torch.device('cpu'))
+    whole = training.validation_loss(Captioner(encoder, decoder), loader, torch.device('cpu'))
     assert ranks[0]['val'][-1]['loss'] == pytest.approx(whole, rel=1e-6)
 
 
@@ -265,7 +276,7 @@ def test_with_reduce_overhead_every_forward_begins_a_cuda_graph_step(synthetic_s
     """Training, validation and the logged captions each mark a new CUDA-graph step before a forward, so that
     graphs recorded in training replay in validation. (Compiling is left out: it changes nothing here.)"""
     events = []
-    real_loss = trainer.caption_loss
+    real_loss = training.caption_loss
 
     def loss(*args):
         events.append('train' if torch.is_grad_enabled() else 'validate')
@@ -273,8 +284,8 @@ def test_with_reduce_overhead_every_forward_begins_a_cuda_graph_step(synthetic_s
 
     monkeypatch.setattr(DIY_LSTM.LSTM, 'compile_loop', lambda self, **kwargs: None)
     monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: events.append('mark'))
-    monkeypatch.setattr(trainer, 'caption_loss', loss)
-    trainer.train(tiny_args(synthetic_set, tmp_path, '--compile', 'reduce-overhead', validate=True, num_epochs=1))
+    monkeypatch.setattr(training, 'caption_loss', loss)
+    training.train(tiny_args(synthetic_set, tmp_path, '--compile', 'reduce-overhead', validate=True, num_epochs=1))
     assert events.count('train') == 15 and events.count('validate') == 4
     for i, event in enumerate(events):
         if event != 'mark':
@@ -287,11 +298,10 @@ def test_batches_are_page_locked_for_a_gpu_and_each_process_validates_its_share(
                                                                                 pinned):
     args = tiny_args(synthetic_set, tmp_path, validate=True)
     vocab = load_vocab(args.vocab_path)
-    run = trainer.Run(args=args, rank=1, world_size=2, device=torch.device(device), vocab=vocab,
-                      config=CaptionerConfig.from_args(args, len(vocab)), encoder=None, decoder=None)
-    trainer.build_loaders(run)
-    assert run.loader.pin_memory == run.val_loader.pin_memory == pinned
-    assert list(run.val_loader.sampler) == list(range(1, 60, 2))  # 12 images, 60 captions: every second one
+    data = training.build_loaders(args, CaptionerConfig.from_args(args, len(vocab)), vocab,
+                                  runs.Processes(rank=1, world_size=2, device=torch.device(device)))
+    assert data.loader.pin_memory == data.val_loader.pin_memory == pinned
+    assert list(data.val_loader.sampler) == list(range(1, 60, 2))  # 12 images, 60 captions: every second one
 
 
 def test_tf32_and_cudnn_search_on_a_gpu_only():
@@ -325,8 +335,8 @@ def test_with_features_the_backbone_moves_to_the_device_only_to_validate(synthet
         return real_to(module, *args, **kwargs)
 
     monkeypatch.setattr(nn.Module, 'to', to)
-    _, _, _, history = trainer.train(tiny_args(synthetic_set, tmp_path / 'models', '--features', cache,
-                                               validate=True, num_epochs=2))
+    history = training.train(tiny_args(synthetic_set, tmp_path / 'models', '--features', cache,
+                                       validate=True, num_epochs=2)).history
     assert len(history['val']) == 2
     # The head and the decoder once; the backbone (a Sequential) there and back around each validation and
     # each table of captions.

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-import train as trainer
+import training
 from conftest import REAL_GPU, REPO, learning_args, run
 from data_loader import get_loader, train_transform
 from decoding import load_captioner
@@ -32,7 +32,8 @@ def test_loader_batches_are_sorted_and_padded(synthetic_set):
 
 
 def test_training_lowers_the_loss_and_saves_a_checkpoint(synthetic_set, tmp_path, capsys):
-    encoder, decoder, vocab, history = trainer.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '4'))
+    result = training.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '4'))
+    encoder, decoder, vocab, history = result.encoder, result.decoder, result.vocab, result.history
     losses = [entry['loss'] for entry in history['train']]
     assert len(losses) == 4 * 15  # 240 captions in batches of 16, one entry per step
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
@@ -58,7 +59,7 @@ def test_training_lowers_the_loss_and_saves_a_checkpoint(synthetic_set, tmp_path
 def one_epoch(synthetic_set, tmp_path_factory):
     """A folder with the checkpoint of one epoch of learning_args, trained once for the tests that only read it."""
     models = tmp_path_factory.mktemp('one_epoch')
-    trainer.train(learning_args(synthetic_set, models, '--num_epochs', '1'))
+    training.train(learning_args(synthetic_set, models, '--num_epochs', '1'))
     return models
 
 
@@ -121,7 +122,7 @@ def test_frozen_backbone_batchnorm_statistics_do_not_change():
     assert not encoder.resnet.training and encoder.bn.training
     captions = torch.randint(3, 10, (4, 6))
     for _ in range(3):
-        loss, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder), torch.randn(4, 3, 64, 64) * 3 + 1,
+        loss, _ = training.caption_loss(training.Captioner(encoder, decoder), torch.randn(4, 3, 64, 64) * 3 + 1,
                                         captions, [6, 6, 6, 6])
         optimizer.zero_grad()
         loss.backward()
@@ -262,7 +263,7 @@ def test_demo_runs_end_to_end_on_a_tiny_set(tmp_path):
 
 
 def test_plot_history_draws_the_loss_curve(synthetic_set, tmp_path):
-    trainer.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '2'))
+    training.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '2'))
     out = tmp_path / 'curve.png'
     result = run('plot_history.py', '--history', str(tmp_path / 'history.json'),
                              '--out', str(out), timeout=120)

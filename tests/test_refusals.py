@@ -23,6 +23,7 @@ import resize
 import sample
 import synthetic.__main__ as synthetic
 import train as trainer
+import training
 from bench import lstm as bench_lstm
 from bench import resize as bench_resize
 from bench import sample as bench_sample
@@ -130,8 +131,8 @@ def test_an_epoch_in_which_nothing_could_be_read_stops_training(trained, tmp_pat
 
 
 def test_an_epoch_of_only_nonfinite_losses_stops_training(trained, tmp_path, monkeypatch):
-    real_loss = trainer.caption_loss
-    monkeypatch.setattr(trainer, 'caption_loss', lambda *a: (real_loss(*a)[0] * float('nan'), 1))
+    real_loss = training.caption_loss
+    monkeypatch.setattr(training, 'caption_loss', lambda *a: (real_loss(*a)[0] * float('nan'), 1))
     message = train_main(trained, tmp_path, '--num_epochs', '1', '--skip_nonfinite')
     assert_one_line(message, 'epoch 1: nothing was trained: 15 of its 15 batches had a NaN or inf loss',
                     '--learning_rate')

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import train as trainer
+import training
 from conftest import REPO, run, tiny_args
 from data_loader import CocoDataset, ImageError, collate_fn, load_image
 from model import CheckpointError, read_checkpoint
@@ -96,7 +97,7 @@ def trained(synthetic_sets, tmp_path_factory):
     root, data = tmp_path_factory.mktemp('robust'), synthetic_sets(num_train=24, num_val=4, seed=7)
     (root / 'data').symlink_to(data)
     (root / 'vocab.json').symlink_to(data / 'vocab.json')
-    trainer.train(train_args(root, root / 'models', '--num_epochs', '1'))
+    training.train(train_args(root, root / 'models', '--num_epochs', '1'))
     return root
 
 
@@ -137,7 +138,7 @@ def test_training_skips_unreadable_images_with_a_count(trained, tmp_path, capsys
     images = with_broken_images(trained, tmp_path)
     args = train_args(trained, tmp_path / 'models', '--num_epochs', '2')
     args.image_dir = str(images)
-    _, _, _, history = trainer.train(args)
+    history = training.train(args).history
     out, err = capsys.readouterr()
     assert '1 of the 24 images named in' in out and 'are missing' in out
     assert err.count('skipped: ') == 1 and '000000000005.png' in err  # reported once, not every epoch
@@ -147,10 +148,10 @@ def test_training_skips_unreadable_images_with_a_count(trained, tmp_path, capsys
 
     args.strict = True
     with pytest.raises(ImageError, match='1 of the 24 images'):
-        trainer.train(args)
+        training.train(args)
     (images / '000000000003.png').write_bytes((trained / 'data' / 'train' / '000000000003.png').read_bytes())
     with pytest.raises(ImageError, match='000000000005.png'):
-        trainer.train(args)
+        training.train(args)
 
 
 def test_captions_without_words_are_dropped_and_long_ones_cut(trained, tmp_path, capsys):
@@ -183,22 +184,23 @@ def test_malformed_annotations_name_the_file(trained, tmp_path):
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypatch):
-    real_loss, calls = trainer.caption_loss, []
+    real_loss, calls = training.caption_loss, []
 
     def poisoned(*args):
         loss, n = real_loss(*args)
         calls.append(1)
         return (loss * float('nan') if len(calls) == 5 else loss), n
 
-    monkeypatch.setattr(trainer, 'caption_loss', poisoned)
-    with pytest.raises(trainer.NonFiniteLoss, match='step 5'):
-        trainer.train(train_args(trained, tmp_path, '--num_epochs', '2', '--save_step', '2'))
+    monkeypatch.setattr(training, 'caption_loss', poisoned)
+    with pytest.raises(training.NonFiniteLoss, match='step 5'):
+        training.train(train_args(trained, tmp_path, '--num_epochs', '2', '--save_step', '2'))
     checkpoint = read_checkpoint(str(tmp_path / 'checkpoint.pt'))
     assert checkpoint['step'] == 4
     assert all(torch.isfinite(v).all() for v in checkpoint['decoder'].values())
 
     calls.clear()
-    _, decoder, _, history = trainer.train(train_args(trained, tmp_path, '--num_epochs', '1', '--skip_nonfinite'))
+    result = training.train(train_args(trained, tmp_path, '--num_epochs', '1', '--skip_nonfinite'))
+    decoder, history = result.decoder, result.history
     assert len(history['train']) == 15 - 1
     assert all(torch.isfinite(p).all() for p in decoder.parameters())
 
@@ -207,7 +209,7 @@ def test_out_of_memory_suggests_a_smaller_batch(trained, tmp_path, monkeypatch, 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
 
-    monkeypatch.setattr(trainer, 'caption_loss', out_of_memory)
+    monkeypatch.setattr(training, 'caption_loss', out_of_memory)
     argv = ['--image_dir', str(trained / 'data' / 'train'),
             '--caption_path', str(trained / 'data' / 'annotations' / 'captions_train.json'),
             '--vocab_path', str(trained / 'vocab.json'), '--model_path', str(tmp_path), '--backbone', 'smallcnn',
@@ -231,7 +233,7 @@ def test_an_unwritable_model_path_fails_before_training(trained, tmp_path):
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(trained, tmp_path, monkeypatch):
-    trainer.train(train_args(trained, tmp_path, '--num_epochs', '1'))
+    training.train(train_args(trained, tmp_path, '--num_epochs', '1'))
     before = (tmp_path / 'checkpoint.pt').read_bytes()
     real_save = torch.save
 
@@ -241,20 +243,20 @@ def test_a_full_disk_keeps_the_previous_checkpoint(trained, tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, 'save', disk_full)
     with pytest.raises(CheckpointError, match='No space left on device.*previous checkpoint'):
-        trainer.train(train_args(trained, tmp_path, '--num_epochs', '2', '--resume'))
+        training.train(train_args(trained, tmp_path, '--num_epochs', '2', '--resume'))
     monkeypatch.setattr(torch, 'save', real_save)
     assert (tmp_path / 'checkpoint.pt').read_bytes() == before
     assert [name for name in os.listdir(tmp_path) if '.tmp' in name] == []
 
 
 def test_resuming_with_another_vocabulary_names_the_problem(trained, tmp_path):
-    trainer.train(train_args(trained, tmp_path, '--num_epochs', '1'))
+    training.train(train_args(trained, tmp_path, '--num_epochs', '1'))
     words = json.loads((trained / 'vocab.json').read_text())['words']
     (tmp_path / 'vocab.json').write_text(json.dumps({'words': words[:-1]}))
     args = train_args(trained, tmp_path, '--num_epochs', '2', '--resume')
     args.vocab_path = str(tmp_path / 'vocab.json')
     with pytest.raises(CheckpointError, match=f'{len(words)} words.*{len(words) - 1}'):
-        trainer.train(args)
+        training.train(args)
 
 
 def test_tutorial_size_flags_are_checked_against_the_weights(tmp_path):

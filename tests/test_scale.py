@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-import train as trainer
+import training
 from conftest import REPO, run, tiny_args
 from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
 from decoding import load_captioner
@@ -130,7 +130,7 @@ def test_cached_features_give_the_same_loss_as_images(cache, synthetic_set, tmp_
     """Without augmentation, training from the cache sees exactly what on-the-fly training sees."""
     args = tiny_args(synthetic_set, tmp_path, '--features', str(cache))
     vocab = load_vocab(args.vocab_path)
-    encoder, decoder, _ = trainer.build_model(args, len(vocab))
+    encoder, decoder, _ = training.build_model(args, len(vocab))
     cached = FeatureDataset(str(cache), args.caption_path, vocab, mirror=False)
     transform = eval_transform(32, 32)
     items = [cached[i] for i in range(16)]
@@ -143,21 +143,21 @@ def test_cached_features_give_the_same_loss_as_images(cache, synthetic_set, tmp_
     images, captions2, lengths2 = collate_fn(image_items)
     assert torch.equal(captions, captions2) and lengths == lengths2
     encoder.eval(), decoder.eval()
-    from_cache, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder, from_features=True), features, captions,
-                                         lengths)
-    from_images, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder), images, captions, lengths)
+    from_cache, _ = training.caption_loss(training.Captioner(encoder, decoder, from_features=True), features, captions,
+                                          lengths)
+    from_images, _ = training.caption_loss(training.Captioner(encoder, decoder), images, captions, lengths)
     assert from_cache.item() == pytest.approx(from_images.item(), rel=2e-3)  # float16 rounding of the cache
     encoder.train(), decoder.train()
     torch.manual_seed(0)
-    a, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder, from_features=True), features, captions, lengths)
+    a, _ = training.caption_loss(training.Captioner(encoder, decoder, from_features=True), features, captions, lengths)
     torch.manual_seed(0)
-    b, _ = trainer.caption_loss(trainer.Captioner(encoder, decoder), images, captions, lengths)
+    b, _ = training.caption_loss(training.Captioner(encoder, decoder), images, captions, lengths)
     assert a.item() == pytest.approx(b.item(), rel=2e-3)
 
 
 def test_training_from_the_cache_keeps_the_whole_encoder(cache, synthetic_set, tmp_path):
     args = tiny_args(synthetic_set, tmp_path, '--features', str(cache), '--num_epochs', '3')
-    _, _, _, history = trainer.train(args)
+    history = training.train(args).history
     losses = [e['loss'] for e in history['train']]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     checkpoint = read_checkpoint(str(tmp_path / 'checkpoint.pt'))
@@ -188,9 +188,9 @@ def test_diy_lstm_under_cpu_bf16_autocast(loop):
 
 
 def test_compiled_lstm_trains_like_the_plain_loop(synthetic_set, tmp_path, compiled_for_real):
-    plain = trainer.train(tiny_args(synthetic_set, tmp_path / 'plain', '--num_epochs', '2'))[3]['train']
-    compiled = trainer.train(tiny_args(synthetic_set, tmp_path / 'compiled', '--num_epochs', '2',
-                                       '--compile'))[3]['train']
+    plain = training.train(tiny_args(synthetic_set, tmp_path / 'plain', '--num_epochs', '2')).history['train']
+    compiled = training.train(tiny_args(synthetic_set, tmp_path / 'compiled', '--num_epochs', '2',
+                                        '--compile')).history['train']
     assert len(plain) == len(compiled) > 10
     for a, b in zip(plain, compiled):
         assert b['loss'] == pytest.approx(a['loss'], rel=1e-4)
@@ -198,8 +198,8 @@ def test_compiled_lstm_trains_like_the_plain_loop(synthetic_set, tmp_path, compi
 
 
 def test_amp_training_on_cpu_lowers_the_loss(synthetic_set, tmp_path):
-    _, _, _, history = trainer.train(tiny_args(synthetic_set, tmp_path, '--amp', '--num_epochs', '4',
-                                               '--train_backbone'))
+    history = training.train(tiny_args(synthetic_set, tmp_path, '--amp', '--num_epochs', '4',
+                                       '--train_backbone')).history
     losses = [e['loss'] for e in history['train']]
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
 
@@ -217,16 +217,17 @@ def ddp_worker(rank, world_size, port, synthetic_set, model_path, out, nan_on_ra
     extra = []
     if nan_on_rank1_at is not None:
         extra = ['--skip_nonfinite']
-        real_loss, calls = trainer.caption_loss, []
+        real_loss, calls = training.caption_loss, []
 
         def poisoned(*args):
             loss, n = real_loss(*args)
             calls.append(1)
             return (loss * float('nan') if rank == 1 and len(calls) == nan_on_rank1_at else loss), n
-        trainer.caption_loss = poisoned
+        training.caption_loss = poisoned
     # Different seeds on purpose: DDP must still start both ranks from rank 0's weights.
-    encoder, decoder, _, history = trainer.train(tiny_args(synthetic_set, model_path, '--num_epochs', '3',
-                                                          '--seed', str(rank), '--train_backbone', *extra))
+    result = training.train(tiny_args(synthetic_set, model_path, '--num_epochs', '3',
+                                      '--seed', str(rank), '--train_backbone', *extra))
+    encoder, decoder, history = result.encoder, result.decoder, result.history
     # Parameters, not BatchNorm running statistics: each rank updates those from its own last batch.
     torch.save({'decoder': dict(decoder.named_parameters()), 'encoder': dict(encoder.named_parameters()),
                 'losses': [e['loss'] for e in history['train']]}, out / f'rank{rank}.pt')
@@ -268,16 +269,18 @@ def test_a_nan_loss_on_one_rank_is_skipped_by_both(synthetic_set, tmp_path):
 def test_interrupted_run_resumes_to_the_same_weights(synthetic_sets, tmp_path):
     data = synthetic_sets(num_train=24, num_val=4, seed=7)  # 120 captions in batches of 16: 8 steps an epoch
     extra = ['--num_epochs', '3', '--lr_schedule', 'cosine', '--grad_clip', '1', '--train_backbone', '--save_step', '0']
-    encoder, decoder, _, _ = trainer.train(tiny_args(data, tmp_path / 'whole', *extra))
+    result = training.train(tiny_args(data, tmp_path / 'whole', *extra))
+    encoder, decoder = result.encoder, result.decoder
 
     def interrupt(step):
         if step == 12:  # halfway through the second epoch
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(trainer.Interrupted, match='step 12'):
-        trainer.train(tiny_args(data, tmp_path / 'split', *extra), on_step=interrupt)
+    with pytest.raises(training.Interrupted, match='step 12'):
+        training.train(tiny_args(data, tmp_path / 'split', *extra), on_step=interrupt)
     assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['step'] == 12
-    encoder2, decoder2, _, history = trainer.train(tiny_args(data, tmp_path / 'split', *extra, '--resume'))
+    result = training.train(tiny_args(data, tmp_path / 'split', *extra, '--resume'))
+    encoder2, decoder2, history = result.encoder, result.decoder, result.history
     for whole, resumed in ((encoder, encoder2), (decoder, decoder2)):
         for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
             assert torch.equal(a, b), key

@@ -14,6 +14,7 @@ import exporting
 import scst
 import synthetic
 import train as trainer
+import training
 from conftest import REPO, run
 from model import DecodeSettings, read_checkpoint
 from synthetic import easy
@@ -111,7 +112,7 @@ def trained(tmp_path_factory):
                '--batch_size', '16', '--num_workers', '0', '--device', 'cpu']
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    trainer.train(trainer.parse_args(common(root, root / 'ce') + [
+    training.train(trainer.parse_args(common(root, root / 'ce') + [
         '--features', str(root / 'cache'), '--vocab_path', str(root / 'vocab.json'), '--num_epochs', '6',
         '--learning_rate', '3e-3']))
     return root
@@ -132,7 +133,7 @@ def scst_args(root, model_path, *extra):
 
 
 def test_scst_raises_the_reward(trained, tmp_path):
-    _, _, _, history = scst.train(scst_args(trained, tmp_path, '--num_epochs', '12', '--scst_baseline', 'mean'))
+    history = scst.train(scst_args(trained, tmp_path, '--num_epochs', '12', '--scst_baseline', 'mean')).history
     sampled = [entry['reward'] for entry in history['scst']]  # the expected reward SCST maximises
     assert len(sampled) == 36  # 48 images in batches of 16, 12 epochs
     assert np.mean(sampled[-12:]) > np.mean(sampled[:12]) + 0.05  # the last four epochs against the first four
@@ -141,11 +142,12 @@ def test_scst_raises_the_reward(trained, tmp_path):
 
 def test_scst_from_the_cache_and_from_images_and_resuming(trained, tmp_path):
     features = ['--features', str(trained / 'cache')]
-    encoder, decoder, _, _ = scst.train(scst_args(trained, tmp_path / 'whole', '--num_epochs', '2', *features))
+    result = scst.train(scst_args(trained, tmp_path / 'whole', '--num_epochs', '2', *features))
+    encoder, decoder = result.encoder, result.decoder
     scst.train(scst_args(trained, tmp_path / 'split', '--num_epochs', '1', *features))
     assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['epoch'] == 1
-    encoder2, decoder2, _, history = scst.train(scst_args(trained, tmp_path / 'split', '--num_epochs', '2',
-                                                          '--resume', *features))
+    result = scst.train(scst_args(trained, tmp_path / 'split', '--num_epochs', '2', '--resume', *features))
+    encoder2, decoder2, history = result.encoder, result.decoder, result.history
     for whole, resumed in ((encoder, encoder2), (decoder, decoder2)):
         for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
             assert torch.equal(a, b), key
@@ -171,7 +173,7 @@ def test_scst_starts_from_an_exported_folder_as_from_its_checkpoint(trained, tmp
     args = scst_args(trained, tmp_path / 'b', *features)
     args.init_from = str(tmp_path / 'shared')
     from_folder = scst.train(args)
-    for a, b in zip(from_checkpoint[:2], from_folder[:2]):
+    for a, b in ((from_checkpoint.encoder, from_folder.encoder), (from_checkpoint.decoder, from_folder.decoder)):
         for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(x, y), key
 

@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 
 import export
-import train as trainer
+import training
 from conftest import REPO, learning_args, run
 from decoding import SHIPPED_MODEL, default_model, load_captioner
 from files import CheckpointError, load_image
@@ -30,7 +30,7 @@ FILES = ['README.md', 'config.json', 'model.safetensors', 'vocab.json']
 def exported(synthetic_set, tmp_path_factory):
     """A tiny model trained for two epochs on the synthetic set, and its folder written by export.py's command line."""
     folder = tmp_path_factory.mktemp('share')
-    trainer.train(learning_args(synthetic_set, folder, '--num_epochs', '2'))
+    training.train(learning_args(synthetic_set, folder, '--num_epochs', '2'))
     result = run('export.py', '--checkpoint', folder / 'checkpoint.pt', '--format', 'safetensors',
                  '--output_dir', folder / 'shared', '--card_note', 'A note for the card.')
     assert result.returncode == 0, result.stderr

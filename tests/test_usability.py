@@ -20,6 +20,7 @@ import runs as devices
 import shapes_demo
 import synthetic
 import train as trainer
+import training
 from conftest import REPO, run
 from data_loader import CocoDataset, eval_transform, read_coco
 from decoding import load_captioner
@@ -48,8 +49,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp('usability')
     synthetic.make_synthetic_coco(str(root / 'data'), num_train=24, num_val=6, image_size=32, seed=11, progress=False)
     save_vocab(build_vocab(str(root / 'data' / 'annotations' / 'captions_train.json'), 1), str(root / 'vocab.json'))
-    _, _, _, history = trainer.train(train_args(root, root / 'models', '--num_epochs', '2', '--hidden_size', '24',
-                                                '--embed_size', '16'))
+    history = training.train(train_args(root, root / 'models', '--num_epochs', '2', '--hidden_size', '24',
+                                        '--embed_size', '16')).history
     return root, history
 
 
@@ -195,11 +196,12 @@ def test_resume_takes_the_model_settings_from_the_checkpoint(trained, tmp_path, 
     root, _ = trained
     first = train_args(root, tmp_path, '--num_epochs', '1', '--hidden_size', '20', '--embed_size', '12',
                        '--max_seq_length', '9', '--bn_momentum', '0.2', '--train_backbone', '--learning_rate', '0.01')
-    trainer.train(first)
+    training.train(first)
     # Only the data and --resume: every model setting, and the learning rate, come from the checkpoint.
     args = trainer.parse_args([str(a) for a in [*data_flags(root), '--model_path', tmp_path, '--resume',
                                                 '--num_epochs', '2', '--image_size', '32', '--crop_size', '32']])
-    encoder, decoder, _, _ = trainer.train(args)
+    result = training.train(args)
+    encoder, decoder, args = result.encoder, result.decoder, result.settings
     assert (decoder.lstm.hidden_size, decoder.embed.embedding_dim, decoder.max_seq_length) == (20, 12, 9)
     assert encoder.bn.momentum == 0.2 and encoder.train_backbone and args.learning_rate == 0.01
     checkpoint = read_checkpoint(str(tmp_path / 'checkpoint.pt'))
@@ -210,12 +212,12 @@ def test_resume_takes_the_model_settings_from_the_checkpoint(trained, tmp_path, 
     args = trainer.parse_args([str(a) for a in [*data_flags(root), '--model_path', tmp_path, '--resume',
                                                 '--num_epochs', '3', '--hidden_size', '32']])
     with pytest.raises(CheckpointError, match=r'trained with --hidden_size 20 \(not 32\): leave these flags out'):
-        trainer.train(args)
+        training.train(args)
 
     # A finished run says so, and how to train longer; nothing changes.
     before = (tmp_path / 'checkpoint.pt').read_bytes()
-    trainer.train(trainer.parse_args([str(a) for a in [*data_flags(root), '--model_path', tmp_path, '--resume',
-                                                       '--num_epochs', '2']]))
+    training.train(trainer.parse_args([str(a) for a in [*data_flags(root), '--model_path', tmp_path, '--resume',
+                                                        '--num_epochs', '2']]))
     out = capsys.readouterr().out
     assert 'has already finished its run of 2 epochs' in out and '--num_epochs N, for N more than 2' in out
     assert (tmp_path / 'checkpoint.pt').read_bytes() == before
@@ -290,13 +292,13 @@ def test_best_checkpoint_and_tensorboard_logs(trained):
 
 def test_val_max_images_validates_on_a_fixed_subset(trained):
     root, _ = trained
-    vocab = trainer.load_vocab(str(root / 'vocab.json'))
+    vocab = training.load_vocab(str(root / 'vocab.json'))
     val = CocoDataset(str(root / 'data' / 'val'), str(root / 'data' / 'annotations' / 'captions_val.json'), vocab,
                       eval_transform(32, 32))
-    subset = trainer.first_images(val, 2)
+    subset = training.first_images(val, 2)
     images = {val.coco.anns[val.ids[i]]['image_id'] for i in subset.indices}
     assert images == set(sorted(val.coco.getImgIds())[:2]) and len(subset) == 2 * 5
-    assert trainer.first_images(val, None) is val
+    assert training.first_images(val, None) is val
 
 
 # --- --help, and the demo's stopping rule -------------------------------------------------------
