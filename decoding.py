@@ -1,11 +1,10 @@
 """From a trained model to captions: a TrainedCaptioner, loaded from a train.py checkpoint or export.py's safetensors
 folder (load_captioner), the tutorial's files (load_tutorial) or export.py's ONNX files (load_onnx_captioner), captions
-image files in batches (greedy, beam search, or sampled) as one DecodeSettings says. Sampling has a temperature and
-nucleus (top-p) truncation, for sample.py --sample and for self-critical training (scst.py). With the ONNX files the
-encoder and the decoder step run in onnxruntime, and greedy decoding and beam search stay CaptionDecoder's own loops."""
+image files in batches (greedy, beam search, or sampled) as one DecodeSettings says, through CaptionDecoder's
+decoding loop. With the ONNX files the encoder and the decoder step run in onnxruntime, and the loop stays
+CaptionDecoder's own."""
 import hashlib
 import json
-import math
 import os
 from dataclasses import replace
 from typing import NamedTuple
@@ -26,53 +25,8 @@ from model import (
     build_captioner,
     ids_to_sentence,
     read_checkpoint,
-    repeated_trigrams,
 )
 from vocabulary import Vocabulary, load_vocab
-
-
-def nucleus(log_probs, top_p):
-    """Keep the smallest set of most probable words whose probability reaches top_p (always the top
-    word), renormalised; the rest get -inf (Holtzman et al., ICLR 2020)."""
-    if top_p >= 1.0:
-        return log_probs
-    sorted_log_probs, order = log_probs.sort(-1, descending=True)
-    mass_before = sorted_log_probs.exp().cumsum(-1) - sorted_log_probs.exp()
-    drop = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(-1, order, mass_before >= top_p)
-    return log_probs.masked_fill(drop, -math.inf).log_softmax(-1)
-
-
-def sample(decoder, features, settings):
-    """settings.samples sampled captions per image: (words, log_probs, mask), each (batch * samples, steps),
-    rows of one image together. The words ruled out are greedy and beam decoding's (DecoderRNN.forbid: unk_id
-    always, start_id after the first step, <end> before min_len words other than <start>) and, with
-    block_trigrams, repeated trigrams. log_probs are those of the distribution sampled from (after temperature,
-    top_p and those rules); mask marks the words up to and including <end>; after <end> a row holds <end>.
-    Gradients flow to the decoder and features when enabled, as SCST needs."""
-    end_id, start_id = settings.end_id, settings.start_id
-    inputs, states = decoder.start(features.repeat_interleave(settings.samples, dim=0))
-    finished = torch.zeros(inputs.size(0), dtype=torch.bool, device=features.device)
-    said = torch.zeros(inputs.size(0), dtype=torch.long, device=features.device)
-    words, log_probs, mask = [], [], []
-    for t in range(decoder.decode_length(settings.max_len)):
-        scores, states = decoder.step(inputs, states)
-        ruled_out = scores.new_zeros(scores.shape)  # forbid() writes -inf in place, so not into scores' graph
-        decoder.forbid(ruled_out, t, said, settings)
-        banned = ruled_out.isinf()
-        if settings.block_trigrams and words:
-            banned |= repeated_trigrams(torch.stack(words, 1), scores.size(1), end_id)
-        scores = nucleus((scores / settings.temperature).masked_fill(banned, -math.inf).log_softmax(-1),
-                         settings.top_p)
-        word = torch.multinomial(scores.detach().exp(), 1).squeeze(1).masked_fill(finished, end_id)
-        mask.append(~finished)
-        log_probs.append(scores.gather(1, word.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0))
-        words.append(word)
-        said += word != start_id if start_id is not None else 1
-        finished = finished | (word == end_id)
-        if finished.all():
-            break
-        inputs = decoder.embed(word)
-    return torch.stack(words, 1), torch.stack(log_probs, 1), torch.stack(mask, 1)
 
 
 class TrainedCaptioner(NamedTuple):
@@ -93,7 +47,7 @@ class TrainedCaptioner(NamedTuple):
         settings.samples N, N sampled captions per image, (batch * N, steps) with the rows of one image together."""
         settings = settings.for_vocab(self.vocab)
         if settings.samples:
-            return sample(self.decoder, features, settings)[0]
+            return self.decoder.draw(features, settings)[0]
         if settings.beam_size > 1:
             return self.decoder.beam_search(features, settings)
         return self.decoder.sample(features, settings)
@@ -102,7 +56,7 @@ class TrainedCaptioner(NamedTuple):
     def caption_batches(self, paths, settings=DecodeSettings(), batch_size=32):
         """Yields (paths of the batch, {path: caption}, {path: error}) for each batch in turn: only one batch of
         images is in memory at a time. A caption has at least settings.min_len words before <end>, so none comes
-        out empty (DecoderRNN.forbid). With settings.samples N, {path: [N sampled captions]} instead."""
+        out empty (model.forbid). With settings.samples N, {path: [N sampled captions]} instead."""
         transform = eval_transform(self.config.image_size, self.config.crop_size)
         for start in range(0, len(paths), batch_size):
             batch, images, captions, errors = paths[start:start + batch_size], {}, {}, {}
@@ -210,11 +164,12 @@ class OnnxEncoder:
 
 
 class OnnxDecoder:
-    """decoder_step.onnx of the fc decoder, decoded by the decoders' own greedy and beam search loops
-    (CaptionDecoder's), which ask it for start, step, embed and select."""
+    """decoder_step.onnx of the fc decoder, decoded by the decoders' own loop (CaptionDecoder.decode, behind sample,
+    beam_search and draw), which asks it for start, step, embed and select."""
 
-    sample, beam_search, decode_length = CaptionDecoder.sample, CaptionDecoder.beam_search, CaptionDecoder.decode_length
-    forbid, start = staticmethod(CaptionDecoder.forbid), staticmethod(DecoderRNN.start)
+    decode, decode_length = CaptionDecoder.decode, CaptionDecoder.decode_length
+    sample, beam_search, draw = CaptionDecoder.sample, CaptionDecoder.beam_search, CaptionDecoder.draw
+    start = staticmethod(DecoderRNN.start)
     select = staticmethod(DecoderRNN.select)
 
     def __init__(self, session, config):

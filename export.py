@@ -9,8 +9,8 @@ folder, to share its weights without its optimizer state and without pickle.
 ONNX: writes encoder.onnx (image -> feature), decoder_step.onnx (one decoding step: token or image feature,
 h, c -> log-probabilities of the next word, h, c; any batch size) and captioner.json (the vocabulary and
 the sizes sample.py needs). For --decoder attention, encoder.onnx gives the grid of cells, and the step is
-token, grid, h, s -> log-probabilities, h, s and the attention weights alpha. Greedy decoding and beam search
-stay in Python: sample.py --onnx runs the decoders' own loops with each step done by onnxruntime.
+token, grid, h, s -> log-probabilities, h, s and the attention weights alpha. Greedy decoding, beam search and
+sampling stay in Python: sample.py --onnx runs the decoders' own loop with each step done by onnxruntime.
 
 safetensors: writes model.safetensors (the encoder's and decoder's weights, keys encoder.* and decoder.*),
 config.json (the CaptionerConfig), vocab.json and README.md (a model card). sample.py, evaluate.py, app.py,

@@ -84,7 +84,7 @@ def add_config_arguments(parser):
 class DecodeSettings:
     """How captions are decoded, the same in every script. beam_size 1 is greedy decoding; beam search ranks
     finished captions by log p / length^length_penalty; samples N draws N captions per image instead
-    (decoding.sample, with temperature and top_p). Every caption has at least min_len words before <end> and
+    (CaptionDecoder.draw, with temperature and top_p). Every caption has at least min_len words before <end> and
     at most max_len words (None: the decoder's own max_seq_length); block_trigrams: no trigram repeats.
 
     end_id, unk_id (an id or a list of ids) and start_id are the vocabulary's special words, which for_vocab
@@ -237,11 +237,105 @@ def repeated_trigrams(sequences, vocab_size, end_id):
     return mask
 
 
+def forbid(log_probs, words, finished, settings):
+    """log_probs (images, width, vocab) of each row's next word with the words the rules forbid at -inf, the same
+    rules in greedy, beam and sampled decoding: settings.unk_id (an id or a list of ids) always; start_id after
+    the first step (train.py's captions begin with <start>, so a trained model says it first); <end> while fewer
+    than min_len words other than <start> have been said, so that no caption comes out empty; with
+    block_trigrams, any word that repeats a trigram of its row. words: each row's words so far, (images, width,
+    steps). A finished row may only repeat <end>, at log-probability 0, so that its total stays as it was."""
+    end_id, start_id = settings.end_id, settings.start_id
+    banned = torch.zeros_like(log_probs, dtype=torch.bool)
+    banned[..., settings.unk_id] = True
+    if start_id is not None and words.size(2) > 0:
+        banned[..., start_id] = True
+    spoken = words != start_id if start_id is not None else torch.ones_like(words, dtype=torch.bool)
+    banned[..., end_id] |= spoken.sum(2) < settings.min_len
+    if settings.block_trigrams:
+        banned |= repeated_trigrams(words.flatten(0, 1), log_probs.size(2), end_id).view_as(banned)
+    log_probs = log_probs.masked_fill(banned | finished.unsqueeze(2), -math.inf)
+    log_probs[..., end_id] = log_probs[..., end_id].masked_fill(finished, 0.0)
+    return log_probs
+
+
+class Choice(NamedTuple):
+    """How each row of an image goes on at one step, all (images, width): the row it extends (beam search may
+    drop a row and extend another twice; greedy decoding and sampling extend every row itself), its next word,
+    and the log-probability that word adds to the row's total."""
+    rows: torch.Tensor
+    words: torch.Tensor
+    log_probs: torch.Tensor
+
+
+def chosen(log_probs, rows, words):
+    """The Choice of these rows and words, with the log-probabilities log_probs (images, width, vocab) gives them."""
+    return Choice(rows, words, log_probs.flatten(1).gather(1, rows * log_probs.size(2) + words))
+
+
+def every_row_itself(words):
+    """The rows of a Choice in which every row extends itself."""
+    return torch.arange(words.size(1), device=words.device).expand_as(words)
+
+
+def most_probable_words(log_probs, totals, settings):
+    """Greedy decoding's choice: each row's most probable allowed word."""
+    words = log_probs.argmax(2)
+    return chosen(log_probs, every_row_itself(words), words)
+
+
+def best_extensions(log_probs, totals, settings):
+    """Beam search's choice: of all the ways to extend an image's beams by one allowed word, the width ways whose
+    totals come out highest. A finished beam has one way, <end> at no cost, so it stays while it is among the best."""
+    vocab_size = log_probs.size(2)
+    flat = (totals.unsqueeze(2) + log_probs).flatten(1).topk(totals.size(1), dim=1).indices
+    return chosen(log_probs, flat // vocab_size, flat % vocab_size)  # which beam each survivor extends, and how
+
+
+def nucleus(log_probs, top_p):
+    """Keep the smallest set of most probable words whose probability reaches top_p (always the top
+    word), renormalised; the rest get -inf (Holtzman et al., ICLR 2020)."""
+    if top_p >= 1.0:
+        return log_probs
+    sorted_log_probs, order = log_probs.sort(-1, descending=True)
+    mass_before = sorted_log_probs.exp().cumsum(-1) - sorted_log_probs.exp()
+    drop = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(-1, order, mass_before >= top_p)
+    return log_probs.masked_fill(drop, -math.inf).log_softmax(-1)
+
+
+def drawn_words(log_probs, totals, settings):
+    """Sampling's choice: each row's word drawn at random from its allowed words, their probabilities sharpened
+    (settings.temperature below 1) or flattened (above 1), then cut to the nucleus of settings.top_p. Its
+    log-probability is the one it was drawn with, the one whose gradient SCST follows."""
+    distribution = nucleus((log_probs / settings.temperature).log_softmax(-1), settings.top_p)
+    words = torch.multinomial(distribution.detach().exp().flatten(0, 1), 1).view_as(totals)
+    return chosen(distribution, every_row_itself(words), words)
+
+
+def caption_mask(words, end_id):
+    """True at the words of each row up to and including its first <end>: the caption, the rest being <end>s."""
+    ends = (words == end_id).long()
+    return ends.cumsum(-1) - ends == 0
+
+
+def rows_of(history, rows):
+    """history (images, width, steps) with each image's rows in the order rows (images, width) gives."""
+    return history.gather(1, rows.unsqueeze(2).expand(-1, -1, history.size(2)))
+
+
+class Decoded(NamedTuple):
+    """What CaptionDecoder.decode found for each of the width rows of each image: the word ids (images, width,
+    steps), the log-probability each word added (images, width, steps), and each row's total (images, width).
+    After its <end> a row holds <end>, which adds 0."""
+    words: torch.Tensor
+    log_probs: torch.Tensor
+    totals: torch.Tensor
+
+
 class CaptionDecoder(nn.Module):
-    """What both decoders share: greedy decoding and beam search, written once over four methods each decoder
-    has. start(features) gives the first step's inputs and state; step(inputs, state) gives log-probabilities of
-    the next word and the new state; embed(words) turns the chosen words into the next inputs; select(state,
-    rows) keeps the state's rows in that order (beam search's reshuffle of beams)."""
+    """What both decoders share: greedy decoding, beam search and sampling, all one loop (decode) over four
+    methods each decoder has. start(features) gives the first step's inputs and state; step(inputs, state) gives
+    log-probabilities of the next word and the new state; embed(words) turns the chosen words into the next inputs;
+    select(state, rows) keeps the state's rows in that order (beam search's reshuffle of beams)."""
 
     def decode_length(self, max_len):
         max_len = max_len or self.max_seq_length
@@ -249,39 +343,39 @@ class CaptionDecoder(nn.Module):
             raise ValueError(f'the longest caption must be at least 1 word, not {max_len}')
         return max_len
 
-    @staticmethod
-    def forbid(log_probs, step, said, settings):
-        """Rule words out, in place, for greedy and beam decoding alike: settings.unk_id (an id or a list of
-        ids) always; start_id after the first step (train.py's captions begin with <start>, so a trained model
-        says it first); and <end> while fewer than min_len words other than <start> have been said, so
-        that no caption comes out empty."""
-        end_id, start_id = settings.end_id, settings.start_id
-        log_probs[..., settings.unk_id] = -math.inf
-        if start_id is not None and step > 0:
-            log_probs[..., start_id] = -math.inf
-        log_probs[..., end_id] = log_probs[..., end_id].masked_fill(said < settings.min_len, -math.inf)
+    def decode(self, features, settings, choose, totals):
+        """The decoding loop of greedy decoding, beam search and sampling, which differ only in choose, how the
+        next words are chosen: choose(log_probs, totals, settings) gives a Choice. Each image has width rows,
+        totals.size(1) (1 for greedy decoding, beam_size beams, or samples), whose totals (log-probabilities
+        so far) start as given. At every step the decoder scores each row's next word, forbid() rules words
+        out, choose picks them, and the rows go on as it says, until every row has said <end> or after
+        settings.max_len words. Returns Decoded."""
+        images, width = totals.shape
+        inputs, state = self.start(features.repeat_interleave(width, dim=0))
+        words = torch.zeros(images, width, 0, dtype=torch.long, device=features.device)
+        added = totals.new_zeros(images, width, 0)  # what each word added to its row's total
+        finished = torch.zeros(images, width, dtype=torch.bool, device=features.device)
+        first_row_of_image = torch.arange(images, device=features.device).unsqueeze(1) * width
+        for _ in range(self.decode_length(settings.max_len)):
+            if finished.all():
+                break
+            log_probs, state = self.step(inputs, state)
+            choice = choose(forbid(log_probs.view(images, width, -1), words, finished, settings), totals, settings)
+            totals = totals.gather(1, choice.rows) + choice.log_probs
+            words = torch.cat([rows_of(words, choice.rows), choice.words.unsqueeze(2)], dim=2)
+            added = torch.cat([rows_of(added, choice.rows), choice.log_probs.unsqueeze(2)], dim=2)
+            finished = finished.gather(1, choice.rows) | (choice.words == settings.end_id)
+            state = self.select(state, (first_row_of_image + choice.rows).flatten())
+            inputs = self.embed(choice.words.flatten())
+        return Decoded(words, added, totals)
 
     @torch.no_grad()
     def sample(self, features, settings=DecodeSettings()):
-        """Greedy decoding for a batch, with the rules of forbid(); stops once every caption has produced <end>.
-        settings.block_trigrams: never choose a word that repeats a trigram of the caption."""
-        end_id, start_id = settings.end_id, settings.start_id
-        inputs, states = self.start(features)
-        words, finished = [], torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
-        said = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
-        for t in range(self.decode_length(settings.max_len)):
-            log_probs, states = self.step(inputs, states)
-            self.forbid(log_probs, t, said, settings)
-            if settings.block_trigrams and words:
-                log_probs[repeated_trigrams(torch.stack(words, 1), log_probs.size(1), end_id)] = -math.inf
-            predicted = log_probs.argmax(1)
-            words.append(predicted)
-            said += predicted != start_id if start_id is not None else 1
-            finished |= predicted == end_id
-            if finished.all():
-                break
-            inputs = self.embed(predicted)
-        return torch.stack(words, 1)
+        """Greedy decoding (the tutorial's name for it) for a batch: at each step each caption's most probable word
+        that forbid() allows, (batch, steps); after <end> a caption holds <end>. The same words as beam search
+        with one beam."""
+        totals = features.new_zeros(features.size(0), 1)
+        return self.decode(features, settings, most_probable_words, totals).words[:, 0]
 
     @torch.no_grad()
     def beam_search(self, features, settings=DecodeSettings(), all_beams=False):
@@ -292,46 +386,28 @@ class CaptionDecoder(nn.Module):
         stops the search from favouring short captions. The rules of forbid() hold, so an empty caption never
         wins. beam_size=1 gives exactly the greedy caption.
         all_beams=True returns every beam, best first, (batch, beams, steps), and their log-probabilities.
-        settings.block_trigrams: no beam may extend itself with a word that repeats one of its trigrams.
         """
-        end_id, start_id = settings.end_id, settings.start_id
         batch, beams = features.size(0), settings.beam_size
         # Every beam starts from the image; only beam 0 counts at first, so the first step picks distinct words.
-        scores = features.new_full((batch, beams), -math.inf)
-        scores[:, 0] = 0.0
-        inputs, states = self.start(features.repeat_interleave(beams, dim=0))
-        sequences = torch.zeros(batch, beams, 0, dtype=torch.long, device=features.device)
-        finished = torch.zeros(batch, beams, dtype=torch.bool, device=features.device)
-        offsets = torch.arange(batch, device=features.device).unsqueeze(1) * beams
-        for t in range(self.decode_length(settings.max_len)):
-            if finished.all():
-                break
-            log_probs, states = self.step(inputs, states)
-            log_probs = log_probs.view(batch, beams, -1)
-            said = (sequences != start_id).sum(2) if start_id is not None else sequences.new_full(finished.shape, t)
-            self.forbid(log_probs, t, said, settings)
-            if settings.block_trigrams:
-                repeats = repeated_trigrams(sequences.flatten(0, 1), log_probs.size(2), end_id)
-                log_probs[repeats.view_as(log_probs)] = -math.inf
-            # A finished beam can only repeat <end>, at no cost, so its score stays as it was.
-            log_probs = log_probs.masked_fill(finished.unsqueeze(2), -math.inf)
-            log_probs[:, :, end_id] = log_probs[:, :, end_id].masked_fill(finished, 0.0)
-            vocab_size = log_probs.size(2)
-            scores, flat = (scores.unsqueeze(2) + log_probs).flatten(1).topk(beams, dim=1)
-            origin, words = flat // vocab_size, flat % vocab_size  # which beam each survivor extends, and how
-            sequences = torch.cat([sequences.gather(1, origin.unsqueeze(2).expand_as(sequences)),
-                                   words.unsqueeze(2)], dim=2)
-            finished = finished.gather(1, origin) | (words == end_id)
-            states = self.select(states, (offsets + origin).flatten())
-            inputs = self.embed(words.flatten())
-        lengths = ((sequences != end_id).cumsum(2) == torch.arange(1, sequences.size(2) + 1, device=scores.device))
-        lengths = lengths.sum(2) + finished.long()  # words up to and including <end>
-        ranking = scores / lengths.float() ** settings.length_penalty
+        totals = features.new_full((batch, beams), -math.inf)
+        totals[:, 0] = 0.0
+        found = self.decode(features, settings, best_extensions, totals)
+        lengths = caption_mask(found.words, settings.end_id).sum(2)  # words up to and including <end>
+        ranking = found.totals / lengths.float() ** settings.length_penalty
         if all_beams:  # every beam, best first, with its total log-probability
             order = ranking.argsort(dim=1, descending=True, stable=True)
-            return sequences.gather(1, order.unsqueeze(2).expand_as(sequences)), scores.gather(1, order)
-        best = ranking.argmax(1)
-        return sequences[torch.arange(batch), best]
+            return rows_of(found.words, order), found.totals.gather(1, order)
+        return found.words[torch.arange(batch), ranking.argmax(1)]
+
+    def draw(self, features, settings):
+        """settings.samples captions per image drawn at random (drawn_words): (words, log_probs, mask), each
+        (batch * samples, steps), the rows of one image together. The rules of forbid() hold. log_probs are
+        those of the distributions drawn from; mask marks the words up to and including <end>; after <end> a row
+        holds <end>. Gradients flow to the decoder and features when enabled, as SCST needs."""
+        totals = features.new_zeros(features.size(0), settings.samples)
+        found = self.decode(features, settings, drawn_words, totals)
+        mask = caption_mask(found.words, settings.end_id)
+        return found.words.flatten(0, 1), found.log_probs.flatten(0, 1), mask.flatten(0, 1)
 
 
 class DecoderRNN(CaptionDecoder):

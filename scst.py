@@ -134,7 +134,7 @@ def captions_of(ids, vocab):
 def scst_loss(decoder, features, image_ids, cider, vocab, samples, baseline):
     """-(r - b) log p averaged over the sampled words, and the mean rewards of samples and greedy captions."""
     settings = DecodeSettings(samples=samples).for_vocab(vocab)  # the rules sample.py decodes by
-    words, log_probs, mask = decoding.sample(decoder, features, settings)
+    words, log_probs, mask = decoder.draw(features, settings)
     rewards = cider(captions_of(words, vocab), np.repeat(image_ids, samples))
     greedy = cider(captions_of(decoder.sample(features.detach(), settings), vocab), image_ids)
     if baseline == 'greedy':

@@ -14,8 +14,7 @@ import synthetic
 import train as trainer
 import training
 from conftest import REPO
-from decoding import repeated_trigrams, sample
-from model import DecodeSettings
+from model import DecodeSettings, repeated_trigrams
 from vocabulary import build_vocab, save_vocab
 
 
@@ -122,7 +121,7 @@ def test_sampling_draws_captions_with_their_brute_force_probabilities(temperatur
         n = 20000
         settings = DecodeSettings(samples=n, temperature=temperature, top_p=top_p, end_id=END, unk_id=UNK, max_len=2,
                                   start_id=start)
-        words, log_probs, mask = sample(decoder, feature, settings)
+        words, log_probs, mask = decoder.draw(feature, settings)
     drawn = [tuple(row[keep].tolist()) for row, keep in zip(words, mask)]
     counts = {caption: drawn.count(caption) / n for caption in set(drawn)}
     assert all(expected.get(caption, 0.0) > 0 for caption in counts)  # nothing outside the nucleus
@@ -131,6 +130,32 @@ def test_sampling_draws_captions_with_their_brute_force_probabilities(temperatur
         assert row_log_probs.sum().item() == pytest.approx(math.log(expected[caption]), abs=1e-4)
     if top_p < 1.0:
         assert sum(p == 0 for p in expected.values()) > 0  # the nucleus really cut something
+
+
+@pytest.mark.parametrize('block_trigrams', [False, True])
+@pytest.mark.parametrize('start', [None, START])
+def test_greedy_beam_one_and_sampling_the_top_word_choose_the_same_words(start, block_trigrams):
+    """Greedy decoding, beam search with one beam and sampling with nothing but the most probable word left
+    (top_p near 0, or temperature near 0) are the one decoding loop choosing alike: the same word ids, also
+    after <end>, where every row holds <end>, in a batch whose captions end at different steps."""
+    decoder = tiny_decoder(7, vocab_size=12)
+    decoder.max_seq_length = 10
+    features = torch.randn(32, 4)
+    greedy_settings = DecodeSettings(end_id=END, unk_id=UNK, start_id=start, min_len=2, block_trigrams=block_trigrams)
+    with torch.no_grad():
+        greedy = decoder.sample(features, greedy_settings)
+        beam = decoder.beam_search(features, replace(greedy_settings, beam_size=1))
+        torch.manual_seed(0)
+        top_word, top_log_probs, top_mask = decoder.draw(features, replace(greedy_settings, samples=1, top_p=1e-6))
+        cold, _, _ = decoder.draw(features, replace(greedy_settings, samples=1, temperature=1e-6))
+    lengths = [len(truncate(row)) for row in greedy]
+    assert len(set(lengths)) > 1 and min(lengths) < greedy.size(1)  # some captions end before others
+    for row, length in zip(greedy.tolist(), lengths):
+        assert row[length:] == [END] * (len(row) - length)
+    assert torch.equal(beam, greedy)
+    assert torch.equal(top_word, greedy) and torch.equal(cold, greedy)
+    assert top_mask.sum(1).tolist() == lengths
+    assert (top_log_probs == 0).all()  # the only word left has probability 1
 
 
 def test_sample_py_writes_n_different_captions(tmp_path):

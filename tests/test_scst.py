@@ -9,7 +9,6 @@ import pytest
 import torch
 from pycocoevalcap.cider.cider import Cider
 
-import decoding
 import exporting
 import scst
 import synthetic
@@ -71,7 +70,7 @@ def test_loss_is_minus_advantage_times_log_probability_per_word(baseline):
     torch.manual_seed(1)
     loss, _, _ = scst.scst_loss(decoder, features, [0, 1, 2], FixedCider(), vocab, 4, baseline)
     torch.manual_seed(1)
-    words, _, mask = decoding.sample(decoder, features, DecodeSettings(samples=4, end_id=2, unk_id=[0, 3], start_id=1))
+    words, _, mask = decoder.draw(features, DecodeSettings(samples=4, end_id=2, unk_id=[0, 3], start_id=1))
 
     def first_word_is_large(row):  # <start> may come first, and is not part of the caption
         row = [int(w) for w in row if int(w) != 1]
@@ -84,7 +83,7 @@ def test_loss_is_minus_advantage_times_log_probability_per_word(baseline):
         b = np.array([(rewards[i // 4 * 4:i // 4 * 4 + 4].sum() - rewards[i]) / 3 for i in range(12)])
     total, words_counted = 0.0, 0
     for row, keep, r, base, feature in zip(words, mask, rewards, b, features.repeat_interleave(4, 0)):
-        sequence = row[keep].tolist()  # teacher forcing through the decoder, independently of decoding.sample
+        sequence = row[keep].tolist()  # teacher forcing through the decoder, independently of CaptionDecoder.draw
         log_probs, states = decoder.step(feature.unsqueeze(0), None)
         for position, word in enumerate(sequence):
             renormalised = log_probs[0].clone()
