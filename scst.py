@@ -179,7 +179,7 @@ def load_data(run):
     backbone made), and the validation images, if any."""
     args, config, vocab = run.args, run.config, run.vocab
     if run.from_images:
-        transform = train_transform(config.crop_size, not args.no_flip)
+        transform = train_transform(config.crop_size, not args.no_flip, config.normalization)
         captions = CocoDataset(args.image_dir, args.caption_path, vocab, transform, skip_unreadable=not args.strict,
                                split=args.split)
     else:
@@ -193,7 +193,8 @@ def load_data(run):
     run.cider = CiderD(run.dataset.references())
     if args.val_caption_path:
         val_set = PerImage(CocoDataset(args.val_image_dir, args.val_caption_path, vocab, skip_unreadable=True,
-                                       transform=eval_transform(config.image_size, config.crop_size), split='val'))
+                                       transform=eval_transform(config.image_size, config.crop_size,
+                                                                config.normalization), split='val'))
         run.val_loader = batches(val_set, args.batch_size, False, args.num_workers, collate=collate)
         run.val_cider = CiderD(val_set.references())
 
