@@ -7,24 +7,27 @@
 The nine photos are not in this repository: they ship inside installed packages (scikit-image's and
 scikit-learn's wheels, matplotlib's sample data), and this module finds them there without importing those
 packages, resizes them as resize.py does (256x256 by default) into ROOT/images, and writes their captions, four
-per photo written for this project, to ROOT/annotations/captions_photos.json. Nothing is downloaded.
+per photo written for this project, to ROOT/annotations/captions_photos.json. Nothing is downloaded. Every photo
+is written as PNG, also those that come as JPEG: a second JPEG compression at 256 pixels turns EfficientNet-Lite0's
+class of the rocket from missile into drilling platform (tests/test_real_photos.py checks those classes).
 
 Photos, where they come from, and their licences:
 
-| photo | package | what | licence |
+| photo | package (its file) | what | licence |
 |---|---|---|---|
 | astronaut.png | scikit-image | the astronaut Eileen Collins, NASA | public domain (NASA) |
 | chelsea.png | scikit-image | Chelsea the cat, by Stefan van der Walt | CC0 |
 | coffee.png | scikit-image | a cup of espresso, by Rachel Michetti (Pikolo Espresso Bar) | CC0 |
-| rocket.jpg | scikit-image | Falcon 9 with DSCOVR on its launch pad, SpaceX | public domain (SpaceX) |
+| rocket.png | scikit-image (rocket.jpg) | Falcon 9 with DSCOVR on its launch pad, SpaceX | public domain (SpaceX) |
 | camera.png | scikit-image | a man with a camera on a tripod, by Lav Varshney | CC0 |
-| motorcycle.png | scikit-image | a motorcycle, from the Middlebury 2014 stereo set | none stated; cite the paper* |
-| china.jpg | scikit-learn | the Summer Palace in Beijing, by danielbuechele on Flickr | CC-BY 2.0 |
-| flower.jpg | scikit-learn | a dahlia, by vultilion on Flickr | CC-BY 2.0 |
-| grace_hopper.jpg | matplotlib | Commodore Grace Hopper, US Navy portrait | public domain (US Navy) |
+| motorcycle.png | scikit-image (motorcycle_left.png) | a motorcycle, Middlebury 2014 stereo set | none stated* |
+| china.png | scikit-learn (china.jpg) | the Summer Palace, Beijing, by danielbuechele on Flickr | CC-BY 2.0 |
+| flower.png | scikit-learn (flower.jpg) | a dahlia, by vultilion on Flickr | CC-BY 2.0 |
+| grace_hopper.png | matplotlib (grace_hopper.jpg) | Commodore Grace Hopper, US Navy | public domain (US Navy) |
 
 *scikit-image ships motorcycle_left.png downsampled from the Middlebury 2014 stereo set (Scharstein et al., "High-
-resolution stereo datasets with subpixel-accurate ground truth", GCPR 2014) and states no licence for it.
+resolution stereo datasets with subpixel-accurate ground truth", GCPR 2014) and states no licence for it: cite the
+paper when using it.
 
 A decoder trained on the synthetic shapes knows only their words, so its scores here are near zero: captioning
 photos needs a model trained on COCO (docs/training.md).
@@ -66,7 +69,7 @@ PHOTOS = (
         'A small red and white coffee cup sits on a wooden table.',
         'An espresso in a brown cup on a matching saucer.',
         'A cup of coffee with a metal spoon on a wooden counter.')),
-    Photo('rocket.jpg', 'skimage', 'data/rocket.jpg', 'public domain (SpaceX)', (
+    Photo('rocket.png', 'skimage', 'data/rocket.jpg', 'public domain (SpaceX)', (
         'A rocket stands on its launch pad at dusk.',
         'A white rocket between tall metal towers under a dark blue sky.',
         'A rocket waiting to launch, with bright lights at the bottom of the pad.',
@@ -82,17 +85,17 @@ PHOTOS = (
               'A red and black motorcycle stands on its kickstand in a workshop.',
               'A motorcycle parked in front of shelves full of boxes.',
               'A red motorbike in a garage next to a wooden bench.')),
-    Photo('china.jpg', 'sklearn', 'datasets/images/china.jpg', 'CC-BY 2.0 (danielbuechele, Flickr)', (
+    Photo('china.png', 'sklearn', 'datasets/images/china.jpg', 'CC-BY 2.0 (danielbuechele, Flickr)', (
         'A tall Chinese pagoda on a hill above a lake.',
         'A red and green tiered tower among trees overlooking the water.',
         'A traditional Chinese temple with a lake in the background.',
         'A colorful pagoda stands among green trees on a hazy day.')),
-    Photo('flower.jpg', 'sklearn', 'datasets/images/flower.jpg', 'CC-BY 2.0 (vultilion, Flickr)', (
+    Photo('flower.png', 'sklearn', 'datasets/images/flower.jpg', 'CC-BY 2.0 (vultilion, Flickr)', (
         'An orange dahlia in front of dark green leaves.',
         'A close up of a round orange flower.',
         'A ball shaped peach colored flower with a blurred background.',
         'A single orange flower in bloom with another one below it.')),
-    Photo('grace_hopper.jpg', 'matplotlib', 'mpl-data/sample_data/grace_hopper.jpg', 'public domain (US Navy)', (
+    Photo('grace_hopper.png', 'matplotlib', 'mpl-data/sample_data/grace_hopper.jpg', 'public domain (US Navy)', (
         'An elderly woman in a navy uniform and cap poses in front of a flag.',
         'A portrait of an old woman wearing glasses and a military uniform.',
         'A woman in a dark uniform with ribbons on her chest and an American flag behind her.',
