@@ -32,15 +32,12 @@ paper when using it.
 A decoder trained on the synthetic shapes knows only their words, so its scores here are near zero: captioning
 photos needs a model trained on COCO (docs/training.md).
 """
-import argparse
 import importlib.util
 import json
 import os
-import sys
 from typing import NamedTuple
 
 from files import atomic_write
-from flags import HelpFormatter, positive_int
 from resize import resize_image
 
 
@@ -142,19 +139,3 @@ def make_real_photos(root, image_size=256):
     path = os.path.join(root, 'annotations', 'captions_photos.json')
     atomic_write(path, lambda f: f.write(json.dumps(dataset, indent=1).encode()))
     return path
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--root', default='data/photos', help='where images/ and annotations/ go')
-    parser.add_argument('--image_size', type=positive_int, default=256, help="side of the square images (resize.py's)")
-    args = parser.parse_args(argv)
-    try:
-        path = make_real_photos(args.root, args.image_size)
-    except (FileNotFoundError, OSError) as err:
-        sys.exit(f'error: {err}')
-    print(f'{len(PHOTOS)} photos in {os.path.join(args.root, "images")}, captions in {path}')
-
-
-if __name__ == '__main__':
-    main()
