@@ -11,11 +11,12 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
 from tqdm import tqdm
 
+from backbones import IMAGENET_MEAN, IMAGENET_STD
 from caption_files import load_captions
 from files import ImageError, load_image
 from vocabulary import tokenize, usable_captions
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def read_coco(path, split='train'):
@@ -28,14 +29,15 @@ def read_coco(path, split='train'):
     return coco
 
 
-def train_transform(crop_size, flip=True):
+def train_transform(crop_size, flip=True, normalization=IMAGENET):
     """The tutorial's augmentation: random crop of the resized image, random mirror. It takes a PIL image, or
     the same pixels as a uint8 (3, H, W) tensor (ImageCache's), and makes the same tensor of both from the
-    same random numbers: no PIL image need be made for a cached one."""
+    same random numbers: no PIL image need be made for a cached one. normalization: (mean, std), the
+    backbone's (CaptionerConfig.normalization)."""
     steps = [transforms.RandomCrop(crop_size)]
     if flip:
         steps.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose(steps + [to_float, transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose(steps + [to_float, transforms.Normalize(*normalization)])
 
 
 def to_float(image):
@@ -45,10 +47,11 @@ def to_float(image):
     return transforms.functional.to_tensor(image)
 
 
-def eval_transform(image_size, crop_size):
-    """Resize any image the way resize.py does, then take the centre crop the model trained on."""
+def eval_transform(image_size, crop_size, normalization=IMAGENET):
+    """Resize any image the way resize.py does, then take the centre crop the model trained on, normalised as
+    its backbone expects (normalization: (mean, std), CaptionerConfig.normalization)."""
     return transforms.Compose([transforms.Resize((image_size, image_size)), transforms.CenterCrop(crop_size),
-                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                               transforms.ToTensor(), transforms.Normalize(*normalization)])
 
 
 def decoded(path):

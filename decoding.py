@@ -57,7 +57,7 @@ class TrainedCaptioner(NamedTuple):
         """Yields (paths of the batch, {path: caption}, {path: error}) for each batch in turn: only one batch of
         images is in memory at a time. A caption has at least settings.min_len words before <end>, so none comes
         out empty (model.forbid). With settings.samples N, {path: [N sampled captions]} instead."""
-        transform = eval_transform(self.config.image_size, self.config.crop_size)
+        transform = eval_transform(self.config.image_size, self.config.crop_size, self.config.normalization)
         for start in range(0, len(paths), batch_size):
             batch, images, captions, errors = paths[start:start + batch_size], {}, {}, {}
             for path in batch:

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from backbones import image_normalization
 from data_loader import eval_transform, open_cache, read_coco
 from files import CheckpointError, ImageError, load_image, save_file
 from flags import HelpFormatter, count, positive_int
@@ -128,8 +129,8 @@ def extract(args):
 
     todo = [i for i in range(len(image_ids)) if not done[i]]  # unreadable images are tried again
     file_names = [coco.imgs[image_id]['file_name'] for image_id in image_ids]
-    dataset = torch.utils.data.Subset(ImageFolderByIds(args.image_dir, file_names,
-                                                       eval_transform(args.image_size, args.crop_size)), todo)
+    transform = eval_transform(args.image_size, args.crop_size, image_normalization(args.backbone))
+    dataset = torch.utils.data.Subset(ImageFolderByIds(args.image_dir, file_names, transform), todo)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_readable)
     with torch.no_grad():
         for rows, images, errors in tqdm(loader, desc='extracting', unit='batch'):
@@ -164,9 +165,11 @@ def main(argv=None):
                         help='the part of a Karpathy file to extract (train includes restval)')
     parser.add_argument('--output_dir', '--output', type=str, default='data/features_train2014',
                         help='folder for the cache, for train.py --features')
-    parser.add_argument('--backbone', type=str, default='resnet152', help='torchvision ResNet name, or smallcnn')
+    parser.add_argument('--backbone', '--encoder', type=str, default='resnet152',
+                        help='torchvision ResNet name, smallcnn, or efficientnet_lite0')
     parser.add_argument('--weights', type=str, default='DEFAULT',
-                        help='backbone weights: DEFAULT (ImageNet, downloaded), none, or a local .pth file')
+                        help="backbone weights: DEFAULT (ImageNet: torchvision's, downloaded; efficientnet_lite0's, "
+                             'from its installed package), none, or a local .pth file')
     parser.add_argument('--decoder', choices=DECODERS, default='fc',
                         help="the train.py --decoder the cache is for: fc, one pooled vector per image; attention, "
                              'the grid of cells')

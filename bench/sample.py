@@ -46,7 +46,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--counts', type=positive_int, nargs='+', default=[50, 500], help='folder sizes to caption')
     parser.add_argument('--batch_size', type=positive_int, default=32, help="sample.py's --batch_size")
-    parser.add_argument('--backbone', default='resnet152', help='torchvision ResNet of the model')
+    parser.add_argument('--backbone', '--encoder', default='resnet152', help='torchvision ResNet of the model')
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as work:

@@ -6,7 +6,7 @@ import os
 
 from conftest import REPO
 
-PACKAGES = ('bench', 'synthetic')
+PACKAGES = ('bench', 'realphotos', 'synthetic')
 
 
 def project_modules():
