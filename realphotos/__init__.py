@@ -38,7 +38,7 @@ import os
 from typing import NamedTuple
 
 from files import atomic_write
-from resize import resize_image
+from images import resize_image
 
 
 class Photo(NamedTuple):
