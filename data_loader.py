@@ -142,14 +142,15 @@ class CocoDataset(data.Dataset):
     json may also be a Karpathy dataset_*.json file, of which split ('train', 'val' or 'test') is read.
     """
 
-    def __init__(self, root, json, vocab, transform=None, max_words=50, skip_unreadable=False, return_errors=False,
-                 split='train'):
+    max_words = 50  # a longer caption is cut here, keeping its <end>
+
+    def __init__(self, root, json, vocab, transform=None, skip_unreadable=False, return_errors=False, split='train'):
         self.root = root
         self.coco = read_coco(json, split)
         self.ids = usable_captions(self.coco, json)
         if root is not None:
             self._check_images(json, skip_unreadable)
-        self.vocab, self.transform, self.max_words = vocab, transform, max_words
+        self.vocab, self.transform = vocab, transform
         self.return_errors = skip_unreadable or return_errors
         self.word_ids = {}  # tokenized once, on first use: tokenizing costs as much as decoding a small image
         self.cache = None  # an ImageCache, once cache_images has filled one
