@@ -304,7 +304,7 @@ def test_val_max_images_validates_on_a_fixed_subset(trained):
 # --- --help, and the demo's stopping rule -------------------------------------------------------
 
 SCRIPTS = ['train', 'sample', 'evaluate', 'extract_features', 'build_vocab', 'resize', 'synthetic.__main__',
-           'plot_history', 'demo', 'export', 'gates', 'app',
+           'plot_history', 'demo', 'export', 'gate_units', 'app',
            'bench.lstm', 'bench.resize', 'bench.train', 'bench.sample', 'bench.onnx']
 
 
