@@ -139,7 +139,7 @@ class LSTM(nn.Module):
         for layer in range(num_layers):
             layer_input_size = input_size if layer == 0 else out_size * self.num_directions
             for direction in range(self.num_directions):
-                suffix = f'_l{layer}' + ('_reverse' if direction == 1 else '')
+                suffix = self._suffix(layer, direction)
                 shapes = {'weight_ih': (4 * hidden_size, layer_input_size), 'weight_hh': (4 * hidden_size, out_size)}
                 if self.bias:
                     shapes.update(bias_ih=(4 * hidden_size,), bias_hh=(4 * hidden_size,))
@@ -149,6 +149,11 @@ class LSTM(nn.Module):
                     self.register_parameter(name + suffix, nn.Parameter(torch.empty(shape, **factory)))
                 self._all_weights.append([name + suffix for name in shapes])
         self.reset_parameters()
+
+    @staticmethod
+    def _suffix(layer, direction):
+        """nn.LSTM's parameter-name suffix: _l0, _l0_reverse, _l1, ..."""
+        return f'_l{layer}' + ('_reverse' if direction == 1 else '')
 
     def reset_parameters(self):
         """Fresh weights, e.g. after building on the meta device and calling to_empty()."""
@@ -211,7 +216,7 @@ class LSTM(nn.Module):
 
     def layer_weights(self, layer, direction):
         """(U, W, b, W_hr) of one layer and direction; b and W_hr are None without bias or projection."""
-        suffix = f'_l{layer}' + ('_reverse' if direction == 1 else '')
+        suffix = self._suffix(layer, direction)
         bias = getattr(self, 'bias_ih' + suffix) + getattr(self, 'bias_hh' + suffix) if self.bias else None
         weight_hr = getattr(self, 'weight_hr' + suffix) if self.proj_size > 0 else None
         return getattr(self, 'weight_ih' + suffix), getattr(self, 'weight_hh' + suffix), bias, weight_hr

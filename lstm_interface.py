@@ -80,8 +80,8 @@ class Rows(NamedTuple):
     """An LSTM's input as the loops through time see it, and what it takes to give the output nn.LSTM's form.
 
     data: every time step's rows one after another, (rows, features). batch_sizes: the number of rows of each
-    step. A PackedSequence's own indices (sorted_indices, unsorted_indices), or, for a tensor, its shape:
-    time_major is (steps, batch), unbatched says there was no batch dimension.
+    step. packed: the PackedSequence given, whose indices put the batch back in order; for a tensor, None, and
+    its shape instead: time_major is (steps, batch), unbatched says there was no batch dimension.
     """
     data: torch.Tensor
     batch_sizes: list
