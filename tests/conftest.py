@@ -10,16 +10,22 @@ import errno
 import importlib.util
 import io
 import os
+import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
+from filelock import FileLock
+from torch import nn
 
 import files
 import synthetic
 import train as trainer
+import training
 from vocabulary import build_vocab, save_vocab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,14 +63,53 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
-def run(*args, cwd=REPO, env=None, timeout=300):
-    """A script's command line, run as a user would: python SCRIPT ARGS..., output captured as text. A script
-    that picks a device gets --device cpu unless the command names one: the tests compare with CPU results,
-    and on a machine with a GPU the script would pick CUDA."""
+def run(*args, cwd=REPO, env=None, timeout=300, process=False):
+    """A script's command line, run as a user would: python SCRIPT ARGS..., output captured as text, returned
+    as a subprocess.CompletedProcess. A script that picks a device gets --device cpu unless the command names
+    one: the tests compare with CPU results, and on a machine with a GPU the script would pick CUDA.
+
+    A repository script runs in this process (its main(), see in_process) unless process=True, env is given or
+    the command is not a script of this folder: what most tests check is the script's output and exit code,
+    and a new Python spends seconds importing torch before it does anything. Each script keeps at least one
+    test that starts it as a real process (process=True), as do the signal, torchrun, fake-GPU and server tests."""
     args = list(map(str, args))
     if Path(args[0]).name in DEVICE_SCRIPTS and '--device' not in args:
         args += ['--device', 'cpu']
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    script = Path(cwd, args[0])
+    if process or env is not None or script.suffix != '.py' or script.resolve().parent != REPO:
+        return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    return in_process(script, args[1:], cwd)
+
+
+def in_process(script, argv, cwd=REPO):
+    """python SCRIPT ARGV... as a CompletedProcess, run by calling the script's main() here, with sys.argv,
+    the working folder and the output streams as the real process would have them. The exit code is what
+    Python's would be: 0 when main returns, sys.exit's code (a message printed to stderr and 1), and 1 with the
+    traceback on stderr for an exception. torch's thread count is restored afterwards (demo.py sets it)."""
+    module = importlib.import_module(script.stem)
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, os.getcwd(), torch.get_num_threads()
+    try:
+        sys.argv = [str(script), *argv]
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                module.main()
+                code = 0
+            except SystemExit as exit:
+                code = 0 if exit.code is None else exit.code
+                if not isinstance(code, int):
+                    print(code, file=sys.stderr)
+                    code = 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        torch.set_num_threads(saved[2])
+    return subprocess.CompletedProcess([sys.executable, str(script), *argv], code, out.getvalue(), err.getvalue())
 
 
 def sample_lines(*args):
@@ -75,19 +120,48 @@ def sample_lines(*args):
 
 
 @pytest.fixture(scope='session')
-def synthetic_sets(tmp_path_factory):
+def built_once(tmp_path_factory):
+    """build(name, make): the folder that make(folder) fills, made once per test run however many xdist workers
+    ask for it. The first to ask makes it under a file lock while the others wait; all then read the same files
+    (so a model is trained once, not once per worker). Shared by every test that asks: copy before changing
+    anything. A build that failed is made again by the next test that asks, and fails there too."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent  # the run's folder, which holds each worker's own
+    (root / 'built').mkdir(exist_ok=True)
+
+    def build(name, make):
+        folder, done = root / 'built' / name, root / 'built' / f'{name}.done'
+        with FileLock(str(root / 'built' / f'{name}.lock')):
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+                make(folder)
+                done.touch()
+        return folder
+    return build
+
+
+@pytest.fixture(scope='session', autouse=True)
+def inductor_cache(built_once):
+    """One torch.compile cache for the whole run, shared by every worker and every script the tests start: a
+    kernel is compiled once and loaded by every later test that needs it, and each run starts empty, as on a
+    new machine. (Every compiled loop in the tests runs the same steps_per_call, 3, for the same reason.)"""
+    os.environ['TORCHINDUCTOR_CACHE_DIR'] = str(built_once('inductor', lambda folder: None))
+
+
+@pytest.fixture(scope='session')
+def synthetic_sets(built_once):
     """make(num_train, num_val, seed): a synthetic set of 32-pixel images in COCO format, with its vocab.json,
-    made once per session for each size. Shared by every test that asks for it: copy before changing anything."""
-    made = {}
+    made once per run for each size."""
+    def make_set(root, num_train, num_val, seed):
+        synthetic.make_synthetic_coco(str(root), num_train, num_val, image_size=32, seed=seed, progress=False)
+        save_vocab(build_vocab(str(root / 'annotations' / 'captions_train.json'), threshold=1),
+                   str(root / 'vocab.json'))
 
     def make(num_train=48, num_val=12, seed=1):
-        if (num_train, num_val, seed) not in made:
-            root = tmp_path_factory.mktemp(f'synthetic_{num_train}_{num_val}_{seed}')
-            synthetic.make_synthetic_coco(str(root), num_train, num_val, image_size=32, seed=seed, progress=False)
-            save_vocab(build_vocab(str(root / 'annotations' / 'captions_train.json'), threshold=1),
-                       str(root / 'vocab.json'))
-            made[num_train, num_val, seed] = root
-        return made[num_train, num_val, seed]
+        return built_once(f'synthetic_{num_train}_{num_val}_{seed}',
+                          lambda root: make_set(root, num_train, num_val, seed))
     return make
 
 
@@ -95,6 +169,88 @@ def synthetic_sets(tmp_path_factory):
 def synthetic_set(synthetic_sets):
     """The usual set: 48 training images (240 captions) and 12 held out."""
     return synthetic_sets()
+
+
+@pytest.fixture(scope='session')
+def two_epoch_model(built_once, synthetic_set):
+    """The folder of learning_args' run of two epochs on synthetic_set: checkpoint.pt, history.json, best.pt."""
+    return built_once('two_epochs',
+                      lambda folder: training.train(learning_args(synthetic_set, folder, '--num_epochs', '2')))
+
+
+@pytest.fixture(scope='session')
+def one_epoch_seed7(built_once, synthetic_sets):
+    """A folder with the small synthetic set (24 training images, 120 captions; seed 7) as data/, its vocab.json,
+    and models/checkpoint.pt: one epoch of tiny_args in batches of 8, at train.py's own learning rate."""
+    def make(root):
+        data = synthetic_sets(num_train=24, num_val=4, seed=7)
+        (root / 'data').symlink_to(data)
+        (root / 'vocab.json').symlink_to(data / 'vocab.json')
+        training.train(tiny_args(root / 'data', root / 'models', '--num_epochs', '1', batch_size=8,
+                                 learning_rate=None, vocab_path=root / 'vocab.json'))
+    return built_once('seed7_one_epoch', make)
+
+
+@pytest.fixture(scope='session')
+def pooled_cache(built_once, synthetic_set):
+    """extract_features.py's cache of synthetic_set's training images: a random smallcnn's pooled vectors (the
+    seed makes it the backbone of every --weights none run on 32-pixel images)."""
+    def make(folder):
+        result = run('extract_features.py', '--image_dir', synthetic_set / 'train',
+                     '--caption_path', synthetic_set / 'annotations' / 'captions_train.json', '--output', folder,
+                     '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
+                     '--batch_size', '16', '--num_workers', '0', process=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return built_once('pooled_cache', make)
+
+
+class TutorialEncoder(nn.Module):
+    """The tutorial's encoder layout, written out here to check names against ours."""
+
+    def __init__(self, embed_size):
+        super().__init__()
+        resnet = torchvision.models.resnet152(weights=None)
+        self.resnet = nn.Sequential(*list(resnet.children())[:-1])
+        self.linear = nn.Linear(resnet.fc.in_features, embed_size)
+        self.bn = nn.BatchNorm1d(embed_size, momentum=0.01)
+
+
+class TutorialDecoder(nn.Module):
+    def __init__(self, embed_size, hidden_size, vocab_size, num_layers):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+
+
+@pytest.fixture(scope='session')
+def tutorial_encoder_file(built_once):
+    """encoder-5-3000.pkl as the tutorial's train.py saved it: a ResNet-152 (random, seed 0) with embed size 32."""
+    def make(folder):
+        torch.manual_seed(0)
+        torch.save(TutorialEncoder(32).state_dict(), folder / 'encoder-5-3000.pkl')
+    return built_once('tutorial_encoder', make) / 'encoder-5-3000.pkl'
+
+
+def tutorial_files(folder, vocab_words, encoder_file, hidden=48):
+    """The tutorial's three files in folder, as its scripts saved them: encoder_file (embed size 32) linked in,
+    a decoder-5-3000.pkl of vocab_words (seed 0; also returned) and a protocol-0 vocab.pkl, written by a Python
+    in which the pickled Vocabulary class belongs to __main__, as in the tutorial's build_vocab.py."""
+    if not (folder / 'encoder-5-3000.pkl').exists():
+        (folder / 'encoder-5-3000.pkl').symlink_to(encoder_file)
+    torch.manual_seed(0)
+    decoder = TutorialDecoder(32, hidden, len(vocab_words), 1)
+    torch.save(decoder.state_dict(), folder / 'decoder-5-3000.pkl')
+    script = ('import pickle, sys\n'
+              'class Vocabulary(object):\n    pass\n'
+              'v = Vocabulary()\n'
+              f'words = {vocab_words!r}\n'
+              'v.word2idx = {w: i for i, w in enumerate(words)}\n'
+              'v.idx2word = {i: w for i, w in enumerate(words)}\n'
+              'v.idx = len(words)\n'
+              f'pickle.dump(v, open({str(folder / "vocab.pkl")!r}, "wb"), protocol=0)\n')
+    subprocess.run([sys.executable, '-c', script], check=True)
+    return decoder
 
 
 def tiny_args(data, model_path, *extra, validate=False, **overrides):

@@ -16,8 +16,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-import training
-from conftest import REPO, learning_args, run
+from conftest import REPO, run
 
 CHROMIUM = next((path for path in (os.environ.get('CHROMIUM'), shutil.which('chromium'),
                                    shutil.which('chromium-browser'), '/usr/bin/chromium')
@@ -35,10 +34,8 @@ def free_port():
 
 
 @pytest.fixture(scope='module')
-def checkpoint(synthetic_set, tmp_path_factory):
-    model_path = tmp_path_factory.mktemp('app_model')
-    training.train(learning_args(synthetic_set, model_path, '--num_epochs', '2'))
-    return model_path / 'checkpoint.pt'
+def checkpoint(two_epoch_model):
+    return two_epoch_model / 'checkpoint.pt'
 
 
 @contextlib.contextmanager

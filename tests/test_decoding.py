@@ -1,8 +1,6 @@
 """Trigram blocking in greedy and beam search, and temperature / top-p sampling, against brute force
 on a tiny vocabulary."""
 import math
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -13,7 +11,7 @@ from test_evaluate import END, START, UNK, all_captions, sequence_log_prob, tiny
 import synthetic
 import train as trainer
 import training
-from conftest import REPO
+from conftest import run
 from model import DecodeSettings, repeated_trigrams
 from vocabulary import build_vocab, save_vocab
 
@@ -169,20 +167,16 @@ def test_sample_py_writes_n_different_captions(tmp_path):
         '--batch_size', '16', '--num_workers', '0', '--num_epochs', '1', '--device', 'cpu']))
     image = str(sorted((root / 'val').iterdir())[0])
     checkpoint = str(tmp_path / 'models' / 'checkpoint.pt')
-    command = [sys.executable, 'sample.py', '--checkpoint', checkpoint, '--image', image, '--device', 'cpu']
-    result = subprocess.run(command + ['--sample', '6', '--temperature', '2'], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    command = ['sample.py', '--checkpoint', checkpoint, '--image', image]
+    result = run(*command, '--sample', '6', '--temperature', '2')
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert len(lines) == 6 and len(set(lines)) > 1  # an almost untrained model at temperature 2 varies
-    result = subprocess.run(command + ['--sample', '2', '--top_p', '0'], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = run(*command, '--sample', '2', '--top_p', '0')
     assert result.returncode == 2 and result.stderr.splitlines()[-1] == \
         'sample.py: error: argument --top_p: must be greater than 0, not 0'
-    result = subprocess.run(command + ['--sample', '2', '--top_p', '1.5'], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = run(*command, '--sample', '2', '--top_p', '1.5')
     assert result.returncode == 2 and result.stderr.splitlines()[-1] == \
         'sample.py: error: --top_p is a probability: at most 1, not 1.5'
-    result = subprocess.run(command + ['--block_trigrams', '--beam_size', '3'], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = run(*command, '--block_trigrams', '--beam_size', '3')
     assert result.returncode == 0 and len(result.stdout.splitlines()) == 1

@@ -446,10 +446,10 @@ def test_compiled_loop_runs_whole_calls_and_leaves_short_inputs_to_the_plain_loo
     torch.manual_seed(7)
     ref, diy = nn.LSTM(4, 5, bidirectional=True), LSTM(4, 5, bidirectional=True)
     diy.load_state_dict(ref.state_dict())
-    diy.compile_loop(steps_per_call=4)
+    diy.compile_loop(steps_per_call=3)
     compiled, calls = diy._compiled_steps, []
     diy._compiled_steps = lambda *args: calls.append(args[0].size(0)) or compiled(*args)
-    for steps, expected_calls in ((9, [4, 4, 4] * 2), (3, [])):
+    for steps, expected_calls in ((8, [3, 3, 3] * 2), (2, [])):
         calls.clear()
         packed = pack_padded_sequence(torch.randn(steps, 3, 4), torch.tensor([steps, steps - 1, 1]))
         with torch.no_grad():
@@ -466,7 +466,7 @@ def test_compiled_loop_with_cuda_graphs_matches_nn_lstm():
     ref = nn.LSTM(5, 6, bidirectional=True).cuda()
     diy = LSTM(5, 6, bidirectional=True).cuda()
     diy.load_state_dict(ref.state_dict())
-    diy.compile_loop(steps_per_call=4, mode='reduce-overhead')
+    diy.compile_loop(steps_per_call=3, mode='reduce-overhead')
     for steps, batch, grad in [(9, 4, True), (12, 4, True), (9, 4, True), (10, 3, True), (9, 4, False), (11, 4, False)]:
         lengths = torch.randint(1, steps + 1, (batch,))
         lengths[0] = steps
@@ -487,7 +487,7 @@ def test_compiled_loop_with_cuda_graphs_matches_nn_lstm():
 
 def test_a_compiled_lstm_can_be_copied_and_pickled():
     lstm = LSTM(3, 4)
-    lstm.compile_loop()
+    lstm.compile_loop(steps_per_call=3)
     x = torch.randn(9, 2, 3)
     for copied in (copy.deepcopy(lstm), pickle.loads(pickle.dumps(lstm))):
         assert copied._compiled_steps is None  # the copy runs the plain loop

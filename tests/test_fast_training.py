@@ -12,7 +12,6 @@ import torch
 
 import data_loader
 import demo
-import extract_features
 import shapes_demo
 import train as trainer
 import training
@@ -262,13 +261,8 @@ def test_a_resumed_grouped_run_ends_with_the_same_weights_and_keeps_its_grouping
     assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['args']['captions_per_image'] == 3
 
 
-def test_grouping_from_the_feature_cache_trains(synthetic_set, tmp_path):
-    cache = tmp_path / 'features'
-    extract_features.main(['--image_dir', str(synthetic_set / 'train'), '--caption_path',
-                           str(synthetic_set / 'annotations' / 'captions_train.json'), '--output', str(cache),
-                           '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
-                           '--num_workers', '0', '--device', 'cpu'])
-    args = tiny_args(synthetic_set, tmp_path / 'models', '--features', cache, '--captions_per_image', '5',
+def test_grouping_from_the_feature_cache_trains(synthetic_set, pooled_cache, tmp_path):
+    args = tiny_args(synthetic_set, tmp_path / 'models', '--features', pooled_cache, '--captions_per_image', '5',
                      '--num_epochs', '3', tensorboard='none')
     history = training.train(args).history['train']
     assert len(history) == 3 * 16

@@ -1,7 +1,5 @@
 """The gate inspector: gates.py recomputes the LSTM's gates right, and sample.py --gates / --gates_json."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,18 +8,15 @@ from torch import nn
 
 import gate_units
 import gates
-import training
-from conftest import REPO, learning_args
+from conftest import run
 from data_loader import eval_transform
 from decoding import load_captioner
 from model import DecoderRNN, DecodeSettings
 
 
 @pytest.fixture(scope='module')
-def checkpoint(synthetic_set, tmp_path_factory):
-    model_path = tmp_path_factory.mktemp('gates_model')
-    training.train(learning_args(synthetic_set, model_path, '--num_epochs', '2'))
-    return model_path / 'checkpoint.pt'
+def checkpoint(two_epoch_model):
+    return two_epoch_model / 'checkpoint.pt'
 
 
 def test_replay_matches_nn_lstm_and_the_gate_equations():
@@ -98,10 +93,9 @@ def test_top_units_are_the_most_varying():
 
 def test_sample_py_writes_the_gate_picture_and_numbers(synthetic_set, checkpoint, tmp_path):
     image = str(sorted((synthetic_set / 'val').iterdir())[1])
-    run = [sys.executable, 'sample.py', '--image', image, '--checkpoint', str(checkpoint), '--device', 'cpu']
-    plain = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
-    result = subprocess.run(run + ['--gates', str(tmp_path / 'g.png'), '--gates_json', str(tmp_path / 'g.json')],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    command = ['sample.py', '--image', image, '--checkpoint', checkpoint]
+    plain = run(*command)
+    result = run(*command, '--gates', tmp_path / 'g.png', '--gates_json', tmp_path / 'g.json')
     assert result.returncode == 0, result.stderr
     assert result.stdout == plain.stdout and plain.stdout.strip()
 
@@ -121,13 +115,12 @@ def test_sample_py_writes_the_gate_picture_and_numbers(synthetic_set, checkpoint
 
 def test_sample_py_gates_refuses_bad_input_cleanly(synthetic_set, checkpoint, tmp_path):
     images = [str(p) for p in sorted((synthetic_set / 'val').iterdir())[:2]]
-    run = [sys.executable, 'sample.py', '--checkpoint', str(checkpoint), '--gates', str(tmp_path / 'g.png'),
-           '--device', 'cpu']
-    two = subprocess.run(run + ['--image', *images], cwd=REPO, capture_output=True, text=True, timeout=300)
+    command = ['sample.py', '--checkpoint', checkpoint, '--gates', tmp_path / 'g.png']
+    two = run(*command, '--image', *images)
     assert two.returncode == 2 and 'take one --image' in two.stderr
     bad = tmp_path / 'bad.png'
     bad.write_text('not an image')
-    unreadable = subprocess.run(run + ['--image', str(bad)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    unreadable = run(*command, '--image', bad)
     assert unreadable.returncode == 1 and unreadable.stderr.startswith('error: ') and 'bad.png' in unreadable.stderr
     assert 'Traceback' not in unreadable.stderr and not (tmp_path / 'g.png').exists()
 

@@ -58,7 +58,7 @@ def test_splits_are_read_by_content_and_restval_counts_as_train(karpathy):
 
 def test_build_vocab_gives_the_vocabulary_of_the_same_captions_in_coco_format(karpathy, tmp_path):
     result = run('build_vocab.py', '--caption_path', karpathy / 'dataset_flickr.json', '--vocab_path',
-                 tmp_path / 'vocab.json', '--threshold', '1')
+                 tmp_path / 'vocab.json', '--threshold', '1', process=True)
     assert result.returncode == 0, result.stderr[-2000:]
     from_coco = build_vocab(str(karpathy / 'annotations' / 'captions_train.json'), threshold=1)
     assert load_vocab(str(tmp_path / 'vocab.json')).word2idx == from_coco.word2idx

@@ -6,11 +6,9 @@ import sys
 
 import pytest
 import torch
-import torchvision
-from torch import nn
 
 import training
-from conftest import REAL_GPU, REPO, learning_args, run
+from conftest import REAL_GPU, REPO, TutorialDecoder, TutorialEncoder, learning_args, run, tutorial_files
 from data_loader import get_loader, train_transform
 from decoding import load_captioner
 from model import CheckpointError, DecoderRNN, EncoderCNN, read_checkpoint, save_checkpoint
@@ -65,9 +63,8 @@ def one_epoch(synthetic_set, tmp_path_factory):
 
 def test_sample_prints_a_caption_through_its_command_line(synthetic_set, one_epoch, tmp_path):
     image = sorted((synthetic_set / 'val').iterdir())[0]
-    result = run('sample.py', '--image', str(image), '--checkpoint',
-                             str(one_epoch / 'checkpoint.pt'), '--out', str(tmp_path / 'out'),
-                             '--grid', str(tmp_path / 'grid.png'), timeout=120)
+    result = run('sample.py', '--image', str(image), '--checkpoint', str(one_epoch / 'checkpoint.pt'),
+                 '--out', str(tmp_path / 'out'), '--grid', str(tmp_path / 'grid.png'), timeout=120, process=True)
     assert result.returncode == 0, result.stderr
     caption, png = result.stdout.splitlines()[0].split('  ->  ')
     assert png == str(tmp_path / 'out' / f'{image.stem}_captioned.png')  # where the PNG went
@@ -143,25 +140,6 @@ def test_trainable_backbone_does_learn():
     assert encoder.resnet[0].weight.grad is not None
 
 
-class TutorialEncoder(nn.Module):
-    """The tutorial's encoder layout, written out here to check names against ours."""
-
-    def __init__(self, embed_size):
-        super().__init__()
-        resnet = torchvision.models.resnet152(weights=None)
-        self.resnet = nn.Sequential(*list(resnet.children())[:-1])
-        self.linear = nn.Linear(resnet.fc.in_features, embed_size)
-        self.bn = nn.BatchNorm1d(embed_size, momentum=0.01)
-
-
-class TutorialDecoder(nn.Module):
-    def __init__(self, embed_size, hidden_size, vocab_size, num_layers):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, embed_size)
-        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True)
-        self.linear = nn.Linear(hidden_size, vocab_size)
-
-
 def test_tutorial_state_dicts_load_strictly():
     tutorial_encoder, tutorial_decoder = TutorialEncoder(256), TutorialDecoder(256, 512, 100, 2)
     encoder = EncoderCNN(256, backbone='resnet152', weights=None)
@@ -173,42 +151,22 @@ def test_tutorial_state_dicts_load_strictly():
     tutorial_decoder.load_state_dict(decoder.state_dict(), strict=True)
 
 
-def tutorial_files(tmp_path, vocab_words, embed=32, hidden=48):
-    """A tutorial-format encoder, decoder and protocol-0 vocab.pkl, as its scripts saved them."""
-    torch.manual_seed(0)
-    encoder, decoder = TutorialEncoder(embed), TutorialDecoder(embed, hidden, len(vocab_words), 1)
-    torch.save(encoder.state_dict(), tmp_path / 'encoder-5-3000.pkl')
-    torch.save(decoder.state_dict(), tmp_path / 'decoder-5-3000.pkl')
-    script = ('import pickle, sys\n'
-              'class Vocabulary(object):\n    pass\n'
-              'v = Vocabulary()\n'
-              f'words = {vocab_words!r}\n'
-              'v.word2idx = {w: i for i, w in enumerate(words)}\n'
-              'v.idx2word = {i: w for i, w in enumerate(words)}\n'
-              'v.idx = len(words)\n'
-              f'pickle.dump(v, open({str(tmp_path / "vocab.pkl")!r}, "wb"), protocol=0)\n')
-    subprocess.run([sys.executable, '-c', script], check=True)
-    return encoder, decoder
-
-
-def test_sample_loads_the_tutorial_files(tmp_path):
+def test_sample_loads_the_tutorial_files(tutorial_encoder_file, tmp_path):
     words = ['<pad>', '<start>', '<end>', '<unk>', 'a', 'giraffe', 'standing', 'in', 'grass']
-    encoder, decoder = tutorial_files(tmp_path, words)
+    decoder = tutorial_files(tmp_path, words, tutorial_encoder_file)
     image = tmp_path / 'photo.png'
     from PIL import Image
     Image.new('RGB', (300, 200), (120, 160, 60)).save(image)
-    command = [sys.executable, 'sample.py', '--image', str(image),
-               '--encoder_path', str(tmp_path / 'encoder-5-3000.pkl'),
-               '--decoder_path', str(tmp_path / 'decoder-5-3000.pkl'), '--vocab_path', str(tmp_path / 'vocab.pkl'),
-               '--device', 'cpu']
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    command = ['sample.py', '--image', image, '--encoder_path', tmp_path / 'encoder-5-3000.pkl',
+               '--decoder_path', tmp_path / 'decoder-5-3000.pkl', '--vocab_path', tmp_path / 'vocab.pkl']
+    result = run(*command, process=True)
     assert result.returncode == 0, result.stderr
-    assert all(word in words[3:] for word in result.stdout.split())
+    assert result.stdout.split() and all(word in words[3:] for word in result.stdout.split())
 
     # A vocabulary of another size gets a message naming both sizes, not a state-dict traceback.
-    tutorial_files(tmp_path, words[:-1])
+    tutorial_files(tmp_path, words[:-1], tutorial_encoder_file)
     torch.save(decoder.state_dict(), tmp_path / 'decoder-5-3000.pkl')
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run(*command)
     assert result.returncode == 1
     assert '9 words' in result.stderr and 'has 8' in result.stderr and 'Traceback' not in result.stderr
 
@@ -262,11 +220,10 @@ def test_demo_runs_end_to_end_on_a_tiny_set(tmp_path):
     assert (tmp_path / 'models' / 'best.pt').exists() and (tmp_path / 'models' / 'most_accurate.pt').exists()
 
 
-def test_plot_history_draws_the_loss_curve(synthetic_set, tmp_path):
-    training.train(learning_args(synthetic_set, tmp_path, '--num_epochs', '2'))
+def test_plot_history_draws_the_loss_curve(two_epoch_model, tmp_path):
     out = tmp_path / 'curve.png'
-    result = run('plot_history.py', '--history', str(tmp_path / 'history.json'),
-                             '--out', str(out), timeout=120)
+    result = run('plot_history.py', '--history', str(two_epoch_model / 'history.json'), '--out', str(out),
+                 timeout=120, process=True)
     assert result.returncode == 0, result.stderr
     from PIL import Image
     with Image.open(out) as picture:

@@ -36,13 +36,11 @@ from vocabulary import VocabError, load_vocab
 
 
 @pytest.fixture(scope='module')
-def trained(synthetic_sets, tmp_path_factory):
-    """The synthetic set (24 training images, 120 captions) as data/, its vocabulary and a checkpoint of one epoch."""
-    root, data = tmp_path_factory.mktemp('refusals'), synthetic_sets(num_train=24, num_val=4, seed=7)
-    (root / 'data').symlink_to(data)
-    (root / 'vocab.json').symlink_to(data / 'vocab.json')
-    assert train_main(root, root, '--num_epochs', '1') is None
-    return root
+def trained(one_epoch_seed7):
+    """The synthetic set (24 training images, 120 captions) as data/, its vocabulary and a checkpoint of one epoch
+    in models/, trained with train_main's settings."""
+    assert read_checkpoint(str(one_epoch_seed7 / 'models' / 'checkpoint.pt'))['epoch'] == 1
+    return one_epoch_seed7
 
 
 def captions_file(trained, tmp_path, change):

@@ -1,13 +1,12 @@
 """resize.py: output size, mode and format, EXIF rotation, draft quality, skipping, bad files, command line."""
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageChops, ImageStat, JpegImagePlugin, features
 
+from conftest import run
 from images import resize_folder, resize_image
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'resize.py'
@@ -28,8 +27,8 @@ def make_folder(folder, count=3):
     return folder
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+def run_cli(*args, process=False):
+    return run(SCRIPT, *args, process=process)
 
 
 def two_halves():
@@ -153,7 +152,7 @@ def test_bad_files_are_reported_and_the_rest_resized(tmp_path, capsys):
 
 def test_command_line_success_and_failure_exit_codes(tmp_path):
     source, out = make_folder(tmp_path / 'src'), tmp_path / 'out'
-    ok = run_cli('--image_dir', source, '--output_dir', out, '--image_size', SIZE, '--workers', 1)
+    ok = run_cli('--image_dir', source, '--output_dir', out, '--image_size', SIZE, '--workers', 1, process=True)
     assert ok.returncode == 0, ok.stderr
     assert 'resized 3, skipped 0 already done, failed 0' in ok.stdout
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 import train as trainer
 import training
-from conftest import REPO, run, tiny_args
+from conftest import REPO, run, tiny_args, tutorial_files
 from data_loader import CocoDataset, ImageError, collate_fn, load_image
 from model import CheckpointError, read_checkpoint
 from vocabulary import Vocabulary, tokenize
@@ -91,14 +91,10 @@ def test_decompression_bombs_stay_refused(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope='module')
-def trained(synthetic_sets, tmp_path_factory):
+def trained(one_epoch_seed7):
     """The synthetic set of 24 training images (120 captions) as data/, its vocab.json, and a model of one
-    epoch in models/."""
-    root, data = tmp_path_factory.mktemp('robust'), synthetic_sets(num_train=24, num_val=4, seed=7)
-    (root / 'data').symlink_to(data)
-    (root / 'vocab.json').symlink_to(data / 'vocab.json')
-    training.train(train_args(root, root / 'models', '--num_epochs', '1'))
-    return root
+    epoch of train_args in models/."""
+    return one_epoch_seed7
 
 
 def train_args(root, model_path, *extra, caption_path=None):
@@ -259,10 +255,9 @@ def test_resuming_with_another_vocabulary_names_the_problem(trained, tmp_path):
         training.train(args)
 
 
-def test_tutorial_size_flags_are_checked_against_the_weights(tmp_path):
-    from test_pipeline import tutorial_files
+def test_tutorial_size_flags_are_checked_against_the_weights(tutorial_encoder_file, tmp_path):
     words = ['<pad>', '<start>', '<end>', '<unk>', 'a', 'giraffe']
-    tutorial_files(tmp_path, words)
+    tutorial_files(tmp_path, words, tutorial_encoder_file)
     image = saved(Image.new('RGB', (60, 60), RED), tmp_path / 'photo.png')
     common = ['sample.py', '--image', image, '--encoder_path', tmp_path / 'encoder-5-3000.pkl',
               '--decoder_path', tmp_path / 'decoder-5-3000.pkl', '--vocab_path', tmp_path / 'vocab.pkl']

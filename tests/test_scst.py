@@ -1,8 +1,6 @@
 """Self-critical training: the CIDEr-D reward is pycocoevalcap's, the loss is -(r - b) log p, and
 train.py --scst learns, checkpoints and resumes, from images and from the feature cache."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import scst
 import synthetic
 import train as trainer
 import training
-from conftest import REPO, run
+from conftest import run
 from model import DecodeSettings, read_checkpoint
 from synthetic import easy
 from vocabulary import build_vocab, plain_words, save_vocab
@@ -105,11 +103,10 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp('scst')
     synthetic.make_synthetic_coco(str(root), num_train=48, num_val=16, image_size=32, seed=2, progress=False)
     save_vocab(build_vocab(str(root / 'annotations' / 'captions_train.json'), threshold=1), str(root / 'vocab.json'))
-    command = [sys.executable, 'extract_features.py', '--image_dir', str(root / 'train'),
-               '--caption_path', str(root / 'annotations' / 'captions_train.json'), '--output', str(root / 'cache'),
-               '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
-               '--batch_size', '16', '--num_workers', '0', '--device', 'cpu']
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run('extract_features.py', '--image_dir', root / 'train',
+                 '--caption_path', root / 'annotations' / 'captions_train.json', '--output', root / 'cache',
+                 '--backbone', 'smallcnn', '--weights', 'none', '--image_size', '32', '--crop_size', '32',
+                 '--batch_size', '16', '--num_workers', '0')
     assert result.returncode == 0, result.stderr[-2000:]
     training.train(trainer.parse_args(common(root, root / 'ce') + [
         '--features', str(root / 'cache'), '--vocab_path', str(root / 'vocab.json'), '--num_epochs', '6',

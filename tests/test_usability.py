@@ -72,7 +72,7 @@ def train_args(root, model_path, *extra):
 # --- one line that names the next step --------------------------------------------------------
 
 def test_train_before_building_a_vocabulary_says_to_build_one(tmp_path):
-    result = run(REPO / 'train.py', cwd=tmp_path)  # a new user's first command, in an empty folder
+    result = run(REPO / 'train.py', cwd=tmp_path, process=True)  # a new user's first command, in an empty folder
     assert_one_error(result, 'data/vocab.json', 'run build_vocab.py', '--vocab_path')
 
 
