@@ -80,6 +80,7 @@ def start_cuda(label):
 
 
 def first_sentence(text):
+    """The first sentence of CUDA's message: what went wrong; the rest is advice the one line gives itself."""
     return re.split(r'(?<=[.!])\s', text.strip(), maxsplit=1)[0].rstrip('.')
 
 
