@@ -336,17 +336,20 @@ def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, s
     return batches(dataset, batch_size, shuffle, num_workers, sampler)
 
 
-def batches(dataset, batch_size, shuffle, num_workers, sampler=None, collate=collate_fn, pin_memory=False):
+def batches(dataset, batch_size, shuffle, num_workers, sampler=None, collate=collate_fn, pin_memory=False, seed=None):
     """A DataLoader with collate_fn. Its own generator keeps the global RNG untouched, so a resumed
-    run draws the same random numbers as an uninterrupted one. A ResumableSampler cuts the batches itself.
-    pin_memory (for a CUDA device): batches in page-locked memory, which copies to the GPU with
-    non_blocking=True while the GPU keeps computing."""
+    run draws the same random numbers as an uninterrupted one; seeded with seed, it makes the seeds of
+    the workers' random numbers (crops, flips) from it, each worker's its own (None: a generator's default
+    seed, the same in every run). A ResumableSampler cuts the batches itself. pin_memory (for a CUDA
+    device): batches in page-locked memory, which copies to the GPU with non_blocking=True while the GPU
+    keeps computing."""
+    generator = torch.Generator() if seed is None else torch.Generator().manual_seed(seed)
     if isinstance(sampler, ResumableSampler):
         return data.DataLoader(dataset=dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                               persistent_workers=num_workers > 0, generator=torch.Generator(), pin_memory=pin_memory)
+                               persistent_workers=num_workers > 0, generator=generator, pin_memory=pin_memory)
     return data.DataLoader(dataset=dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                            sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                           persistent_workers=num_workers > 0, generator=torch.Generator(), pin_memory=pin_memory)
+                           persistent_workers=num_workers > 0, generator=generator, pin_memory=pin_memory)
 
 
 def batch_sizes(count, batch_size):

@@ -27,15 +27,15 @@ import sys
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from backbones import image_normalization
-from data_loader import eval_transform, open_cache, read_coco
+from data_loader import batches, eval_transform, open_cache, read_coco
 from files import CheckpointError, ImageError, load_image, save_file
 from flags import HelpFormatter, count, positive_int
 from model import DECODERS, EncoderCNN, read_checkpoint, save_checkpoint
-from runs import pick_device
+from runs import configure_cuda, describe_device, pick_device, pins_memory, to_device
 
 
 class ImageFolderByIds(Dataset):
@@ -99,7 +99,11 @@ def feature_shape(encoder, crop_size):
 
 
 def extract(args):
+    """Fill the cache in --output_dir, on the device with train.py's CUDA settings (configure_cuda): its
+    images, all of one size, in page-locked batches copied while the GPU computes."""
     device = pick_device(args.device)
+    configure_cuda(device, tf32=not args.no_tf32)
+    print(describe_device(device, 'float32, stored as float16'), flush=True)
     coco = read_coco(args.caption_path, args.split)
     image_ids = sorted(coco.getImgIds())
     grid_size = args.grid_size if args.decoder == 'attention' else None
@@ -131,7 +135,8 @@ def extract(args):
     file_names = [coco.imgs[image_id]['file_name'] for image_id in image_ids]
     transform = eval_transform(args.image_size, args.crop_size, image_normalization(args.backbone))
     dataset = torch.utils.data.Subset(ImageFolderByIds(args.image_dir, file_names, transform), todo)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_readable)
+    loader = batches(dataset, args.batch_size, False, args.num_workers, collate=collate_readable,
+                     pin_memory=pins_memory(device))
     with torch.no_grad():
         for rows, images, errors in tqdm(loader, desc='extracting', unit='batch'):
             for row, reason in errors.items():
@@ -140,7 +145,7 @@ def extract(args):
                 tqdm.write(f'skipped: {reason}', file=sys.stderr)
                 unreadable[str(image_ids[row])] = reason
             if images is not None:
-                images = images.to(device)
+                images = to_device(images, device)
                 centre, mirror = encoder.pooled(images), encoder.pooled(images.flip(3))
                 features[rows.numpy()] = torch.stack([centre, mirror], 1).cpu().numpy().astype(np.float16)
                 features.flush()
@@ -182,6 +187,9 @@ def main(argv=None):
     parser.add_argument('--num_workers', type=count, default=2, help='processes that read and decode images')
     parser.add_argument('--strict', action='store_true', help='stop at an unreadable image instead of skipping it')
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (default: the best available)')
+    parser.add_argument('--no_tf32', action='store_true',
+                        help='on a GPU, float32 matrix products and convolutions in full float32, not in TF32 '
+                             '(faster, with a 10-bit mantissa), as train.py --no_tf32')
     args = parser.parse_args(argv)
     if args.weights.lower() == 'none':
         args.weights = None

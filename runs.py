@@ -8,7 +8,10 @@ settling the run's settings (with --resume, from its checkpoint), the state a ru
 import argparse
 import json
 import os
+import re
 import signal
+import subprocess
+import warnings
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -27,15 +30,25 @@ def devices_here():
 
 
 def pick_device(name=None):
-    """The device named, if this machine has it (else a ValueError that lists those it has), or the best one."""
+    """The device named, if this machine has it (else a ValueError that lists those it has), or the best one.
+
+    A CUDA device is started here, so that a GPU that cannot run (no driver, or one too old for the CUDA
+    this PyTorch was built for) is one line that says so, before any work, and never a run on the CPU
+    instead of the GPU asked for."""
     if not name:
-        return torch.device('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available()
-                            else 'cpu')
+        if torch.cuda.is_available():
+            start_cuda('CUDA, picked as the best device here,')
+            return torch.device('cuda')
+        return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f'--device {name}: not a device name; the devices here are: '
                          f'{", ".join(devices_here())}') from None
+    if device.type == 'cuda':
+        available, reason = cuda_available()
+        if not available:
+            raise cuda_error(f'--device {name}', reason)
     missing = {'cuda': device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count(),
                'mps': device.type == 'mps' and not torch.backends.mps.is_available()}
     if any(missing.values()):
@@ -43,15 +56,93 @@ def pick_device(name=None):
         if device.index:
             kind = f'{kind} {device.index}'
         raise ValueError(f'--device {name}: there is no {kind} here; the devices here are: {", ".join(devices_here())}')
+    if device.type == 'cuda':
+        start_cuda(f'--device {name}')
     return device
 
 
+def cuda_available():
+    """(whether torch.cuda.is_available(), and if not, why, as far as PyTorch says): a driver too old for
+    this PyTorch's CUDA is a warning of torch's, taken here into the reason instead of printed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        available = torch.cuda.is_available()
+    reasons = [first_sentence(str(warning.message)) for warning in caught if 'CUDA' in str(warning.message)]
+    return available, (reasons[0] if reasons else 'torch.cuda.is_available() is False')
+
+
+def start_cuda(label):
+    """Initialise CUDA, which raises where the driver cannot run this PyTorch's CUDA; that is one line here."""
+    try:
+        torch.cuda.init()
+    except (RuntimeError, AssertionError) as err:  # AssertionError: a PyTorch built without CUDA
+        raise cuda_error(label, first_sentence(str(err))) from None
+
+
+def first_sentence(text):
+    """The first sentence of CUDA's message: what went wrong; the rest is advice the one line gives itself."""
+    return re.split(r'(?<=[.!])\s', text.strip(), maxsplit=1)[0].rstrip('.')
+
+
+NVIDIA_VERSION_FILE = '/proc/driver/nvidia/version'  # the kernel module's version, on Linux
+
+
+def nvidia_driver():
+    """(the NVIDIA driver's version, where it was read), or None where no driver is found: from the kernel
+    module (Linux), else from nvidia-smi. Not from torch.cuda, which is what failed."""
+    try:
+        with open(NVIDIA_VERSION_FILE) as f:
+            match = re.search(r'Kernel Module.*?\s(\d+\.\d+(?:\.\d+)*)\s', f.read())
+        if match:
+            return match.group(1), NVIDIA_VERSION_FILE
+    except OSError:
+        pass
+    try:
+        smi = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    versions = smi.stdout.split()
+    return (versions[0], 'nvidia-smi') if smi.returncode == 0 and versions else None
+
+
+def cuda_error(label, reason):
+    """The one-line ValueError of a CUDA device that cannot run (label: what asked for it): why, the NVIDIA
+    driver (or that none was found) and the CUDA this PyTorch was built for, the two that must agree."""
+    driver = nvidia_driver()
+    found = f'{driver[0]} (from {driver[1]})' if driver else 'none found'
+    if torch.version.cuda:
+        built = f'built for CUDA {torch.version.cuda}'
+        fix = (f'install an NVIDIA driver that supports CUDA {torch.version.cuda}, or a PyTorch built for the CUDA '
+               'version of your driver')
+    else:
+        built = 'built without CUDA (torch.version.cuda is None)'
+        fix = 'install a CUDA build of PyTorch'
+    return ValueError(f'{label} cannot run: {reason}; NVIDIA driver: {found}; this PyTorch ({torch.__version__}) '
+                      f'is {built}: {fix}, or pass --device cpu')
+
+
+def describe_device(device, dtype='float32', runtime=None):
+    """The line every script prints first: the device it computes on (a GPU's name; runtime, where not
+    PyTorch) and the precision, dtype, with, on a GPU, whether float32 matrix products run in TF32."""
+    where = f'{device} ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else str(device)
+    if runtime:
+        where += f' ({runtime})'
+    line = f'device: {where}, dtype: {dtype}'
+    if device.type == 'cuda':
+        line += '; float32 matrix products in TF32' if torch.backends.cuda.matmul.allow_tf32 else \
+            '; float32 matrix products in full float32'
+    return line
+
+
 class Processes(NamedTuple):
-    """The processes a run trains in: this one's rank, how many there are (1 without torchrun), and this
-    one's device."""
+    """The processes a run trains in: this one's rank, how many there are (1 without torchrun), this one's
+    device, and whether torchrun started them (distributed: a process group and DistributedDataParallel,
+    also for a single process)."""
     rank: int
     world_size: int
     device: torch.device
+    distributed: bool = False
 
     @property
     def main(self):
@@ -62,33 +153,38 @@ class Processes(NamedTuple):
 def setup_distributed(device_name=None):
     """The Processes of the run: torchrun's environment variables choose DDP, NCCL on GPU, gloo on CPU.
 
-    Under torchrun each process takes the GPU of its LOCAL_RANK (--device cuda, or none where there is a
-    GPU), or runs on the CPU (--device cpu, or none where there is no GPU). What cannot work is a ValueError
-    of one line, before any process waits for the others: more processes on this machine than GPUs, a
+    Every process torchrun starts joins the process group, one alone included
+    (torchrun --nproc_per_node=1): so one GPU runs NCCL and DistributedDataParallel as several do. Each
+    process takes the GPU of its LOCAL_RANK (--device cuda, or none where there is a GPU), or runs on the
+    CPU (--device cpu, or none where there is no GPU). What cannot work is a ValueError of one line, before
+    any process waits for the others: a GPU that cannot run, more processes on this machine than GPUs, a
     PyTorch without NCCL, a --device that names one GPU for every process.
     """
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    if world_size == 1:
+    if 'LOCAL_RANK' not in os.environ:  # python train.py: one process, no process group
         return Processes(0, 1, pick_device(device_name))
-    local_rank = int(os.environ['LOCAL_RANK'])
+    world_size, local_rank = int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
     if device_name not in (None, 'cuda', 'cpu'):
         raise ValueError(f'--device {device_name}: under torchrun each process takes the GPU of its LOCAL_RANK; '
                          'pass --device cuda, --device cpu, or none')
     if device_name == 'cpu' or (device_name is None and not torch.cuda.is_available()):
         device, backend = torch.device('cpu'), 'gloo'
     else:
+        available, reason = cuda_available()
+        if not available:
+            raise cuda_error('--device cuda', reason)
         gpus = torch.cuda.device_count()
         if local_rank >= gpus:
             raise ValueError(f'the process of LOCAL_RANK {local_rank} has no GPU: this machine has {gpus} CUDA '
                              f'GPU{"" if gpus == 1 else "s"}, one for each process; start torchrun with '
                              f'--nproc_per_node={gpus} at most, or pass --device cpu')
         if not dist.is_nccl_available():
-            raise ValueError('this PyTorch has no NCCL, which training on several GPUs needs: install a CUDA '
+            raise ValueError('this PyTorch has no NCCL, which training on GPUs under torchrun needs: install a CUDA '
                              'build of PyTorch with NCCL, or pass --device cpu to train in CPU processes')
+        start_cuda(f'--device cuda (LOCAL_RANK {local_rank})')
         torch.cuda.set_device(local_rank)
         device, backend = torch.device('cuda', local_rank), 'nccl'
     dist.init_process_group(backend)
-    return Processes(dist.get_rank(), world_size, device)
+    return Processes(dist.get_rank(), world_size, device, distributed=True)
 
 
 def agree(flags, device, world_size):
@@ -117,6 +213,18 @@ def amp_dtype(device):
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
+def pins_memory(device):
+    """Whether batches for the device are to be made in page-locked memory (a DataLoader's pin_memory): a
+    CUDA GPU copies from it while it computes (to_device)."""
+    return device.type == 'cuda'
+
+
+def to_device(batch, device):
+    """A batch (a tensor, or data_loader.ImageGroups) on the device, copied without waiting for the device:
+    from page-locked memory (pins_memory), the copy runs while the GPU computes what came before."""
+    return batch.to(device, non_blocking=True)
+
+
 def configure_cuda(device, tf32=True):
     """Let training on a GPU take CUDA's fast paths: TF32 in float32 matrix multiplies and cuDNN
     convolutions (tf32=False: full float32), and cuDNN's search for the fastest convolution algorithm,
@@ -133,7 +241,7 @@ def configure_cuda(device, tf32=True):
 # may change on purpose.
 MODEL_SETTINGS = tuple(f.name for f in CaptionerConfig.flags())
 SCHEDULE_SETTINGS = ('num_epochs', 'batch_size', 'learning_rate', 'lr_schedule', 'grad_clip', 'seed', 'no_flip',
-                     'amp', 'captions_per_image', 'alpha_c')
+                     'amp', 'no_tf32', 'captions_per_image', 'alpha_c')
 # What every checkpoint either trainer writes holds (scst.py's has None for the scheduler and the scaler).
 CHECKPOINT_KEYS = ('model_args', 'encoder', 'decoder', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch',
                    'batches_done', 'step', 'history')
@@ -218,19 +326,22 @@ class Resumed:
         """Load the checkpoint into the modules, the optimizer (and the schedule and the scaler, where the run
         has them) and the random-number generators; returns the Progress it records, for the run to continue.
 
-        A checkpoint from before the CUDA states were kept, or from a run on another device, leaves the
-        GPU's generator as the seed set it. A state a GradScaler saved while disabled is empty: a run whose
-        --amp now needs float16 (on an older GPU) starts its scaler afresh instead of failing.
+        Each process takes its own rank's generators back. A checkpoint from before the CUDA states were kept,
+        or from a run on another device, leaves the GPU's generator as the seed set it; one from before each
+        rank's CPU state was kept, or from fewer processes, gives a process without its own rank 0's. A state
+        a GradScaler saved while disabled is empty: a run whose --amp now needs float16 (on an older GPU)
+        starts its scaler afresh instead of failing.
         """
         checkpoint = self.checkpoint
+        rank = dist.get_rank() if dist.is_initialized() else 0
         try:
             for key, thing in checkpointed(encoder, decoder, optimization).items():
                 if thing is not None and checkpoint[key] != {}:
                     thing.load_state_dict(checkpoint[key])
-            torch.set_rng_state(checkpoint['rng'])
+            cpu_states = checkpoint.get('cpu_rng') or []
+            torch.set_rng_state(cpu_states[rank] if rank < len(cpu_states) else checkpoint['rng'])
             cuda_states = checkpoint.get('cuda_rng')
             if cuda_states and device.type == 'cuda':
-                rank = dist.get_rank() if dist.is_initialized() else 0
                 torch.cuda.set_rng_state(cuda_states[rank if rank < len(cuda_states) else 0], device)
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f'{self.path}: cannot resume with these settings ({str(err).splitlines()[0]})') \
@@ -326,7 +437,8 @@ class RunState:
         return {'model_args': asdict(self.config), 'vocab': [vocab.idx2word[i] for i in range(len(vocab))],
                 **states, **self.checkpoint_marks(), 'epoch': progress.epoch, 'batches_done': progress.batches_done,
                 'step': progress.step, 'history': progress.history, 'rng': torch.get_rng_state(),
-                'cuda_rng': cuda_rng_states(self.processes.device), 'args': vars(self.args)}
+                'cpu_rng': by_rank(torch.get_rng_state()), 'cuda_rng': cuda_rng_states(self.processes.device),
+                'args': vars(self.args)}
 
     def result(self):
         return TrainingResult(encoder=self.encoder, decoder=self.decoder, vocab=self.vocab,
@@ -342,7 +454,13 @@ def cuda_rng_states(device):
     """
     if device.type != 'cuda':
         return None
-    state = torch.cuda.get_rng_state(device)
+    return by_rank(torch.cuda.get_rng_state(device))
+
+
+def by_rank(state):
+    """A list of every process's state, by rank: [state] in one process. Each process draws its own random
+    numbers (training.start_run), so a checkpoint keeps each one's generators. Under DDP every process must
+    call this at the same time."""
     if not dist.is_initialized():
         return [state]
     states = [None] * dist.get_world_size()

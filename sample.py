@@ -28,7 +28,7 @@ from files import CheckpointError, ImageError, save_file
 from flags import HelpFormatter, count, nonnegative_float, positive_float, positive_int
 from images import captioned_picture
 from model import DecodeSettings
-from runs import pick_device
+from runs import describe_device, pick_device
 from vocabulary import VocabError, load_vocab
 
 
@@ -205,9 +205,12 @@ def main(argv=None):
     args = parse_args(argv)
     settings = DecodeSettings.from_args(args)
     try:
-        captioner = load_model(args, pick_device('cpu' if args.onnx else args.device))
+        device = pick_device('cpu' if args.onnx else args.device)
+        captioner = load_model(args, device)
     except (CheckpointError, VocabError, ValueError) as err:
         sys.exit(f'error: {err}')
+    # On stderr, where it does not mix with the captions.
+    print(describe_device(device, runtime='onnxruntime' if args.onnx else None), file=sys.stderr, flush=True)
     if args.gates or args.gates_json or args.attention:
         return show_inside(args, captioner, settings)
     try:

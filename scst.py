@@ -41,9 +41,13 @@ from runs import (
     RunState,
     StopRequest,
     check_paths,
+    configure_cuda,
+    describe_device,
     pick_device,
+    pins_memory,
     save_run,
     settle_settings,
+    to_device,
 )
 from vocabulary import plain_words
 
@@ -153,7 +157,7 @@ def greedy_cider(encoder, decoder, vocab, loader, cider, device):
     scores = []
     for images, image_ids, _ in loader:
         if images is not None:
-            ids = decoder.sample(encoder(images.to(device)), DecodeSettings().for_vocab(vocab))
+            ids = decoder.sample(encoder(to_device(images, device)), DecodeSettings().for_vocab(vocab))
             scores.extend(cider(captions_of(ids, vocab), image_ids))
     return float(np.mean(scores)) if scores else float('nan')
 
@@ -196,9 +200,9 @@ class Run(RunState):
         return {'scst': True}  # besides None for the schedule and the scaler, which it has not
 
 
-def load_data(args, config, vocab, encoder):
+def load_data(args, config, vocab, encoder, device):
     """The run's Data: each training image once with its references (from images, or from the feature cache
-    the checkpoint's backbone made), and the validation images, if any."""
+    the checkpoint's backbone made), and the validation images, if any, in batches for the device."""
     if args.features is None:
         transform = train_transform(config.crop_size, not args.no_flip, config.normalization)
         captions = CocoDataset(args.image_dir, args.caption_path, vocab, transform, skip_unreadable=not args.strict,
@@ -217,8 +221,9 @@ def load_data(args, config, vocab, encoder):
     val_set = PerImage(CocoDataset(args.val_image_dir, args.val_caption_path, vocab, skip_unreadable=True,
                                    transform=eval_transform(config.image_size, config.crop_size,
                                                             config.normalization), split='val'))
-    return Data(images, cider, batches(val_set, args.batch_size, False, args.num_workers, collate=collate),
-                CiderD(val_set.references()))
+    val_loader = batches(val_set, args.batch_size, False, args.num_workers, collate=collate,
+                         pin_memory=pins_memory(device))
+    return Data(images, cider, val_loader, CiderD(val_set.references()))
 
 
 def build_optimizer(args, config, encoder, decoder, device):
@@ -236,13 +241,16 @@ def build_optimizer(args, config, encoder, decoder, device):
 
 
 def start_run(args):
-    """A run from --init_from's weights, or where --resume's checkpoint left it."""
+    """A run from --init_from's weights, or where --resume's checkpoint left it, on the device with
+    cross-entropy training's CUDA settings (configure_cuda)."""
     args = check_arguments(args)
     args, resumed = settle_settings(args)  # the vocabulary is the checkpoint's own
-    encoder, decoder, vocab, config = decoding.load_captioner(resumed.path if resumed else args.init_from)
     processes = Processes(rank=0, world_size=1, device=pick_device(args.device))  # one process: check_arguments
+    configure_cuda(processes.device, tf32=not args.no_tf32)
+    print(describe_device(processes.device), flush=True)
+    encoder, decoder, vocab, config = decoding.load_captioner(resumed.path if resumed else args.init_from)
     torch.manual_seed(args.seed)
-    data = load_data(args, config, vocab, encoder)
+    data = load_data(args, config, vocab, encoder, processes.device)
     optimization = build_optimizer(args, config, encoder, decoder, processes.device)
     progress = Progress(history={'scst': [], 'val': []})
     if resumed:
@@ -260,7 +268,7 @@ def save(run):
 def scst_step(run, inputs, image_ids):
     """One optimizer step on a batch of images; returns the mean rewards of the samples and greedy captions."""
     args, progress, optimization = run.args, run.progress, run.optimization
-    inputs = inputs.to(run.processes.device)
+    inputs = to_device(inputs, run.processes.device)
     features = run.encoder(inputs) if run.from_images else run.encoder.head(inputs)
     loss, reward, greedy = scst_loss(run.decoder, features, image_ids, run.data.cider, run.vocab, args.scst_samples,
                                      args.scst_baseline)
@@ -312,7 +320,8 @@ def train(args):
     run = start_run(args)
     args, progress, data = run.args, run.progress, run.data  # the settings settled
     sampler = ResumableSampler(data.images, args.batch_size, 0, 1, args.seed)
-    loader = batches(data.images, args.batch_size, False, args.num_workers, sampler=sampler, collate=collate)
+    loader = batches(data.images, args.batch_size, False, args.num_workers, sampler=sampler, collate=collate,
+                     pin_memory=pins_memory(run.processes.device), seed=args.seed)
     deadline = time.time() + 60 * args.scst_minutes if args.scst_minutes is not None else None
     stop = StopRequest()
     try:

@@ -35,8 +35,8 @@ def main(argv=None):
     except (training.Interrupted, scst.Stopped) as err:
         print(err, file=sys.stderr)
         sys.exit(130)
-    except (VocabError, ImageError, CheckpointError, training.NonFiniteLoss, FileNotFoundError,
-            ValueError) as err:
+    except (VocabError, ImageError, CheckpointError, training.NonFiniteLoss, training.RecompileLimit,
+            FileNotFoundError, ValueError) as err:
         sys.exit(f'error: {err}')
     except torch.OutOfMemoryError:
         settings, _ = settle_settings(args)  # with --resume, the checkpoint's batch size unless given again

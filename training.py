@@ -9,6 +9,7 @@ after the current step, then stops (Interrupted). --resume takes the run's setti
 """
 import argparse
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -56,9 +57,12 @@ from runs import (
     amp_dtype,
     check_paths,
     configure_cuda,
+    describe_device,
+    pins_memory,
     save_run,
     settle_settings,
     setup_distributed,
+    to_device,
 )
 from vocabulary import load_vocab
 
@@ -120,11 +124,15 @@ def parse_args(argv=None, description=None):
     parser.add_argument('--no_tf32', action='store_true',
                         help='on a GPU, float32 matrix products and convolutions in full float32, not in TF32 '
                              '(faster, with a 10-bit mantissa)')
+    parser.add_argument('--tf32', dest='no_tf32', action='store_false', default=False,
+                        help='TF32 again: turns off the --no_tf32 a resumed run was trained with')
     parser.add_argument('--resume', type=str, nargs='?', const='latest', default=None,
                         help="continue a run from a checkpoint, with its settings (no path: checkpoint.pt "
                              "in --model_path)")
     parser.add_argument('--device', type=str, default=None, help='cuda, mps or cpu (None: the best available)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the weights, the shuffle and the crops')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the weights and the shuffle; each process draws its crops, flips and dropout '
+                             'from seed + its rank')
     scst.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.weights.lower() == 'none':
@@ -143,6 +151,11 @@ class Interrupted(Exception):
 
 class NonFiniteLoss(Exception):
     """The loss became NaN or inf; training stopped without saving, so the last checkpoint stays good."""
+
+
+class RecompileLimit(Exception):
+    """--compile: torch.compile passed its recompile limit where it is set to fail there; training stopped
+    without saving, so the last checkpoint stays good."""
 
 
 @dataclass(frozen=True)
@@ -233,14 +246,15 @@ def training_sampler(dataset, args, rank, world_size):
 
 def build_loaders(args, config, vocab, processes):
     """The Data of a run: the training and validation loaders, each process with its own share of both. On a
-    GPU, in page-locked memory, so that batches copy to it while it computes."""
-    pin_memory = processes.device.type == 'cuda'
+    GPU, in page-locked memory, so that batches copy to it while it computes. The training loader's workers
+    draw their crops and flips from seed + rank, as the process itself does."""
+    pin_memory = pins_memory(processes.device)
     dataset = training_set(args, config, vocab)
     sampler, collate = training_sampler(dataset, args, processes.rank, processes.world_size)  # may refuse: first
     if not args.features:
         cache_training_images(dataset, args, report=processes.main)
     loader = batches(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers, sampler=sampler,
-                     collate=collate, pin_memory=pin_memory)
+                     collate=collate, pin_memory=pin_memory, seed=args.seed + processes.rank)
     if not args.val_caption_path:
         return Data(sampler, loader, val_set=None, val_loader=None)
     val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
@@ -263,20 +277,17 @@ def lr_factor(step, schedule, total_steps):
     return 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
 
 
-def build_optimizer(args, model, processes, steps_per_epoch):
+def build_optimizer(args, model, device, steps_per_epoch, autocast_dtype):
     """The Optimization of a run: Adam over what trains (the encoder's head and the decoder, the backbone too
-    with --train_backbone), the learning-rate schedule, and the gradient scaler that fp16 autocast needs."""
-    encoder, device = model.encoder, processes.device
+    with --train_backbone), the learning-rate schedule, and the gradient scaler that fp16 autocast
+    (autocast_dtype float16) needs."""
+    encoder = model.encoder
     trained = [encoder.linear, encoder.bn, model.decoder] + ([encoder.resnet] if args.train_backbone else [])
     params = [p for module in trained for p in module.parameters()]
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
     total_steps = steps_per_epoch * args.num_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda step: lr_factor(step, args.lr_schedule, total_steps))
-    autocast_dtype = amp_dtype(device) if args.amp else None
-    if autocast_dtype is not None and processes.main:
-        print(f'--amp: bfloat16 autocast on {device}' if autocast_dtype == torch.bfloat16 else
-              f'--amp: float16 autocast with gradient scaling on {device}, which has no native bfloat16')
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     return Optimization(params, optimizer, scheduler, scaler, autocast_dtype)
 
@@ -293,9 +304,9 @@ def open_logs(args, processes, step):
 
 
 def for_ddp(model, args, processes):
-    """The model that trains: the model itself in one process; under torchrun, the model wrapped in
-    DistributedDataParallel, which averages the gradients of all the processes."""
-    if processes.world_size == 1:
+    """The model that trains: the model itself in one process; under torchrun, however many processes it
+    started, the model wrapped in DistributedDataParallel, which averages the gradients of all of them."""
+    if not processes.distributed:
         return model
     if args.features:  # the backbone on the CPU, frozen and the same everywhere: nothing for DDP to sync
         resnet = model.encoder.resnet
@@ -315,8 +326,13 @@ def start_run(args):
                          'steps its cell one word at a time: leave out --compile')
     processes = setup_distributed(args.device)
     configure_cuda(processes.device, tf32=not args.no_tf32)
-    torch.manual_seed(args.seed)
+    autocast_dtype = amp_dtype(processes.device) if args.amp else None
+    if processes.main:
+        print(describe_device(processes.device, precision(autocast_dtype)), flush=True)
+    torch.manual_seed(args.seed)  # the same weights in every process
     encoder, decoder, config = build_model(args, len(vocab))
+    if processes.rank:  # each other process draws its own crops, flips and dropout; rank 0 draws on from seed
+        torch.manual_seed(args.seed + processes.rank)
     if resumed:
         resumed.check_config(config)  # a feature cache decides the backbone and image sizes
     data = build_loaders(args, config, vocab, processes)
@@ -325,16 +341,28 @@ def start_run(args):
         part.to(processes.device)
     if args.compile:
         decoder.lstm.compile_loop(mode=args.compile)
-    optimization = build_optimizer(args, model, processes, data.steps_per_epoch)
+    optimization = build_optimizer(args, model, processes.device, data.steps_per_epoch, autocast_dtype)
     progress = Progress(history={'train': [], 'val': []})
     if resumed:
         progress = resumed.restore(encoder, decoder, optimization, processes.device)
         report_resumed(args, processes, progress, resumed.path)
         del resumed  # the weights now live in the model; the optimizer state may be large
     logs = open_logs(args, processes, progress.step)
+    ddp_model = for_ddp(model, args, processes)
+    if processes.main and isinstance(ddp_model, DistributedDataParallel):
+        print(f'torchrun: {processes.world_size} process{"" if processes.world_size == 1 else "es"}, the model in '
+              f'DistributedDataParallel over {dist.get_backend()}', flush=True)
     return Run(args=args, processes=processes, vocab=vocab, config=config, encoder=encoder, decoder=decoder,
-               optimization=optimization, progress=progress, model=model, ddp_model=for_ddp(model, args, processes),
-               data=data, logs=logs)
+               optimization=optimization, progress=progress, model=model, ddp_model=ddp_model, data=data, logs=logs)
+
+
+def precision(autocast_dtype):
+    """What the device line says of the dtype: float32, or --amp's autocast."""
+    if autocast_dtype is None:
+        return 'float32'
+    if autocast_dtype == torch.bfloat16:
+        return 'bfloat16 autocast (--amp)'
+    return 'float16 autocast with gradient scaling (--amp; this GPU has no native bfloat16)'
 
 
 def on_device(model):
@@ -389,8 +417,8 @@ def batch_loss(run, inputs, captions, lengths):
     """A batch's loss, its tensors copied to the device without waiting for it (from page-locked memory on a GPU)."""
     device, autocast_dtype = run.processes.device, run.optimization.amp_dtype
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss, _ = caption_loss(run.ddp_model, inputs.to(device, non_blocking=True),
-                               captions.to(device, non_blocking=True), lengths, run.args.alpha_c)
+        loss, _ = caption_loss(run.ddp_model, to_device(inputs, device), to_device(captions, device), lengths,
+                               run.args.alpha_c)
     return loss
 
 
@@ -546,13 +574,14 @@ def train(args, on_epoch_end=None, on_step=None):
     stop = StopRequest()
     writer = run.logs.writer
     try:
-        run.model.train()
-        while run.progress.epoch < run.args.num_epochs:
-            train_epoch(run, stop, on_step)
-            checkpoint = end_epoch(run)
-            if on_epoch_end is not None and on_epoch_end(run.progress.epoch - 1, run.encoder, run.decoder,
-                                                         checkpoint) is False:
-                break
+        with recompile_limit_reported(run.args.compile):
+            run.model.train()
+            while run.progress.epoch < run.args.num_epochs:
+                train_epoch(run, stop, on_step)
+                checkpoint = end_epoch(run)
+                if on_epoch_end is not None and on_epoch_end(run.progress.epoch - 1, run.encoder, run.decoder,
+                                                             checkpoint) is False:
+                    break
         if writer is not None:
             tensorboard(writer.close, run.logs.folder)
     except BaseException:
@@ -562,9 +591,63 @@ def train(args, on_epoch_end=None, on_step=None):
         raise
     finally:
         stop.restore()
-        if run.processes.world_size > 1:
+        if run.processes.distributed:
             dist.destroy_process_group()
     return run.result()
+
+
+RECOMPILES_ADVICE = ('run with TORCH_LOGS=recompiles to see why it recompiles, or leave out --compile (--resume '
+                     'without it continues from the last checkpoint)')
+
+
+@contextlib.contextmanager
+def recompile_limit_reported(compiling):
+    """With --compile, torch.compile's recompile limit reported in one line that names --compile and what to do.
+
+    Past the limit (torch._dynamo.config.recompile_limit, 8 by default) Dynamo stops compiling the LSTM loop
+    and runs it uncompiled for the rest of the run, slower with the same results, after a warning of many
+    lines that names no flag: that warning becomes one warning: line. Where the config says to fail there
+    (fail_on_recompile_limit_hit, as the tests set it), Dynamo raises instead: that becomes RecompileLimit,
+    which train.py prints as one error: line.
+    """
+    if not compiling:
+        yield
+        return
+    import torch._dynamo  # --compile has imported it already
+    config, errors = torch._dynamo.config, torch._dynamo.exc
+    fails = any(getattr(config, name, False) for name in ('fail_on_recompile_limit_hit', 'fail_on_cache_limit_hit'))
+    limit_errors = tuple(getattr(errors, name) for name in ('FailOnRecompileLimitHit', 'FailOnCacheLimitHit')
+                         if hasattr(errors, name))
+    warning = RecompileWarning(report=not fails)
+    logger = logging.getLogger('torch._dynamo.convert_frame')
+    logger.addFilter(warning)
+    try:
+        yield
+    except limit_errors:
+        raise RecompileLimit(f'--compile: torch.compile passed its recompile limit, and '
+                             f'torch._dynamo.config.fail_on_recompile_limit_hit is set; {RECOMPILES_ADVICE}') from None
+    finally:
+        logger.removeFilter(warning)
+
+
+class RecompileWarning(logging.Filter):
+    """Takes Dynamo's warning that it hit its recompile limit out of its log and, once a run, if report,
+    prints one warning: line in its place (recompile_limit_reported)."""
+
+    def __init__(self, report):
+        super().__init__()
+        self.report, self.reported = report, False
+
+    def filter(self, record):
+        message = record.getMessage()
+        if not message.startswith('torch._dynamo hit config.'):
+            return True
+        if self.report and not self.reported:
+            limit = message.split('\n')[0][len('torch._dynamo hit config.'):]  # 'recompile_limit (8)'
+            tqdm.write(f'warning: --compile: torch.compile hit torch._dynamo.config.{limit} and runs the LSTM loop '
+                       f'uncompiled from here on (slower, with the same results); {RECOMPILES_ADVICE}', file=sys.stderr)
+            self.reported = True
+        return False
 
 
 @torch.no_grad()
@@ -585,8 +668,7 @@ def validation_loss(model, loader, device, strict=False, world_size=1, cudagraph
             continue
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        loss, n = caption_loss(model, inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True),
-                               lengths)
+        loss, n = caption_loss(model, to_device(inputs, device), to_device(captions, device), lengths)
         losses.append(loss.detach())
         counts.append(n)
     model.train()

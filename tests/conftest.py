@@ -257,6 +257,11 @@ def tiny_args(data, model_path, *extra, validate=False, **overrides):
     """train.py's arguments for a small, fast run on the synthetic set at data: a small CNN and decoder on
     32-pixel images, on the CPU. overrides replace a flag's value (True: a switch on; None: the flag left out);
     extra flags go last, as on a command line; validate=True adds the held-out images."""
+    return trainer.parse_args(tiny_argv(data, model_path, *extra, validate=validate, **overrides))
+
+
+def tiny_argv(data, model_path, *extra, validate=False, **overrides):
+    """tiny_args' command line, as strings, for train.main or a train.py process."""
     flags = dict(image_dir=data / 'train', caption_path=data / 'annotations' / 'captions_train.json',
                  vocab_path=data / 'vocab.json', model_path=model_path, backbone='smallcnn', weights='none',
                  image_size=32, crop_size=32, embed_size=16, hidden_size=24, batch_size=16, num_workers=0,
@@ -270,7 +275,7 @@ def tiny_args(data, model_path, *extra, validate=False, **overrides):
             argv.append(f'--{name}')
         elif value is not None and value is not False:
             argv += [f'--{name}', str(value)]
-    return trainer.parse_args(argv + [str(flag) for flag in extra])
+    return argv + [str(flag) for flag in extra]
 
 
 def learning_args(data, model_path, *extra, **overrides):

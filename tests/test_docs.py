@@ -171,6 +171,20 @@ def test_every_command_and_link_in_the_docs_works(doc):
     assert check_doc(doc.read_text(), doc.parent, doc.name) == []
 
 
+def test_every_command_of_the_gpu_check_passes_only_real_flags():
+    """bench/gpu_check.sh runs only on a GPU machine: its commands are checked here as the docs' are, with its
+    arrays of flags (NAME=(...), passed as "${NAME[@]}") written out where they are passed."""
+    script = (REPO / 'bench' / 'gpu_check.sh').read_text()
+    arrays = dict(re.findall(r'^(\w+)=\((.*)\)$', script, flags=re.MULTILINE))
+    for name, flags in arrays.items():
+        script = script.replace(f'"${{{name}[@]}}"', flags)
+    assert '[@]' not in script.replace('"${command[@]', '')  # every array of flags written out
+    assert check_doc(f'```bash\n{script}\n```\n', REPO, 'gpu_check.sh') == []
+    run = {module for _, line in shell_lines(script.splitlines(), 1) for module, _ in script_commands(line)}
+    assert run >= {'train', 'extract_features', 'sample', 'evaluate', 'build_vocab', 'synthetic.__main__',
+                   'bench.lstm'}, run
+
+
 def test_the_checker_reports_a_misspelt_flag_an_unknown_script_and_a_broken_link():
     text = '\n'.join([
         'See [the missing page](docs/nowhere.md#part), ![a picture](png/example.png),',

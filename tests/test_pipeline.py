@@ -88,7 +88,8 @@ def test_sample_reports_bad_images_and_captions_the_rest(synthetic_set, one_epoc
                              '--checkpoint', str(one_epoch / 'checkpoint.pt'), timeout=120)
     assert result.returncode == 1
     assert result.stdout.startswith(f'{good}: ')
-    errors = result.stderr.strip().splitlines()
+    device, *errors = result.stderr.strip().splitlines()  # the device line first, on stderr, apart from the captions
+    assert device == 'device: cpu, dtype: float32'
     assert len(errors) == 2 and 'not_an_image.jpg' in errors[0] and 'missing.png' in errors[1]
     assert 'Traceback' not in result.stderr
 

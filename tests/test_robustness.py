@@ -111,7 +111,8 @@ def test_sample_captions_the_good_images_and_names_the_bad_ones(trained, tmp_pat
                  *(tmp_path / name for name in phrases))
     assert result.returncode == 1
     assert [line.split(':')[0] for line in result.stdout.splitlines()] == [str(p) for p in good]
-    errors = result.stderr.strip().splitlines()
+    device, *errors = result.stderr.strip().splitlines()
+    assert device == 'device: cpu, dtype: float32'
     assert len(errors) == len(phrases) and 'Traceback' not in result.stderr
     for line, (name, phrase) in zip(errors, phrases.items()):
         assert line.startswith('error: ') and name in line and phrase in line

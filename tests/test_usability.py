@@ -88,10 +88,16 @@ def test_pick_device_refuses_devices_this_machine_lacks(monkeypatch):
     assert devices.pick_device('cpu') == torch.device('cpu')
     with pytest.raises(ValueError, match='not a device name; the devices here are: .*cpu'):
         devices.pick_device('gpu')
-    with pytest.raises(ValueError, match='no CUDA device here; the devices here are: .*cpu'):
-        devices.pick_device('cuda')
-    with pytest.raises(ValueError, match='no CUDA device 99 here'):
-        devices.pick_device('cuda:99')
+    for name in ('cuda', 'cuda:99'):  # a GPU that cannot run: tests/test_gpu.py
+        with pytest.raises(ValueError, match=rf'^--device {name} cannot run: torch.cuda.is_available\(\) is False; '):
+            devices.pick_device(name)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)  # one GPU, which starts
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'init', lambda: None)
+    assert devices.pick_device('cuda:0') == torch.device('cuda', 0)
+    with pytest.raises(ValueError, match=r'^--device cuda:1: there is no CUDA device 1 here; the devices here are: '
+                                         'cuda:0, .*cpu$'):
+        devices.pick_device('cuda:1')
 
 
 def test_device_cuda_without_a_gpu_is_one_line_in_every_script(trained, tmp_path):
@@ -107,9 +113,10 @@ def test_device_cuda_without_a_gpu_is_one_line_in_every_script(trained, tmp_path
         ['extract_features.py', '--image_dir', root / 'data' / 'val', '--caption_path', val_captions,
          '--output_dir', tmp_path / 'features', '--backbone', 'smallcnn', '--weights', 'none']]
     no_gpu = dict(os.environ, CUDA_VISIBLE_DEVICES='')  # what a machine without a GPU has, even on one with
+    reason = 'torch.cuda.is_available() is False'  # hidden GPUs raise no warning of a driver
     for command in commands:
         line = assert_one_error(run(*command, '--device', 'cuda', env=no_gpu))
-        assert line == 'error: --device cuda: there is no CUDA device here; the devices here are: cpu', command[0]
+        assert line == f'error: {devices.cuda_error("--device cuda", reason)}', command[0]
 
 
 def test_an_unsupported_backbone_names_those_that_work(trained, tmp_path):
