@@ -121,7 +121,9 @@ def test_sample_py_gates_refuses_bad_input_cleanly(synthetic_set, checkpoint, tm
     bad = tmp_path / 'bad.png'
     bad.write_text('not an image')
     unreadable = run(*command, '--image', bad)
-    assert unreadable.returncode == 1 and unreadable.stderr.startswith('error: ') and 'bad.png' in unreadable.stderr
+    device, error = unreadable.stderr.splitlines()
+    assert unreadable.returncode == 1 and device == 'device: cpu, dtype: float32'
+    assert error.startswith('error: ') and 'bad.png' in error
     assert 'Traceback' not in unreadable.stderr and not (tmp_path / 'g.png').exists()
 
 

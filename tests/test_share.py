@@ -172,7 +172,7 @@ def test_sample_without_a_checkpoint_in_a_clean_copy_uses_the_shipped_model(tmp_
     assert result.returncode == 0, result.stderr
     assert result.stdout == 'a large red circle and a small blue triangle.\n'
     assert result.stderr.startswith(f'model: {SHIPPED_MODEL} (') and 'COCO' in result.stderr
-    assert result.stderr.count('\n') == 1
+    assert result.stderr.count('\n') == 2 and result.stderr.endswith('\ndevice: cpu, dtype: float32\n')
 
 
 def test_a_checkpoint_named_or_trained_comes_before_the_shipped_model(tmp_path, monkeypatch):
