@@ -147,26 +147,82 @@ def test_beam_never_says_unk_and_stops_at_end():
     assert (out == END).all()  # after <end> a beam only repeats <end>
 
 
+REFERENCES = {1: ['a small red circle to the left of a large blue square', 'a small red circle and a square'],
+              2: ['there is a large green triangle in the picture', 'an image of a large green triangle'],
+              3: ['a picture with a small yellow square and a large purple circle', 'two shapes on a table']}
+PERFECT = {k: v[0] for k, v in REFERENCES.items()}
+WRONG = {1: 'a large green triangle in the picture', 2: 'a small red circle and a square',
+         3: 'there is a large green triangle in the picture'}
+JAVA_MISSING = 'Java is missing: METEOR not checked'
+
+
+def java_starts(monkeypatch):
+    """The commands of the java processes started from now on, with their processes: pycocoevalcap's tokenizer
+    and METEOR start theirs through subprocess.Popen."""
+    started, real_popen = [], subprocess.Popen
+
+    def popen(command, *args, **kwargs):
+        process = real_popen(command, *args, **kwargs)
+        if command[0] == 'java':
+            started.append((command, process))
+        return process
+    monkeypatch.setattr(subprocess, 'Popen', popen)
+    return started
+
+
 def test_metrics_reward_the_right_captions():
-    references = {1: ['a small red circle to the left of a large blue square', 'a small red circle and a square'],
-                  2: ['there is a large green triangle in the picture', 'an image of a large green triangle'],
-                  3: ['a picture with a small yellow square and a large purple circle', 'two shapes on a table']}
-    perfect = {k: v[0] for k, v in references.items()}
-    wrong = {1: 'a large green triangle in the picture', 2: 'a small red circle and a square',
-             3: 'there is a large green triangle in the picture'}
-    good, notes = score_captions(references, perfect)
-    bad, _ = score_captions(references, wrong)
+    good, notes = score_captions(REFERENCES, PERFECT)
+    bad, _ = score_captions(REFERENCES, WRONG)
     assert good['BLEU-4'] == pytest.approx(1.0, abs=1e-6)
     assert good['BLEU-1'] == pytest.approx(1.0, abs=1e-6)
     assert good['CIDEr'] > 1.0
     assert good['ROUGE-L'] > 0.95
+    assert {'BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4', 'ROUGE-L', 'CIDEr'} <= good.keys()
     for metric in good:
         assert bad[metric] < good[metric], metric
     assert any('SPICE' in note for note in notes)
-    if shutil.which('java'):
-        assert good['METEOR'] > 0.9
-    else:
-        assert 'METEOR' not in good
+
+
+def test_meteor_rewards_the_right_captions():
+    if not shutil.which('java'):
+        pytest.skip(JAVA_MISSING)
+    good, notes = score_captions(REFERENCES, PERFECT)
+    bad, _ = score_captions(REFERENCES, WRONG)
+    assert good['METEOR'] > 0.9 and bad['METEOR'] < 0.5
+    assert not any('METEOR' in note for note in notes)
+
+
+def test_one_scoring_starts_java_once_to_tokenize_and_once_for_meteor(monkeypatch):
+    """Each JVM start costs about a second, more than the work it does on a test set."""
+    if not shutil.which('java'):
+        pytest.skip(JAVA_MISSING)
+    from pycocoevalcap.meteor.meteor import Meteor
+    monkeypatch.setattr(Meteor, '__del__', lambda self: None)  # so a METEOR that scoring leaves open stays open
+    started = java_starts(monkeypatch)
+    scores, _ = score_captions(REFERENCES, PERFECT)
+    tokenizers = [command for command, _ in started if 'edu.stanford.nlp.process.PTBTokenizer' in command]
+    meteors = [command for command, _ in started if 'meteor-1.5.jar' in command]
+    assert (len(tokenizers), len(meteors), len(started)) == (1, 1, 2), [command for command, _ in started]
+    left_running = [process for _, process in started if process.poll() is None]
+    for process in left_running:
+        process.kill()
+        process.communicate()
+    assert not left_running, 'a Java process was left running after scoring'
+    assert scores['BLEU-4'] == pytest.approx(1.0, abs=1e-6) and scores['METEOR'] > 0.9
+
+
+def test_without_java_the_other_metrics_are_scored_and_meteor_is_said_to_be_skipped(monkeypatch):
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, 'which', lambda name, *args, **kwargs: None if name == 'java' else
+                        real_which(name, *args, **kwargs))
+    started = java_starts(monkeypatch)
+    good, notes = score_captions(REFERENCES, PERFECT)
+    bad, _ = score_captions(REFERENCES, WRONG)
+    assert started == []
+    assert list(good) == ['BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4', 'ROUGE-L', 'CIDEr']
+    assert good['BLEU-4'] == pytest.approx(1.0, abs=1e-6) and good['ROUGE-L'] == pytest.approx(1.0)
+    assert good['CIDEr'] > 1.0 and bad['CIDEr'] < 0.5
+    assert any(note.startswith('METEOR skipped') and 'Java' in note for note in notes), notes
 
 
 @pytest.fixture(scope='module')
