@@ -9,6 +9,7 @@ import contextlib
 import errno
 import importlib.util
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import files
 import synthetic
 import train as trainer
 import training
+from scoring import score_captions
 from vocabulary import build_vocab, save_vocab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +119,31 @@ def sample_lines(*args):
     result = run('sample.py', *args)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
+
+
+
+def printed_scores(stdout):
+    """evaluate.py's score table, {metric: number}: a row of names, its alignment row and a row of numbers, so
+    that tests compare the numbers rather than the text."""
+    lines = stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith('|---'))
+    names, values = (lines[i].removeprefix('| ').removesuffix(' |').split(' | ') for i in (at - 1, at + 1))
+    assert len(names) == len(values) and lines[at] == '|' + '---:|' * len(names), lines[at - 1:at + 2]
+    return dict(zip(names, map(float, values)))
+
+
+def scores_of_results(results_path, caption_path):
+    """100 x score_captions of the captions in a results file (as evaluate.py writes it) against the references
+    of a COCO captions file, as evaluate.py prints them; and the notes."""
+    written = json.loads(Path(results_path).read_text())
+    annotations = json.loads(Path(caption_path).read_text())['annotations']
+    references = {item['image_id']: [] for item in written}
+    for annotation in annotations:
+        if annotation['image_id'] in references:
+            references[annotation['image_id']].append(annotation['caption'])
+    assert written and all(references.values())
+    scores, notes = score_captions(references, {item['image_id']: item['caption'] for item in written})
+    return {metric: 100 * value for metric, value in scores.items()}, notes
 
 
 @pytest.fixture(scope='session')

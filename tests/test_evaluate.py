@@ -3,14 +3,13 @@ import itertools
 import json
 import shutil
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
 import training
-from conftest import REPO, tiny_args
+from conftest import printed_scores, run, scores_of_results, tiny_args
 from decoding import load_captioner
 from model import DecoderRNN, DecodeSettings
 from scoring import score_captions
@@ -254,27 +253,38 @@ def test_beam_scores_at_least_as_well_as_greedy_on_held_out_images(trained):
     assert cider[3] >= cider[1]
 
 
+def check_printed_scores(stdout, results_path, caption_path):
+    """The table evaluate.py printed holds 100 x the scores of the captions it wrote, to its 0.1, in the order
+    score_captions gives them, and its notes follow."""
+    printed = printed_scores(stdout)
+    expected, notes = scores_of_results(results_path, caption_path)
+    assert list(printed) == list(expected)
+    assert printed == pytest.approx(expected, abs=0.0501)
+    assert notes and all(f'note: {note}' in stdout.splitlines() for note in notes)
+    return printed
+
+
 def test_evaluate_runs_through_its_command_line(trained, tmp_path):
-    results = tmp_path / 'results.json'
-    command = [sys.executable, 'evaluate.py', '--checkpoint', str(trained / 'models' / 'checkpoint.pt'),
-               '--image_dir', str(trained / 'data' / 'val'),
-               '--caption_path', str(trained / 'data' / 'annotations' / 'captions_val.json'),
-               '--results_path', str(results), '--beam_size', '2', '--batch_size', '16', '--device', 'cpu']
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    for metric in ('BLEU-1', 'BLEU-4', 'ROUGE-L', 'CIDEr'):
-        assert metric in run.stdout
-    assert 'SPICE' in run.stdout
+    results, caption_path = tmp_path / 'results.json', trained / 'data' / 'annotations' / 'captions_val.json'
+    command = ['evaluate.py', '--checkpoint', trained / 'models' / 'checkpoint.pt',
+               '--image_dir', trained / 'data' / 'val', '--caption_path', caption_path, '--results_path', results,
+               '--beam_size', '2', '--batch_size', '16', '--device', 'cpu']
+    result = run(*command, process=True)
+    assert result.returncode == 0, result.stderr[-2000:]
     written = json.loads(results.read_text())
     assert len(written) == 60 and set(written[0]) == {'image_id', 'caption'}
     assert all(isinstance(item['caption'], str) and item['caption'] for item in written)
+    assert '60 images, beam size 2' in result.stdout
+    scores = check_printed_scores(result.stdout, results, caption_path)
+    assert {'BLEU-1', 'BLEU-4', 'ROUGE-L', 'CIDEr'} <= scores.keys() and scores['CIDEr'] > 50  # it learned
 
     # Karpathy's split file picks the images of one split.
     split_file = tmp_path / 'dataset_coco.json'
-    images = json.loads((trained / 'data' / 'annotations' / 'captions_val.json').read_text())['images']
+    images = json.loads(caption_path.read_text())['images']
     split_file.write_text(json.dumps({'images': [{'cocoid': im['id'], 'split': 'test' if i < 10 else 'train'}
                                                  for i, im in enumerate(images)]}))
-    run = subprocess.run(command + ['--split_file', str(split_file), '--split', 'test'], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert len(json.loads(results.read_text())) == 10
+    result = run(*command, '--split_file', split_file, '--split', 'test')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {item['image_id'] for item in json.loads(results.read_text())} == {im['id'] for im in images[:10]}
+    assert '10 images, beam size 2' in result.stdout
+    check_printed_scores(result.stdout, results, caption_path)

@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 
 import export
-from conftest import REPO, run
+from conftest import REPO, printed_scores, run, scores_of_results
 from decoding import SHIPPED_MODEL, default_model, load_captioner
 from files import CheckpointError, load_image
 from model import DecodeSettings, read_checkpoint
@@ -68,15 +68,20 @@ def test_the_folder_captions_as_its_checkpoint_does(synthetic_set, exported, bea
 
 
 def test_evaluate_scores_the_folder_as_its_checkpoint(synthetic_set, exported, tmp_path):
-    results = {}
+    caption_path = synthetic_set / 'annotations' / 'captions_val.json'
+    results, printed = {}, {}
     for name in ('checkpoint.pt', 'shared'):
         results[name] = tmp_path / f'{name}.json'
         result = run('evaluate.py', '--checkpoint', exported / name, '--image_dir', synthetic_set / 'val',
-                     '--caption_path', synthetic_set / 'annotations' / 'captions_val.json',
-                     '--results_path', results[name], '--batch_size', '16')
+                     '--caption_path', caption_path, '--results_path', results[name], '--batch_size', '16',
+                     '--device', 'cpu')
         assert result.returncode == 0, result.stderr[-2000:]
+        printed[name] = printed_scores(result.stdout)
     written = json.loads(results['shared'].read_text())
     assert len(written) == 12 and written == json.loads(results['checkpoint.pt'].read_text())
+    expected, _ = scores_of_results(results['shared'], caption_path)
+    assert list(printed['shared']) == list(expected) and printed['shared'] == printed['checkpoint.pt']
+    assert printed['shared'] == pytest.approx(expected, abs=0.0501)  # the printed 0.1
 
 
 def test_loading_a_folder_never_unpickles(exported, monkeypatch):
