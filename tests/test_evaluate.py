@@ -65,6 +65,7 @@ def test_exhaustive_beam_finds_the_most_probable_caption(seed, length_penalty, m
         settings = DecodeSettings(beam_size=125, end_id=END, unk_id=UNK, max_len=3, length_penalty=length_penalty,
                                   min_len=min_len, start_id=start)
         found = decoder.beam_search(features, settings)
+        assert len(found) == 2  # the loop below checks something
         for feature, row in zip(features, found):
             scored = [(sequence_log_prob(decoder, feature, words) / len(words) ** length_penalty, words)
                       for words in all_captions(6, 3, min_len, start)]
@@ -108,6 +109,7 @@ def test_start_may_come_first_only_and_is_not_a_word():
         features = torch.randn(6, 4)
         rows = [*decoder.sample(features, DecodeSettings(end_id=END, unk_id=UNK, start_id=START)),
                 *decoder.beam_search(features, DecodeSettings(beam_size=3, end_id=END, unk_id=UNK, start_id=START))]
+    assert len(rows) == 12
     for row in rows:
         words = truncate(row)
         assert words[0] == START and START not in words[1:]
