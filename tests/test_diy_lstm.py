@@ -306,6 +306,80 @@ def test_dropout_between_layers_only_in_training():
     torch.testing.assert_close(single(x)[0], single(x)[0], rtol=0, atol=0)
 
 
+def layer_inputs(module, x, monkeypatch):
+    """Run module on x and return (its output, the input each layer received), caught where DIY_LSTM hands a
+    layer's input to lstm_loops.input_projection (once per direction; the directions share it)."""
+    seen = []
+    project = lstm_loops.input_projection
+    monkeypatch.setattr(lstm_loops, 'input_projection', lambda rows, *args: seen.append(rows) or project(rows, *args))
+    out = module(x)[0]
+    monkeypatch.setattr(lstm_loops, 'input_projection', project)
+    return out, [rows.view(x.shape[:-1] + (-1,)) for rows in seen[::module.num_directions]]
+
+
+def one_layer_of(module, layer):
+    """A one-layer DIY LSTM with the weights of one of module's layers, in eval mode: what that layer computes,
+    bit for bit, as it runs the same code (its parity with nn.LSTM is tested above)."""
+    single = LSTM(module.weight_ih_l0.size(1) if layer == 0 else module.num_directions * module.hidden_size,
+                     module.hidden_size, bidirectional=module.bidirectional)
+    single.load_state_dict({name.replace(f'_l{layer}', '_l0'): value for name, value in module.state_dict().items()
+                            if f'_l{layer}' in name})
+    return single.eval()
+
+
+@pytest.mark.parametrize('p', [0.5, 0.75])  # scales 2 and 4: x / (1 - p) is exact in floating point
+@pytest.mark.parametrize('bidirectional', [False, True])
+def test_dropout_zeroes_or_scales_by_one_over_one_minus_p_between_layers_and_never_the_output(
+        p, bidirectional, monkeypatch):
+    """In training, layer k > 0 gets layer k - 1's output with each element either 0 or exactly that element
+    divided by (1 - p) (inverted dropout, as nn.LSTM); layer 0 gets the input as given, and the last layer's
+    output is returned undropped: it equals that layer run on the input it received."""
+    torch.manual_seed(14)
+    lstm = LSTM(4, 16, num_layers=3, dropout=p, bidirectional=bidirectional).train()
+    x = torch.randn(6, 5, 4)
+    out, inputs = layer_inputs(lstm, x, monkeypatch)
+    assert len(inputs) == 3
+    assert torch.equal(inputs[0], x)
+    zeros = 0
+    for layer in (1, 2):
+        with torch.no_grad():
+            undropped = one_layer_of(lstm, layer - 1)(inputs[layer - 1])[0]
+        got = inputs[layer]
+        dropped = got == 0
+        assert not (undropped == 0).any()  # so a 0 in got is dropout's
+        torch.testing.assert_close(got[~dropped], undropped[~dropped] / (1 - p), rtol=0, atol=0)
+        zeros += dropped.sum().item()
+        # roughly a fraction p of the elements dropped: binomial, 6 * 5 * 16 * D elements each layer
+        assert abs(dropped.float().mean().item() - p) < 0.1, f'layer {layer}: {dropped.float().mean():.2f} dropped'
+    with torch.no_grad():
+        top = one_layer_of(lstm, 2)(inputs[2])[0]
+    assert not (out == 0).any()
+    torch.testing.assert_close(out, top, rtol=0, atol=0)
+
+
+def test_dropout_with_one_layer_changes_nothing_and_eval_mode_drops_nothing(monkeypatch):
+    """One layer has nothing between layers to drop; in eval mode no layer's input is dropped, so the outputs
+    equal nn.LSTM's (its eval mode) and every layer's input is the previous layer's output as computed."""
+    torch.manual_seed(15)
+    x = torch.randn(6, 5, 4)
+    ref = nn.LSTM(4, 8, num_layers=1)
+    with pytest.warns(UserWarning, match='dropout'):
+        single = LSTM(4, 8, num_layers=1, dropout=0.5).train()
+    single.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(single(x)[0], ref(x)[0], rtol=0, atol=1e-12)
+
+    ref = nn.LSTM(4, 8, num_layers=3, dropout=0.5).eval()
+    diy = LSTM(4, 8, num_layers=3, dropout=0.5).eval()
+    diy.load_state_dict(ref.state_dict())
+    out, inputs = layer_inputs(diy, x, monkeypatch)
+    with torch.no_grad():
+        for layer in (1, 2):
+            torch.testing.assert_close(inputs[layer], one_layer_of(diy, layer - 1)(inputs[layer - 1])[0],
+                                       rtol=0, atol=0)
+        torch.testing.assert_close(out, ref(x)[0], rtol=0, atol=1e-12)
+    assert not any((layer_input == 0).any() for layer_input in inputs)
+
+
 def raised(call, module):
     """The exception that call(module) raises; the test fails if it raises none."""
     with pytest.raises(Exception) as caught:
