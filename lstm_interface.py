@@ -55,7 +55,7 @@ def cell_inputs(cell, input, hx):
     """nn.LSTMCell's checks; returns (input as (B, I) rows, (h, s) as (B, H) each, whether it was unbatched)."""
     if input.dim() not in (1, 2):
         raise ValueError(f'LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead')
-    for i, state in enumerate(hx or ()):
+    for i, state in enumerate(() if hx is None else hx):
         if state.dim() not in (1, 2):
             raise ValueError(f'LSTMCell: Expected hx[{i}] to be 1D or 2D, got {state.dim()}D instead')
     unbatched = input.dim() == 1
@@ -65,6 +65,11 @@ def cell_inputs(cell, input, hx):
     if hx is None:
         zeros = input.new_zeros(input.size(0), cell.hidden_size)
         hx = (zeros, zeros)
+    # What nn.LSTMCell's kernel says when handed anything but two states (an unbatched hx was rebuilt above).
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not {type(hx).__name__}")
+    if len(hx) != 2:
+        raise RuntimeError('lstm_cell expects two hidden states')
     if input.size(1) != cell.input_size:
         raise RuntimeError(f'input has inconsistent input_size: got {input.size(1)} expected {cell.input_size}')
     for i, state in enumerate(hx):
@@ -132,8 +137,8 @@ def initial_state(lstm, hx, rows):
     shapes = ((layers, batch, lstm.proj_size or lstm.hidden_size), (layers, batch, lstm.hidden_size))
     if hx is None:
         return tuple(rows.data.new_zeros(shape) for shape in shapes)
-    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-        raise TypeError('LSTM: hx must be a tuple (h_0, c_0)')
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError('LSTM: hx must be a tuple (h_0, c_0)')  # nn.LSTM fails by accident, indexing hx
     want = 2 if rows.unbatched else 3
     if hx[0].dim() != want or hx[1].dim() != want:
         kind = 'unbatched 2-D' if rows.unbatched else 'batched 3-D'
@@ -147,6 +152,8 @@ def initial_state(lstm, hx, rows):
         if state.dtype != rows.data.dtype and not torch.is_autocast_enabled(rows.data.device.type):
             raise RuntimeError(f'LSTM hx dtype ({state.dtype}) does not match input dtype ({rows.data.dtype}): '
                                f'convert hx: hx[{i}].to({rows.data.dtype})')
+    if len(hx) != 2:  # what nn.LSTM's kernel says, after the checks above, when handed more than two states
+        raise RuntimeError('lstm expects two hidden states')
     if rows.sorted_indices is not None:
         hx = tuple(state.index_select(1, rows.sorted_indices) for state in hx)
     return hx

@@ -1,6 +1,7 @@
 """Training faster on a CPU: the training images decoded once into memory (--cache_images), one
 CNN pass per image for several of its captions (--captions_per_image), and bf16 autocast only where the CPU
 has it (demo.py --amp auto)."""
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,8 @@ from conftest import REPO, tiny_args
 from data_loader import CocoDataset, GroupedSampler, ImageGroups, batches, collate_groups, eval_transform
 from files import ImageError, load_image
 from model import Captioner, CaptionerConfig, build_captioner, caption_loss, read_checkpoint
-from vocabulary import load_vocab
+from synthetic import make_synthetic_coco
+from vocabulary import build_vocab, load_vocab, save_vocab
 
 
 def dataset_of(data, transform=None, **kwargs):
@@ -313,7 +315,7 @@ def test_demo_turns_bf16_on_only_where_the_cpu_has_it(monkeypatch, onednn, avx51
     assert shapes_demo.choose_amp('off') == (False, 'bf16 autocast: off (--amp off)')
 
 
-def test_this_avx2_cpu_keeps_bf16_off_and_the_demo_trains_from_the_cache(monkeypatch):
+def test_this_avx2_cpu_keeps_bf16_off_and_the_demo_trains_from_the_cache(monkeypatch, tmp_path):
     if torch.backends.cpu.get_cpu_capability() in ('AVX2', 'DEFAULT', 'NO AVX'):
         assert not shapes_demo.cpu_runs_bf16_natively()
     monkeypatch.setattr(sys, 'argv', ['demo.py'])
@@ -321,3 +323,34 @@ def test_this_avx2_cpu_keeps_bf16_off_and_the_demo_trains_from_the_cache(monkeyp
     flags = vars(demo.train_args(args, 'vocab.json', amp=False))
     assert (flags['captions_per_image'], flags['cache_images'], flags['amp'], flags['batch_size']) == (1, 2, False, 64)
     assert demo.train_args(args, 'vocab.json', amp=True).amp and args.amp == 'auto'
+
+    # The demo's training on a tiny set: each training image decoded once, into the cache, and training from it
+    # moves every decoder weight away from where it started and lowers the held-out loss.
+    root, models = tmp_path / 'data', tmp_path / 'models'
+    monkeypatch.setattr(sys, 'argv', ['demo.py', '--root', str(root), '--model_path', str(models), '--num_train', '32',
+                                      '--num_val', '8', '--max_epochs', '2', '--hidden_size', '16'])
+    args = shapes_demo.parse_args()
+    make_synthetic_coco(args.root, args.num_train, args.num_val, image_size=64, seed=args.seed, kind=args.kind)
+    save_vocab(build_vocab(root / 'annotations' / 'captions_train.json', threshold=1), root / 'vocab.json')
+    flags = demo.train_args(args, str(root / 'vocab.json'), amp=False)
+    flags.device = 'cpu'  # demo.py has no --device; train.py's own choice would be a GPU where there is one
+    reads, initial, train_dir = [], {}, os.path.join(args.root, 'train')
+    load_image = data_loader.load_image
+    monkeypatch.setattr(data_loader, 'load_image', lambda path: reads.append(path) or load_image(path))
+    build_optimizer = training.build_optimizer
+
+    def snapshot(options, model, *rest):
+        """After the data is ready and before the first step: the decoder as drawn, and no reads so far."""
+        initial.update({key: value.clone() for key, value in model.decoder.state_dict().items()})
+        assert len({path for path in reads if os.path.dirname(path) == train_dir}) == 32
+        reads.clear()
+        return build_optimizer(options, model, *rest)
+    monkeypatch.setattr(training, 'build_optimizer', snapshot)
+    training.train(flags)
+    assert not [path for path in reads if os.path.dirname(path) == train_dir]
+    trained = read_checkpoint(models / 'checkpoint.pt')['decoder']
+    assert initial and list(trained) == list(initial)
+    assert not [key for key, value in trained.items() if torch.equal(value, initial[key])]
+    with open(models / 'history.json') as f:
+        val = [entry['loss'] for entry in json.load(f)['val']]
+    assert len(val) == 2 and val[1] < val[0], val

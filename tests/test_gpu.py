@@ -443,37 +443,47 @@ def free_port():
         return s.getsockname()[1]
 
 
-def validating_worker(rank, world_size, port, data, model_path, out, delay):
-    """One of two DDP processes that train two epochs with a validation that takes `delay` seconds per batch
-    of each process, under a collective timeout shorter than a whole validation in one process."""
+def validating_worker(rank, world_size, port, data, model_path, out):
+    """One of two DDP processes that train two epochs with a validation in lockstep: before its n-th validation
+    batch each process leaves a marker file and waits for the other's n-th marker. If either validated more
+    than its share (one process the whole set, the other waiting in a collective), its extra batch would wait
+    for a marker that never comes and fail. No sleeps: it holds on a loaded machine."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group = functools.partial(dist.init_process_group, timeout=datetime.timedelta(seconds=10))
-    real_loss, real_all_reduce, all_reduces = training.caption_loss, dist.all_reduce, []
+    real_loss, real_all_reduce, all_reduces, batches_seen = training.caption_loss, dist.all_reduce, [], []
 
-    def slow_validation(*args):
+    def validation_in_lockstep(*args):
         if not torch.is_grad_enabled():
-            time.sleep(delay)
+            n = len(batches_seen)
+            batches_seen.append(n)
+            (out / f'val-{rank}-{n}').touch()
+            partner, deadline = out / f'val-{1 - rank}-{n}', time.monotonic() + 60
+            while not partner.exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f'rank {rank}: validation batch {n} without the other process')
+                time.sleep(0.01)
         return real_loss(*args)
 
     def counted(*args, **kwargs):
         all_reduces.append(1)
         return real_all_reduce(*args, **kwargs)
 
-    training.caption_loss, dist.all_reduce = slow_validation, counted
+    training.caption_loss, dist.all_reduce = validation_in_lockstep, counted
     # A BatchNorm that follows each batch closely: each process's own statistics differ from the main one's.
     history = training.train(tiny_args(data, model_path, validate=True, num_epochs=2, tensorboard='none',
                                        bn_momentum=0.9)).history
-    torch.save({'val': history['val'], 'all_reduces': len(all_reduces)}, out / f'rank{rank}.pt')
+    torch.save({'val': history['val'], 'all_reduces': len(all_reduces), 'val_batches': len(batches_seen)},
+               out / f'rank{rank}.pt')
 
 
 def test_every_ddp_process_validates_its_share_and_none_waits_for_a_whole_validation(synthetic_sets, tmp_path):
-    """240 held-out captions, 15 batches, 1.5 s each in one process: 22 s, past the 10 s the other process
-    may wait in a collective. Shared, each process validates 8 batches at the same time. The loss is the
+    """240 held-out captions, 15 batches: shared, each process validates 8 of them at the same time, batch n
+    of one alongside batch n of the other (validating_worker's markers), 16 in two epochs. The loss is the
     one a single process computes for the checkpoint's model over the whole set."""
     data = synthetic_sets(48, 48)
-    processes = mp.spawn(validating_worker, args=(2, free_port(), data, tmp_path / 'models', tmp_path, 1.5),
+    processes = mp.spawn(validating_worker, args=(2, free_port(), data, tmp_path / 'models', tmp_path),
                          nprocs=2, join=False)
     deadline = time.monotonic() + 300
     while not processes.join(timeout=1):
@@ -483,6 +493,7 @@ def test_every_ddp_process_validates_its_share_and_none_waits_for_a_whole_valida
             pytest.fail('the two processes did not finish in 300 s')
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     assert ranks[0]['val'] == ranks[1]['val'] and len(ranks[0]['val']) == 2
+    assert ranks[0]['val_batches'] == ranks[1]['val_batches'] == 2 * 8
     # Two all-reduces per step (8 steps an epoch), not three: whether to skip the batch, then whether its loss
     # was NaN or inf together with whether to stop; and one for each validation.
     assert ranks[0]['all_reduces'] == ranks[1]['all_reduces'] == 2 * (8 * 2 + 1)
