@@ -55,9 +55,12 @@ def test_the_fake_gpu_reaches_scripts_and_a_run_that_forgets_its_device_fails(sy
                             text=True, timeout=120)
     assert result.stdout.splitlines()[0] == "['cuda:0', 'cpu']", result.stderr[-2000:]
     assert result.stdout.splitlines()[1:] == (['cuda'] if REAL_GPU else []), result.stderr[-2000:]
+    # Without a real GPU, picking the fake one fails with the CUDA error (a ValueError in this bare probe).
+    assert result.returncode == (0 if REAL_GPU else 1), result.stderr[-2000:]
+    assert REAL_GPU or 'ValueError: CUDA, picked as the best device here, cannot run' in result.stderr
     result = subprocess.run([sys.executable, '-c', seen], cwd=REPO, env=fake_gpu_env(CUDA_VISIBLE_DEVICES=''),
                             capture_output=True, text=True, timeout=120)
-    assert result.stdout == "['cpu']\ncpu\n", result.stderr[-2000:]
+    assert result.stdout == "['cpu']\ncpu\n" and result.returncode == 0, result.stderr[-2000:]
     if REAL_GPU:
         return  # here a run that picks CUDA trains on it
     argv = [str(a) for a in ['train.py', '--image_dir', synthetic_set / 'train', '--caption_path',
