@@ -3,6 +3,7 @@ import contextlib
 import http.client
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -60,7 +61,9 @@ def app_server(checkpoint, folder):
             yield url
         finally:
             process.terminate()
-            process.wait(timeout=30)
+            code = process.wait(timeout=30)
+    log = (folder / 'app.log').read_text()
+    assert code == -signal.SIGTERM, f'app.py ended with {code} before it was stopped:\n{log[-2000:]}'
 
 
 @pytest.fixture(scope='module')
