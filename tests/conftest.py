@@ -114,6 +114,18 @@ def in_process(script, argv, cwd=REPO):
     return subprocess.CompletedProcess([sys.executable, str(script), *argv], code, out.getvalue(), err.getvalue())
 
 
+def assert_same_weights(a, b):
+    """a and b hold the same weights: the same names (no more, no fewer), and under each name a tensor of the
+    same dtype and shape with every element equal. a and b are modules (their state_dict()s are compared) or
+    dicts of tensors."""
+    a, b = (x.state_dict() if isinstance(x, nn.Module) else x for x in (a, b))
+    assert a.keys() == b.keys(), (f'only in the first: {sorted(a.keys() - b.keys())}; '
+                                  f'only in the second: {sorted(b.keys() - a.keys())}')
+    assert a, 'no weights to compare'
+    for key, value in a.items():
+        assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
+
+
 def sample_lines(*args):
     """The lines sample.py prints for args, which must succeed."""
     result = run('sample.py', *args)

@@ -3,6 +3,7 @@ import contextlib
 import http.client
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -60,7 +61,9 @@ def app_server(checkpoint, folder):
             yield url
         finally:
             process.terminate()
-            process.wait(timeout=30)
+            code = process.wait(timeout=30)
+    log = (folder / 'app.log').read_text()
+    assert code == -signal.SIGTERM, f'app.py ended with {code} before it was stopped:\n{log[-2000:]}'
 
 
 @pytest.fixture(scope='module')
@@ -174,7 +177,7 @@ def test_eight_uploads_at_once_are_all_answered(client, synthetic_set):
     _, submit = client
     images = sorted((synthetic_set / 'val').iterdir())[:2]
     one_at_a_time = [submit(image).result(timeout=120)[:2] for image in images]
-    assert all(message == '' and caption for message, caption in one_at_a_time)
+    assert len(one_at_a_time) == 2 and all(message == '' and caption for message, caption in one_at_a_time)
     jobs = [submit(images[number % 2]) for number in range(8)]  # all eight sent before any is answered
     assert [job.result(timeout=300)[:2] for job in jobs] == one_at_a_time * 4  # each upload its own answer
 

@@ -85,7 +85,7 @@ def test_record_gives_the_caption_sample_py_writes_and_one_panel_per_word(shapes
         fig = gates.attention_figure(result)
         words = result['words']
         panels = words[1:] if words[0] == '<start>' else words  # a first <start> says nothing of the image
-        assert [axes.get_title() for axes in fig.axes] == panels
+        assert len(panels) >= 1 and [axes.get_title() for axes in fig.axes] == panels
         assert all(len(axes.images) == 2 for axes in fig.axes)  # the image, and the weights over it
 
 
@@ -132,6 +132,7 @@ def test_sample_py_captions_with_an_attention_model(shapes64, checkpoints, tmp_p
     expected, _ = load_captioner(checkpoint).caption(images, settings)
     written = json.loads((tmp_path / 'c.json').read_text())
     assert {item['file_name']: item['caption'] for item in written} == expected
+    assert len(expected) == len(images) >= 1
     assert all(len(caption.replace('.', ' .').split()) >= 4 for caption in expected.values())
     with Image.open(tmp_path / 'grid.png') as grid:
         assert grid.format == 'PNG' and grid.width >= 3 * 320

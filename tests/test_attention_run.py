@@ -17,7 +17,7 @@ import exporting
 import scst
 import train as trainer
 import training
-from conftest import REPO, learning_args, run, sample_lines, tiny_args
+from conftest import REPO, assert_same_weights, learning_args, run, sample_lines, tiny_args
 from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
 from decoding import load_captioner, load_onnx_captioner
 from model import AttentionDecoder, DecodeSettings, read_checkpoint
@@ -69,12 +69,6 @@ def trained_from_cache(synthetic_set, caches, tmp_path_factory):
 
 def weights(module):
     return {key: value.clone() for key, value in module.state_dict().items()}
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize('source', ['images', 'cache'])
@@ -209,7 +203,8 @@ def test_scst_trains_an_attention_model(synthetic_set, caches, trained, trained_
     decoder, history = result.decoder, result.history
     assert len(history['scst']) == 3 and all(np.isfinite(e['reward']) for e in history['scst'])
     assert isinstance(decoder, AttentionDecoder)
-    assert any(not torch.equal(before[key], value) for key, value in decoder.state_dict().items())
+    after = decoder.state_dict()
+    assert after.keys() == before.keys() and any(not torch.equal(before[key], after[key]) for key in after)
     assert read_checkpoint(str(tmp_path / 'checkpoint.pt'))['scst']
 
 

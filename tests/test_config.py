@@ -94,11 +94,13 @@ def test_build_captioner_follows_the_config():
     assert decoder.embed.weight.shape == (30, 6) and decoder.linear.out_features == 30
     assert decoder.lstm.hidden_size == 10 and decoder.lstm.num_layers == 2 and decoder.max_seq_length == 5
     assert encoder.linear.out_features == 6 and encoder.bn.momentum == 0.3
-    assert not any(p.requires_grad for p in encoder.resnet.parameters())  # frozen unless train_backbone
+    frozen = list(encoder.resnet.parameters())
+    assert len(frozen) >= 10 and not any(p.requires_grad for p in frozen)  # frozen unless train_backbone
     for layer in range(2):  # the forget gate's rows: 1.5 in bias_ih, 0 in bias_hh
         assert torch.equal(getattr(decoder.lstm, f'bias_ih_l{layer}')[10:20], torch.full((10,), 1.5))
         assert torch.equal(getattr(decoder.lstm, f'bias_hh_l{layer}')[10:20], torch.zeros(10))
     trainable, _ = build_captioner(CaptionerConfig(vocab_size=30, backbone='smallcnn', train_backbone=True))
+    assert len(list(trainable.resnet.parameters())) == len(frozen)
     assert all(p.requires_grad for p in trainable.resnet.parameters())
 
 

@@ -121,6 +121,7 @@ def test_sampling_draws_captions_with_their_brute_force_probabilities(temperatur
                                   start_id=start)
         words, log_probs, mask = decoder.draw(feature, settings)
     drawn = [tuple(row[keep].tolist()) for row, keep in zip(words, mask)]
+    assert len(drawn) == n
     counts = {caption: drawn.count(caption) / n for caption in set(drawn)}
     assert all(expected.get(caption, 0.0) > 0 for caption in counts)  # nothing outside the nucleus
     assert sum(abs(counts.get(c, 0.0) - p) for c, p in expected.items()) / 2 < 0.02  # total variation

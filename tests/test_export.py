@@ -55,6 +55,7 @@ def test_exported_files_match_the_model_step_by_step_for_any_batch(exported):
                 log_probs, states = decoder.step(inputs, states)
                 onnx_log_probs, onnx_states = onnx_decoder.step(onnx_inputs, onnx_states)
                 torch.testing.assert_close(onnx_log_probs, log_probs, rtol=1e-4, atol=1e-4)
+                assert len(onnx_states) == len(states) == 2  # (h, c)
                 for a, b in zip(onnx_states, states):
                     assert a.shape == (2, batch, 48)
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -95,6 +95,7 @@ def test_sample_py_writes_the_gate_picture_and_numbers(synthetic_set, checkpoint
     image = str(sorted((synthetic_set / 'val').iterdir())[1])
     command = ['sample.py', '--image', image, '--checkpoint', checkpoint]
     plain = run(*command)
+    assert plain.returncode == 0, plain.stderr
     result = run(*command, '--gates', tmp_path / 'g.png', '--gates_json', tmp_path / 'g.json')
     assert result.returncode == 0, result.stderr
     assert result.stdout == plain.stdout and plain.stdout.strip()

@@ -65,8 +65,9 @@ def test_build_vocab_gives_the_vocabulary_of_the_same_captions_in_coco_format(ka
 
 
 def test_train_extract_and_evaluate_take_a_karpathy_file(karpathy, tmp_path):
-    run('build_vocab.py', '--caption_path', karpathy / 'dataset_coco.json', '--vocab_path', tmp_path / 'vocab.json',
-        '--threshold', '1')
+    result = run('build_vocab.py', '--caption_path', karpathy / 'dataset_coco.json', '--vocab_path',
+                 tmp_path / 'vocab.json', '--threshold', '1')
+    assert result.returncode == 0, result.stderr[-2000:]
     result = run('extract_features.py', '--image_dir', karpathy / 'flat', '--caption_path',
                  karpathy / 'dataset_flickr.json', '--output', tmp_path / 'cache', '--backbone', 'smallcnn',
                  '--weights', 'none', '--image_size', '32', '--crop_size', '32', '--num_workers', '0')
@@ -96,7 +97,9 @@ def test_train_extract_and_evaluate_take_a_karpathy_file(karpathy, tmp_path):
 
 
 def test_images_are_looked_for_under_filepath(karpathy, tmp_path):
-    run('build_vocab.py', '--caption_path', karpathy / 'dataset_coco.json', '--vocab_path', tmp_path / 'vocab.json')
+    result = run('build_vocab.py', '--caption_path', karpathy / 'dataset_coco.json', '--vocab_path',
+                 tmp_path / 'vocab.json')
+    assert result.returncode == 0, result.stderr[-2000:]
     result = run('train.py', '--image_dir', karpathy / 'flat', '--caption_path', karpathy / 'dataset_coco.json',
                  '--vocab_path', tmp_path / 'vocab.json', '--model_path', tmp_path, '--strict',
                  '--backbone', 'smallcnn',

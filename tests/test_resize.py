@@ -39,6 +39,7 @@ def two_halves():
 
 
 def close(pixel, colour, tolerance=40):
+    assert len(pixel) == len(colour) == 3, pixel
     return all(abs(a - b) <= tolerance for a, b in zip(pixel, colour))
 
 

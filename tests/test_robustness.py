@@ -285,7 +285,7 @@ def test_killing_training_while_it_saves_never_corrupts_the_checkpoint(trained, 
             time.sleep(0.05)  # until this process has saved at least once
         time.sleep(delay)  # it saves after every step, so the kill lands in or near a save
         process.send_signal(signal.SIGKILL)
-        process.wait()
+        assert process.wait() == -signal.SIGKILL  # still training when killed, not ended on an error of its own
         checkpoint = read_checkpoint(str(tmp_path / 'checkpoint.pt'))  # complete, whatever the moment
         steps.append(checkpoint['step'])
     assert steps == sorted(steps) and steps[-1] > steps[0]

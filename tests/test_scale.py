@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import training
-from conftest import REPO, run, tiny_args
+from conftest import REPO, assert_same_weights, run, tiny_args
 from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
 from decoding import load_captioner
 from DIY_LSTM import LSTM
@@ -157,8 +157,8 @@ def test_training_from_the_cache_keeps_the_whole_encoder(cache, synthetic_set, t
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     checkpoint = read_checkpoint(str(tmp_path / 'checkpoint.pt'))
     backbone = read_checkpoint(str(cache / 'backbone.pt'))
-    for key, value in backbone.items():
-        assert torch.equal(checkpoint['encoder'][f'resnet.{key}'], value), key
+    assert_same_weights(backbone, {key.removeprefix('resnet.'): value for key, value in checkpoint['encoder'].items()
+                                   if key.startswith('resnet.')})
     encoder, decoder, vocab, config = load_captioner(str(tmp_path / 'checkpoint.pt'))
     image = load_image(str(synthetic_set / 'train' / '000000000001.png'))
     features = encoder(eval_transform(config.image_size, config.crop_size)(image).unsqueeze(0))
@@ -244,8 +244,7 @@ def test_two_cpu_processes_train_in_lockstep(synthetic_set, tmp_path):
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     for part in ('decoder', 'encoder'):
         assert len(ranks[0][part]) > 5
-        for key, value in ranks[0][part].items():
-            assert torch.equal(value, ranks[1][part][key]), key
+        assert_same_weights(ranks[0][part], ranks[1][part])
     losses = ranks[0]['losses']
     assert len(losses) == 3 * 8  # 240 captions, 120 per rank, batches of 16: 8 steps per epoch
     assert np.mean(losses[-2:]) < np.mean(losses[:2])
@@ -255,8 +254,7 @@ def test_two_cpu_processes_train_in_lockstep(synthetic_set, tmp_path):
 def test_a_nan_loss_on_one_rank_is_skipped_by_both(synthetic_set, tmp_path):
     run_two_ranks(synthetic_set, tmp_path / 'models', tmp_path, 3)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
-    for key, value in ranks[0]['decoder'].items():
-        assert torch.equal(value, ranks[1]['decoder'][key]), key
+    assert_same_weights(ranks[0]['decoder'], ranks[1]['decoder'])
     assert all(torch.isfinite(value).all() for value in ranks[0]['decoder'].values())
     assert len(ranks[0]['losses']) == len(ranks[1]['losses']) == 3 * 8 - 1
 
@@ -276,9 +274,8 @@ def test_interrupted_run_resumes_to_the_same_weights(synthetic_sets, tmp_path):
     assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['step'] == 12
     result = training.train(tiny_args(data, tmp_path / 'split', *extra, '--resume'))
     encoder2, decoder2, history = result.encoder, result.decoder, result.history
-    for whole, resumed in ((encoder, encoder2), (decoder, decoder2)):
-        for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
-            assert torch.equal(a, b), key
+    assert_same_weights(encoder, encoder2)
+    assert_same_weights(decoder, decoder2)
     assert [e['step'] for e in history['train']] == list(range(1, 25))
 
 

@@ -12,7 +12,7 @@ import scst
 import synthetic
 import train as trainer
 import training
-from conftest import run
+from conftest import assert_same_weights, run
 from model import DecodeSettings, read_checkpoint
 from synthetic import easy
 from vocabulary import build_vocab, plain_words, save_vocab
@@ -144,9 +144,8 @@ def test_scst_from_the_cache_and_from_images_and_resuming(trained, tmp_path):
     assert read_checkpoint(str(tmp_path / 'split' / 'checkpoint.pt'))['epoch'] == 1
     result = scst.train(scst_args(trained, tmp_path / 'split', '--num_epochs', '2', '--resume', *features))
     encoder2, decoder2, history = result.encoder, result.decoder, result.history
-    for whole, resumed in ((encoder, encoder2), (decoder, decoder2)):
-        for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
-            assert torch.equal(a, b), key
+    assert_same_weights(encoder, encoder2)
+    assert_same_weights(decoder, decoder2)
     assert [e['step'] for e in history['scst']] == list(range(1, 7))
     with open(tmp_path / 'split' / 'history.json') as f:
         assert len(json.load(f)['scst']) == 6
@@ -169,9 +168,8 @@ def test_scst_starts_from_an_exported_folder_as_from_its_checkpoint(trained, tmp
     args = scst_args(trained, tmp_path / 'b', *features)
     args.init_from = str(tmp_path / 'shared')
     from_folder = scst.train(args)
-    for a, b in ((from_checkpoint.encoder, from_folder.encoder), (from_checkpoint.decoder, from_folder.decoder)):
-        for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.equal(x, y), key
+    assert_same_weights(from_checkpoint.encoder, from_folder.encoder)
+    assert_same_weights(from_checkpoint.decoder, from_folder.decoder)
 
 
 def test_scst_mistakes_are_one_line_errors(trained, tmp_path):

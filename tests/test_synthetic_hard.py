@@ -84,10 +84,12 @@ def test_the_hard_set_is_written_in_coco_format_and_the_easy_one_is_unchanged(tm
     with open(train) as f:
         dataset = json.load(f)
     assert dataset['info']['parameters']['hard'] == synthetic_hard.VERSION
-    assert len(dataset['annotations']) == 60 and all('fill' in obj for im in dataset['images'] for obj in im['objects'])
+    assert len(dataset['annotations']) == 60 and len(dataset['images']) == 12
+    assert all(image['objects'] for image in dataset['images'])
+    assert all('fill' in obj for im in dataset['images'] for obj in im['objects'])
     for image in dataset['images']:
         captions = [a['caption'] for a in dataset['annotations'] if a['image_id'] == image['id']]
-        assert all(content_matches(c, image['objects']) for c in captions)
+        assert len(captions) == 5 and all(content_matches(c, image['objects']) for c in captions)
     easy, _ = synthetic.make_synthetic_coco(str(tmp_path / 'easy'), num_train=12, num_val=4, seed=3, progress=False)
     with open(easy) as f:
         assert 'hard' not in json.load(f)['info']['parameters']  # sets made before --hard stay valid
