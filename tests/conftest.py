@@ -55,9 +55,10 @@ def pytest_xdist_auto_num_workers(config):
     return CPUS
 
 
-# The files that take longest start first, so that no xdist worker is left with a long one at the end.
-SLOWEST_FIRST = ('test_diy_lstm.py', 'test_scale.py', 'test_evaluate.py', 'test_gpu.py', 'test_attention_run.py',
-                 'test_robustness.py', 'test_scst.py', 'test_app.py')
+# The files that take longest start first, so that no xdist worker is left with a long one at the end: the
+# order of their times summed from `pytest --durations=0` (shared builds counted where they were first asked for).
+SLOWEST_FIRST = ('test_scale.py', 'test_evaluate.py', 'test_gpu.py', 'test_pipeline.py', 'test_diy_lstm.py',
+                 'test_share.py', 'test_app.py', 'test_real_photos.py', 'test_usability.py', 'test_attention_maps.py')
 
 
 def pytest_collection_modifyitems(items):
