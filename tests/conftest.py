@@ -134,7 +134,6 @@ def sample_lines(*args):
     return result.stdout.splitlines()
 
 
-
 def printed_scores(stdout):
     """evaluate.py's score table, {metric: number}: a row of names, its alignment row and a row of numbers, so
     that tests compare the numbers rather than the text."""
