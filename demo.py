@@ -71,13 +71,20 @@ def train_most_accurate(args, vocab, best_path):
     return accuracies
 
 
+def make_set(args):
+    """The demo's synthetic set under args.root and its vocabulary (every word, as the set is small), saved as
+    vocab.json beside it; returns the vocabulary."""
+    make_synthetic_coco(args.root, args.num_train, args.num_val, image_size=64, seed=args.seed, kind=args.kind)
+    vocab = build_vocab(os.path.join(args.root, 'annotations', 'captions_train.json'), threshold=1)
+    save_vocab(vocab, os.path.join(args.root, 'vocab.json'))
+    return vocab
+
+
 def main():
     args = parse_args(description=__doc__)
     start = time.time()
     torch.set_num_threads(os.cpu_count())
-    make_synthetic_coco(args.root, args.num_train, args.num_val, image_size=64, seed=args.seed, kind=args.kind)
-    vocab = build_vocab(os.path.join(args.root, 'annotations', 'captions_train.json'), threshold=1)
-    save_vocab(vocab, os.path.join(args.root, 'vocab.json'))
+    vocab = make_set(args)
     print(f'{len(vocab)} words in the vocabulary ({time.time() - start:.0f} s so far)')
 
     best_path = os.path.join(args.model_path, 'most_accurate.pt')
