@@ -115,16 +115,29 @@ def in_process(script, argv, cwd=REPO):
     return subprocess.CompletedProcess([sys.executable, str(script), *argv], code, out.getvalue(), err.getvalue())
 
 
-def assert_same_weights(a, b):
-    """a and b hold the same weights: the same names (no more, no fewer), and under each name a tensor of the
-    same dtype and shape with every element equal. a and b are modules (their state_dict()s are compared) or
-    dicts of tensors."""
+def same_names(a, b):
+    """a and b as dicts of tensors (a module as its state_dict()), asserted to hold some weights under the same
+    names, no more, no fewer: comparing tensor by tensor then misses none."""
     a, b = (x.state_dict() if isinstance(x, nn.Module) else x for x in (a, b))
     assert a.keys() == b.keys(), (f'only in the first: {sorted(a.keys() - b.keys())}; '
                                   f'only in the second: {sorted(b.keys() - a.keys())}')
     assert a, 'no weights to compare'
+    return a, b
+
+
+def assert_same_weights(a, b):
+    """a and b hold the same weights: the same names, and under each name a tensor of the same dtype and shape
+    with every element equal. a and b are modules or dicts of tensors."""
+    a, b = same_names(a, b)
     for key, value in a.items():
         assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
+
+
+def unchanged_weights(a, b):
+    """The names under which a and b (modules or dicts of tensors, with the same names) hold equal tensors:
+    after training, the weights it did not move."""
+    a, b = same_names(a, b)
+    return [key for key, value in a.items() if torch.equal(value, b[key])]
 
 
 def sample_lines(*args):
@@ -156,6 +169,17 @@ def scores_of_results(results_path, caption_path):
     assert written and all(references.values())
     scores, notes = score_captions(references, {item['image_id']: item['caption'] for item in written})
     return {metric: 100 * value for metric, value in scores.items()}, notes
+
+
+def check_printed_scores(stdout, results_path, caption_path):
+    """The table evaluate.py printed holds 100 x the scores of the captions it wrote, to its 0.1, in the order
+    score_captions gives them, and its notes follow; returns the table."""
+    printed = printed_scores(stdout)
+    expected, notes = scores_of_results(results_path, caption_path)
+    assert list(printed) == list(expected)
+    assert printed == pytest.approx(expected, abs=0.0501)
+    assert notes and all(f'note: {note}' in stdout.splitlines() for note in notes)
+    return printed
 
 
 @pytest.fixture(scope='session')

@@ -17,7 +17,7 @@ import exporting
 import scst
 import train as trainer
 import training
-from conftest import REPO, assert_same_weights, learning_args, run, sample_lines, tiny_args
+from conftest import REPO, assert_same_weights, learning_args, run, sample_lines, tiny_args, unchanged_weights
 from data_loader import FeatureDataset, collate_fn, eval_transform, load_image, open_cache
 from decoding import load_captioner, load_onnx_captioner
 from model import AttentionDecoder, DecodeSettings, read_checkpoint
@@ -203,8 +203,7 @@ def test_scst_trains_an_attention_model(synthetic_set, caches, trained, trained_
     decoder, history = result.decoder, result.history
     assert len(history['scst']) == 3 and all(np.isfinite(e['reward']) for e in history['scst'])
     assert isinstance(decoder, AttentionDecoder)
-    after = decoder.state_dict()
-    assert after.keys() == before.keys() and any(not torch.equal(before[key], after[key]) for key in after)
+    assert len(unchanged_weights(before, decoder)) < len(before)  # SCST moved some weights
     assert read_checkpoint(str(tmp_path / 'checkpoint.pt'))['scst']
 
 

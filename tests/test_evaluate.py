@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import training
-from conftest import printed_scores, run, scores_of_results, tiny_args
+from conftest import check_printed_scores, run, tiny_args
 from decoding import load_captioner
 from model import DecoderRNN, DecodeSettings
 from scoring import score_captions
@@ -253,17 +253,6 @@ def test_beam_scores_at_least_as_well_as_greedy_on_held_out_images(trained):
         cider[beam_size] = scores['CIDEr']
     assert cider[1] > 0.5  # the model learned something, so the comparison means something
     assert cider[3] >= cider[1]
-
-
-def check_printed_scores(stdout, results_path, caption_path):
-    """The table evaluate.py printed holds 100 x the scores of the captions it wrote, to its 0.1, in the order
-    score_captions gives them, and its notes follow."""
-    printed = printed_scores(stdout)
-    expected, notes = scores_of_results(results_path, caption_path)
-    assert list(printed) == list(expected)
-    assert printed == pytest.approx(expected, abs=0.0501)
-    assert notes and all(f'note: {note}' in stdout.splitlines() for note in notes)
-    return printed
 
 
 def test_evaluate_runs_through_its_command_line(trained, tmp_path):

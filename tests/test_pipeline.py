@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import training
-from conftest import REAL_GPU, TutorialDecoder, TutorialEncoder, learning_args, run, tutorial_files
+from conftest import REAL_GPU, TutorialDecoder, TutorialEncoder, learning_args, run, tutorial_files, unchanged_weights
 from data_loader import get_loader, train_transform
 from decoding import load_captioner
 from model import CheckpointError, DecoderRNN, EncoderCNN, read_checkpoint, save_checkpoint
@@ -251,7 +251,7 @@ def test_demo_trains_end_to_end_on_a_tiny_set(decoder, tmp_path, monkeypatch):
     for name in ('checkpoint.pt', 'best.pt', 'most_accurate.pt'):
         trained = read_checkpoint(tmp_path / 'models' / name)['decoder']
         assert list(trained) == list(initial), name
-        unchanged = [key for key, value in trained.items() if torch.equal(value, initial[key])]
+        unchanged = unchanged_weights(trained, initial)
         assert not unchanged, f'{name}: untrained {unchanged}'
 
 
